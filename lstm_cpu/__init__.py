@@ -1,0 +1,58 @@
+"""lstm-cpu: Numba-accelerated CPU inference for LSTM networks.
+
+    import lstm_cpu
+    model = lstm_cpu.load("model.onnx")        # or .pt/.pth, .safetensors, or our packed file
+    s = model.stream()                         # persistent state
+    y = s.step(x)                              # x (I,) -> y (out,)
+
+Importing this package loads numpy and numba only; the ONNX and PyTorch importers are imported
+when a file of theirs is loaded.
+"""
+
+from __future__ import annotations
+
+from .errors import FormatError, InputError, InputTypeError, LSTMError, UnsupportedModelError
+from .model import LSTMModel, Stream
+from .spec import GATE_ORDER, Activation, LayerParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LSTMModel", "Stream", "LayerParams", "Activation", "GATE_ORDER", "load", "from_torch",
+    "warmup", "threading_layer", "LSTMError", "FormatError", "UnsupportedModelError",
+    "InputError", "InputTypeError", "__version__",
+]
+
+
+def from_torch(obj, prefix=None, head=None, dtype=None):
+    """Convert ``nn.LSTM``, ``nn.LSTMCell``, a module holding exactly one of them, or a state dict."""
+    import numpy as np
+
+    from importers.torch_lstm import from_torch as _from_torch
+
+    return _from_torch(obj, prefix=prefix, head=head, dtype=np.float32 if dtype is None else dtype)
+
+
+def load(path, **options) -> LSTMModel:
+    """Load a model file, recognising its format from its content (then its extension).
+
+    Formats: ONNX (``node=``), PyTorch ``.pt``/``.pth`` (weights-only; ``prefix=``, ``head=``),
+    ``.safetensors`` state dicts (``prefix=``, ``head=``), and lstm-cpu's packed format.
+    """
+    from .loader import load as _load
+
+    return _load(path, **options)
+
+
+def warmup(verbose: bool = False) -> list:
+    """Compile every kernel into Numba's cache (for container builds); returns what it compiled."""
+    from .loader import warmup as _warmup
+
+    return _warmup(verbose)
+
+
+def threading_layer() -> str:
+    """The Numba threading layer in use ("omp", "tbb" or "workqueue")."""
+    from ._config import threading_layer as _tl
+
+    return _tl()

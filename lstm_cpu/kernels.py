@@ -1,0 +1,477 @@
+"""Numba kernels. Plain functions over arrays and scalars; they trust their callers.
+
+The Python API (``model.py``) validates every shape and dtype once; nothing here checks. The packed
+layout the kernels read (``wbuf``, ``meta``, ``fpar``, ``sbuf``) is defined in ``layout.py``.
+
+Two entry points per job, with the same arithmetic in the same order:
+
+* ``stack_step_serial`` / ``stack_step_parallel``: one time step of the whole (unidirectional)
+  stack for N streams, in one call (no Python loop over layers).
+* ``layer_sequence_serial`` / ``layer_sequence_parallel``: the recurrent part of one layer and
+  direction over a whole sequence, the input projection having been done as one matrix product.
+
+The parallel twins ``prange`` over (stream, chunk) pairs; each chunk owns whole hidden units, so
+the cell update needs no barrier. Results are bit-identical however many threads run: every
+output element is computed by exactly one thread in a fixed float order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from . import _config
+from .layout import (
+    F_LD,
+    F_STRIDE,
+    LD_ACT,
+    LD_B,
+    LD_HR,
+    LD_K,
+    LD_PEEP,
+    LD_STRIDE,
+    LD_W,
+    M_APPROX,
+    M_C,
+    M_COUPLED,
+    M_D,
+    M_GENERAL,
+    M_H,
+    M_HEAD_B,
+    M_HEAD_O,
+    M_HEAD_W,
+    M_HP,
+    M_KMAX,
+    M_L,
+    M_LD,
+    M_N,
+    M_OUT,
+    M_P,
+    M_PEEP,
+    M_UC,
+    W_CLIP,
+    W_HALF,
+    W_ONE,
+)
+
+#: Bump when layout.py's field indices change, so that Numba's file-keyed cache is invalidated.
+LAYOUT_VERSION = 1
+
+_FLAGS = dict(nogil=True, cache=_config.CACHE, fastmath=_config.FASTMATH, error_model="numpy")
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+# A rational approximation of tanh in float32 (the form Eigen and MLAS use: odd degree-13
+# numerator over even degree-6 denominator, input clamped where tanh rounds to +-1 in float32).
+# Max abs error ~2e-7 against libm, and it is finite for every finite input, including +-1e30.
+_T_CLAMP = np.float32(7.90531110763549805)
+_A1 = np.float32(4.89352455891786e-03)
+_A3 = np.float32(6.37261928875436e-04)
+_A5 = np.float32(1.48572235717979e-05)
+_A7 = np.float32(5.12229709037114e-08)
+_A9 = np.float32(-8.60467152213735e-11)
+_A11 = np.float32(2.00018790482477e-13)
+_A13 = np.float32(-2.76076847742355e-16)
+_B0 = np.float32(4.89352518554385e-03)
+_B2 = np.float32(2.26843463243900e-03)
+_B4 = np.float32(1.18534705686654e-04)
+_B6 = np.float32(1.19825839466702e-06)
+
+
+@njit(inline="always", **_FLAGS)
+def _tanh_f32(x):
+    # NaN fails both comparisons and propagates (our NaN policy: propagate, see README).
+    if x > _T_CLAMP:
+        x = _T_CLAMP
+    elif x < -_T_CLAMP:
+        x = -_T_CLAMP
+    x2 = x * x
+    p = _A13
+    p = p * x2 + _A11
+    p = p * x2 + _A9
+    p = p * x2 + _A7
+    p = p * x2 + _A5
+    p = p * x2 + _A3
+    p = p * x2 + _A1
+    p = p * x
+    q = _B6
+    q = q * x2 + _B4
+    q = q * x2 + _B2
+    q = q * x2 + _B0
+    return p / q
+
+
+@njit(inline="always", **_FLAGS)
+def _tanh(x, approx):
+    if approx:
+        return _tanh_f32(x)
+    return np.tanh(x)
+
+
+@njit(inline="always", **_FLAGS)
+def _sigmoid(x, half, approx):
+    # sigmoid(x) = (1 + tanh(x/2)) / 2: no exp, so no overflow for any input.
+    return half * _tanh(half * x, approx) + half
+
+
+@njit(inline="always", **_FLAGS)
+def _clip(x, bound):
+    if x > bound:
+        return bound
+    if x < -bound:
+        return -bound
+    return x
+
+
+@njit(**_FLAGS)
+def _act(code, alpha, beta, x, half, approx):
+    """The ONNX activation ``code`` (see spec.ACTIVATIONS) of x; NaN propagates."""
+    zero = x - x
+    if code == 0:  # Sigmoid
+        return _sigmoid(x, half, approx)
+    if code == 1:  # Tanh
+        return _tanh(x, approx)
+    if code == 2:  # Relu
+        return zero if x < 0 else x
+    if code == 3:  # HardSigmoid
+        v = alpha * x + beta
+        if v < 0:
+            return zero
+        if v > 1:
+            return zero + 1
+        return v
+    if code == 4:  # Affine
+        return alpha * x + beta
+    if code == 5:  # LeakyRelu
+        return alpha * x if x < 0 else x
+    if code == 6:  # ThresholdedRelu
+        return zero if x <= alpha else x
+    if code == 7:  # ScaledTanh
+        return alpha * np.tanh(beta * x)
+    if code == 8:  # Elu
+        return alpha * np.expm1(x) if x < 0 else x
+    if code == 9:  # Softsign
+        return x / (1 + np.abs(x))
+    # 10: Softplus, stably: max(x, 0) + log1p(exp(-|x|))
+    return (x if x > 0 else zero) + np.log1p(np.exp(-np.abs(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+@njit(**_FLAGS)
+def _axpy_rows(W, z, acc):
+    """acc (C,) += W (K, C)^T @ z (K,), as K axpys over contiguous rows.
+
+    Four rows per pass over ``acc`` (fewer loads/stores of the accumulator); the sum order per
+    column is fixed, so LLVM vectorises across columns without reassociating anything.
+    """
+    K = W.shape[0]
+    C = W.shape[1]
+    k = 0
+    while k + 4 <= K:
+        z0 = z[k]
+        z1 = z[k + 1]
+        z2 = z[k + 2]
+        z3 = z[k + 3]
+        for j in range(C):
+            acc[j] += W[k, j] * z0 + W[k + 1, j] * z1 + W[k + 2, j] * z2 + W[k + 3, j] * z3
+        k += 4
+    while k < K:
+        zk = z[k]
+        for j in range(C):
+            acc[j] += W[k, j] * zk
+        k += 1
+
+
+@njit(**_FLAGS)
+def _epilogue(acc, c, m, peep, u0, hp, wbuf, meta, fpar, rec, frec):
+    """Gate activations and cell update for the Uc units of one chunk.
+
+    acc (C,) pre-activations [i | f | g | o] of these units; c (Uc,) cell state, updated in place;
+    m (Uc,) <- o * h_act(c_new); peep (3*Hp,) peepholes i, f, o of the whole layer; u0: first unit.
+    """
+    uc = c.shape[0]
+    half = wbuf[W_HALF]
+    one = wbuf[W_ONE]
+    clip = wbuf[W_CLIP]
+    approx = meta[M_APPROX] != 0
+    has_peep = meta[M_PEEP] != 0
+    coupled = meta[M_COUPLED] != 0
+    if meta[M_GENERAL] == 0:
+        # The default (Sigmoid, Tanh, Tanh) path: no per-element dispatch.
+        for u in range(uc):
+            ai = acc[u]
+            af = acc[uc + u]
+            ag = acc[2 * uc + u]
+            ao = acc[3 * uc + u]
+            cp = c[u]
+            if has_peep:
+                ai += peep[u0 + u] * cp
+                af += peep[hp + u0 + u] * cp
+            if clip > 0:
+                ai = _clip(ai, clip)
+                af = _clip(af, clip)
+                ag = _clip(ag, clip)
+            f = _sigmoid(af, half, approx)
+            i = one - f if coupled else _sigmoid(ai, half, approx)
+            cn = f * cp + i * _tanh(ag, approx)
+            if has_peep:
+                ao += peep[2 * hp + u0 + u] * cn
+            if clip > 0:
+                ao = _clip(ao, clip)
+            c[u] = cn
+            m[u] = _sigmoid(ao, half, approx) * _tanh(cn, approx)
+        return
+    cf = meta[rec + LD_ACT]
+    cg = meta[rec + LD_ACT + 1]
+    ch = meta[rec + LD_ACT + 2]
+    af_, bf_ = fpar[frec], fpar[frec + 1]
+    ag_, bg_ = fpar[frec + 2], fpar[frec + 3]
+    ah_, bh_ = fpar[frec + 4], fpar[frec + 5]
+    for u in range(uc):
+        ai = acc[u]
+        af = acc[uc + u]
+        ag = acc[2 * uc + u]
+        ao = acc[3 * uc + u]
+        cp = c[u]
+        if has_peep:
+            ai += peep[u0 + u] * cp
+            af += peep[hp + u0 + u] * cp
+        if clip > 0:
+            ai = _clip(ai, clip)
+            af = _clip(af, clip)
+            ag = _clip(ag, clip)
+        f = _act(cf, af_, bf_, af, half, approx)
+        i = 1 - f if coupled else _act(cf, af_, bf_, ai, half, approx)
+        cn = f * cp + i * _act(cg, ag_, bg_, ag, half, approx)
+        if has_peep:
+            ao += peep[2 * hp + u0 + u] * cn
+        if clip > 0:
+            ao = _clip(ao, clip)
+        c[u] = cn
+        m[u] = _act(cf, af_, bf_, ao, half, approx) * _act(ch, ah_, bh_, cn, half, approx)
+
+
+@njit(**_FLAGS)
+def _sbuf_offsets(meta, N):
+    """Offsets of h (L,N,out), c (L,N,Hp), z (N,Kmax), acc (N,n,C), m (N,Hp) in sbuf."""
+    L, out, hp = meta[M_L], meta[M_OUT], meta[M_HP]
+    h_off = 0
+    c_off = h_off + L * N * out
+    z_off = c_off + L * N * hp
+    acc_off = z_off + N * meta[M_KMAX]
+    m_off = acc_off + N * meta[M_N] * meta[M_C]
+    return h_off, c_off, z_off, acc_off, m_off
+
+
+@njit(**_FLAGS)
+def _load_z(l, s, x, sbuf, meta, N):
+    """z[s] (K,) <- [input of layer l | h[l, s]] for stream s."""
+    out, kmax = meta[M_OUT], meta[M_KMAX]
+    h_off, c_off, z_off, acc_off, m_off = _sbuf_offsets(meta, N)
+    z = sbuf[z_off + s * kmax : z_off + (s + 1) * kmax]
+    if l == 0:
+        kin = x.shape[1]
+        for k in range(kin):
+            z[k] = x[s, k]
+    else:
+        kin = out
+        src = h_off + ((l - 1) * N + s) * out
+        for k in range(out):
+            z[k] = sbuf[src + k]
+    hl = h_off + (l * N + s) * out
+    for k in range(out):
+        z[kin + k] = sbuf[hl + k]
+
+
+@njit(**_FLAGS)
+def _chunk_step(q, l, N, wbuf, meta, fpar, sbuf):
+    """Gate product and cell update of chunk b = q % n for stream s = q // n, layer l (D = 1)."""
+    n, C, uc, hp = meta[M_N], meta[M_C], meta[M_UC], meta[M_HP]
+    b = q % n
+    s = q // n
+    rec = M_LD + l * LD_STRIDE
+    K = meta[rec + LD_K]
+    h_off, c_off, z_off, acc_off, m_off = _sbuf_offsets(meta, N)
+    w0 = meta[rec + LD_W] + b * K * C
+    W = wbuf[w0 : w0 + K * C].reshape((K, C))  # (K, C) this chunk's fused, transposed gates
+    bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
+    acc = sbuf[acc_off + (s * n + b) * C : acc_off + (s * n + b + 1) * C]  # (C,)
+    for j in range(C):
+        acc[j] = bias[j]
+    _axpy_rows(W, sbuf[z_off + s * meta[M_KMAX] : z_off + s * meta[M_KMAX] + K], acc)
+    c = sbuf[c_off + (l * N + s) * hp + b * uc : c_off + (l * N + s) * hp + (b + 1) * uc]  # (Uc,)
+    m = sbuf[m_off + s * hp + b * uc : m_off + s * hp + (b + 1) * uc]  # (Uc,)
+    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if HAS_PEEP
+    _epilogue(acc, c, m, peep, b * uc, hp, wbuf, meta, fpar, rec, F_LD + l * F_STRIDE)
+
+
+@njit(**_FLAGS)
+def _project(m, wbuf, off, hp, P, h):
+    """h (P,) <- W_hr @ m, with W_hr stored transposed at wbuf[off] as (Hp, P)."""
+    for j in range(P):
+        h[j] = 0
+    W = wbuf[off : off + hp * P].reshape((hp, P))
+    _axpy_rows(W, m, h)
+
+
+@njit(**_FLAGS)
+def _finish_layer(l, s, wbuf, meta, sbuf, N):
+    """h[l, s] <- projection of m[s], or its first H units."""
+    out, hp, P, H = meta[M_OUT], meta[M_HP], meta[M_P], meta[M_H]
+    h_off, c_off, z_off, acc_off, m_off = _sbuf_offsets(meta, N)
+    h = sbuf[h_off + (l * N + s) * out : h_off + (l * N + s + 1) * out]
+    m = sbuf[m_off + s * hp : m_off + (s + 1) * hp]
+    if P > 0:
+        _project(m, wbuf, meta[M_LD + l * LD_STRIDE + LD_HR], hp, P, h)
+    else:
+        for j in range(H):
+            h[j] = m[j]
+
+
+@njit(**_FLAGS)
+def _emit(s, wbuf, meta, sbuf, N, y):
+    """y[s] <- head(h[L-1, s]) or h[L-1, s]."""
+    L, out = meta[M_L], meta[M_OUT]
+    O = meta[M_HEAD_O]
+    h_off = 0
+    h = sbuf[h_off + ((L - 1) * N + s) * out : h_off + ((L - 1) * N + s + 1) * out]
+    if O > 0:
+        hb = meta[M_HEAD_B]
+        for j in range(O):
+            y[s, j] = wbuf[hb + j]
+        hw = meta[M_HEAD_W]
+        _axpy_rows(wbuf[hw : hw + out * O].reshape((out, O)), h, y[s])
+    else:
+        for j in range(out):
+            y[s, j] = h[j]
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: one step of the whole stack for N streams
+# ---------------------------------------------------------------------------------------------
+@njit(**_FLAGS)
+def stack_step_serial(x, wbuf, meta, fpar, sbuf, y):
+    """One step. x (N, I) inputs; sbuf the streams' state+scratch (updated); y (N, O|out) outputs."""
+    N = x.shape[0]
+    n = meta[M_N]
+    for l in range(meta[M_L]):
+        for s in range(N):
+            _load_z(l, s, x, sbuf, meta, N)
+        for q in range(N * n):
+            _chunk_step(q, l, N, wbuf, meta, fpar, sbuf)
+        for s in range(N):
+            _finish_layer(l, s, wbuf, meta, sbuf, N)
+    for s in range(N):
+        _emit(s, wbuf, meta, sbuf, N, y)
+
+
+@njit(parallel=True, **_FLAGS)
+def stack_step_parallel(x, wbuf, meta, fpar, sbuf, y):
+    """The parallel twin of :func:`stack_step_serial`: same arithmetic, prange over (stream, chunk)."""
+    N = x.shape[0]
+    n = meta[M_N]
+    for l in range(meta[M_L]):
+        for s in range(N):
+            _load_z(l, s, x, sbuf, meta, N)
+        for q in prange(N * n):
+            _chunk_step(q, l, N, wbuf, meta, fpar, sbuf)
+        for s in range(N):
+            _finish_layer(l, s, wbuf, meta, sbuf, N)
+    for s in range(N):
+        _emit(s, wbuf, meta, sbuf, N, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole sequences: the recurrent part of one layer and direction
+# ---------------------------------------------------------------------------------------------
+@njit(**_FLAGS)
+def _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c, scratch):
+    """Chunk b of stream s at time t: acc = xp[t, s, chunk] + W_rec^T h[s]; cell update."""
+    n, C, uc, hp, out, D = meta[M_N], meta[M_C], meta[M_UC], meta[M_HP], meta[M_OUT], meta[M_D]
+    rec = M_LD + (l * D + d) * LD_STRIDE
+    K = meta[rec + LD_K]
+    kin = K - out
+    acc = scratch[s, b * C : (b + 1) * C]  # (C,)
+    for j in range(C):
+        acc[j] = xp[t, s, b * C + j]
+    w0 = meta[rec + LD_W] + (b * K + kin) * C
+    _axpy_rows(wbuf[w0 : w0 + out * C].reshape((out, C)), h[s], acc)  # recurrent rows only
+    m = scratch[s, n * C + b * uc : n * C + (b + 1) * uc]  # (Uc,)
+    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]
+    _epilogue(acc, c[s, b * uc : (b + 1) * uc], m, peep, b * uc, hp, wbuf, meta, fpar, rec,
+              F_LD + (l * D + d) * F_STRIDE)
+
+
+@njit(**_FLAGS)
+def _seq_finish(t, s, l, d, wbuf, meta, h, y, scratch):
+    n, C, hp, out, P, D = meta[M_N], meta[M_C], meta[M_HP], meta[M_OUT], meta[M_P], meta[M_D]
+    m = scratch[s, n * C : n * C + hp]
+    if P > 0:
+        _project(m, wbuf, meta[M_LD + (l * D + d) * LD_STRIDE + LD_HR], hp, P, h[s])
+    else:
+        for j in range(out):
+            h[s, j] = m[j]
+    for j in range(out):
+        y[t, s, j] = h[s, j]
+
+
+@njit(**_FLAGS)
+def layer_sequence_serial(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scratch):
+    """Run layer l, direction d over a sequence.
+
+    xp (T, B, n*C) input projections plus bias, in packed column order; lengths (B,) valid steps
+    per sequence; h (B, out), c (B, Hp) the state, updated in place; y (T, B, out) outputs,
+    pre-zeroed (steps past a sequence's length stay zero); scratch (B, n*C + Hp).
+    Direction 1 runs backwards from each sequence's last valid step.
+    """
+    T, B = xp.shape[0], xp.shape[1]
+    n = meta[M_N]
+    for step in range(T):
+        t = step if d == 0 else T - 1 - step
+        for s in range(B):
+            if t < lengths[s]:
+                for b in range(n):
+                    _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c, scratch)
+                _seq_finish(t, s, l, d, wbuf, meta, h, y, scratch)
+
+
+@njit(parallel=True, **_FLAGS)
+def layer_sequence_parallel(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scratch):
+    """The parallel twin of :func:`layer_sequence_serial`: prange over (stream, chunk) per step."""
+    T, B = xp.shape[0], xp.shape[1]
+    n = meta[M_N]
+    for step in range(T):
+        t = step if d == 0 else T - 1 - step
+        for q in prange(B * n):
+            s = q // n
+            if t < lengths[s]:
+                _seq_chunk(t, s, q % n, l, d, xp, wbuf, meta, fpar, h, c, scratch)
+        for s in range(B):
+            if t < lengths[s]:
+                _seq_finish(t, s, l, d, wbuf, meta, h, y, scratch)
+
+
+@njit(parallel=True, **_FLAGS)
+def _touch_parallel():
+    """A trivial parallel function: calling it makes Numba load its threading layer."""
+    acc = np.zeros(2)
+    for i in prange(2):
+        acc[i] = i
+    return acc.sum()
+
+
+@njit(**_FLAGS)
+def stack_run_serial(xs, wbuf, meta, fpar, sbuf, ys):
+    """T steps in one call: xs (T, N, I) -> ys (T, N, O|out); the state carries over."""
+    for t in range(xs.shape[0]):
+        stack_step_serial(xs[t], wbuf, meta, fpar, sbuf, ys[t])
+
+
+@njit(**_FLAGS)
+def stack_run_parallel(xs, wbuf, meta, fpar, sbuf, ys):
+    """T steps in one call with the parallel step kernel."""
+    for t in range(xs.shape[0]):
+        stack_step_parallel(xs[t], wbuf, meta, fpar, sbuf, ys[t])

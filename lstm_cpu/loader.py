@@ -1,0 +1,108 @@
+"""``lstm_cpu.load``: recognise a model file's format and hand it to the right reader.
+
+Content first (magic bytes), extension second. The ONNX and PyTorch readers live in the top-level
+``importers`` package and are imported only here, only when such a file is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+
+from .errors import FormatError, InputError
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # legacy torch.save
+_OPTIONS = {
+    "packed": {"kernel"},
+    "onnx": {"node", "dtype"},
+    "torch": {"prefix", "head", "dtype"},
+    "safetensors": {"prefix", "head", "dtype"},
+}
+
+
+def sniff(path: str) -> str:
+    """'packed', 'safetensors', 'torch' or 'onnx', from the content, then the extension."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(16)
+            if len(head) >= 9:
+                n = struct.unpack("<Q", head[:8])[0]
+                if head[8:9] == b"{" and 2 <= n <= size - 8:
+                    from .packed import is_packed_header, read_header
+
+                    f.seek(0)
+                    try:
+                        header = read_header(f, size, path)
+                    except FormatError:
+                        header = {}
+                    return "packed" if is_packed_header(header) else "safetensors"
+    except IsADirectoryError:
+        raise FormatError(f"{path} is a directory, not a model file") from None
+    except OSError as e:
+        raise FormatError(f"cannot read model file {path}: {e.strerror or e}") from None
+    if size == 0:
+        raise FormatError(f"{path} is empty")
+    if head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_MAGIC:
+        return "torch"
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".pt", ".pth", ".bin", ".ckpt"):
+        return "torch"
+    if ext == ".safetensors":
+        return "safetensors"
+    if ext in (".lstm", ".lstmcpu", ".packed"):
+        return "packed"
+    # ONNX has no magic number; a ModelProto starts with field 1 (ir_version, varint): 0x08.
+    if ext == ".onnx" or head[:1] == b"\x08":
+        return "onnx"
+    raise FormatError(f"{path}: unrecognised model format (expected ONNX, PyTorch .pt/.pth, "
+                      f".safetensors or an lstm-cpu packed file)")
+
+
+def load(path, **options):
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise InputError(f"path must be a file path, got {type(path).__name__}")
+    path = os.fsdecode(os.fspath(path))
+    kind = sniff(path)
+    unknown = set(options) - _OPTIONS[kind]
+    if unknown:
+        raise InputError(f"option(s) {sorted(unknown)} do not apply to a {kind} file; "
+                         f"expected some of {sorted(_OPTIONS[kind])}")
+    options = {k: v for k, v in options.items() if v is not None}
+    if kind == "packed":
+        from .packed import load as load_packed
+
+        return load_packed(path, **options)
+    if kind == "onnx":
+        from importers.onnx_lstm import load_onnx
+
+        return load_onnx(path, **options)
+    from importers.torch_lstm import load_torch_file
+
+    return load_torch_file(path, **options)
+
+
+def warmup(verbose=False):
+    """Compile every kernel specialisation a model can use (float32 and float64, serial and
+    parallel, step, chunk run and whole sequence), so the first real call hits Numba's cache."""
+    from .model import LSTMModel
+    from .spec import LayerParams
+
+    rng = np.random.default_rng(0)
+    done = []
+    H, I = 128, 8
+    layers = [[LayerParams(rng.normal(size=(4 * H, I)), rng.normal(size=(4 * H, H)), rng.normal(size=4 * H))]]
+    for dtype in (np.float32, np.float64):
+        m = LSTMModel(layers, dtype=dtype)
+        for kernel in ("serial", "parallel"):
+            s = m.stream(kernel=kernel)
+            s.step(np.zeros(I, dtype))
+            s.run(np.zeros((2, I), dtype))
+            m.run(np.zeros((2, I), dtype), kernel=kernel)
+            done.append(f"{np.dtype(dtype).name}/{kernel}")
+            if verbose:
+                print("compiled", done[-1])
+    return done
