@@ -256,7 +256,7 @@ def _epilogue(acc, c, m, peep, u0, hp, wbuf, meta, fpar, rec, frec):
 
 @njit(**_FLAGS)
 def _sbuf_offsets(meta, N):
-    """Offsets of h (L,N,out), c (L,N,Hp), z (N,Kmax), acc (N,n,C), m (N,Hp) in sbuf."""
+    """Offsets of h (L,N,out), c (L,N,Hp), z (N,K_l), acc (n,N,C), m (N,Hp) in sbuf."""
     L, out, hp = meta[M_L], meta[M_OUT], meta[M_HP]
     h_off = 0
     c_off = h_off + L * N * out
@@ -268,10 +268,11 @@ def _sbuf_offsets(meta, N):
 
 @njit(**_FLAGS)
 def _load_z(l, s, x, sbuf, meta, N):
-    """z[s] (K,) <- [input of layer l | h[l, s]] for stream s."""
-    out, kmax = meta[M_OUT], meta[M_KMAX]
+    """z[s] (K_l,) <- [input of layer l | h[l, s]] for stream s; z is (N, K_l) contiguous."""
+    out = meta[M_OUT]
+    K = meta[M_LD + l * LD_STRIDE + LD_K]
     h_off, c_off, z_off, acc_off, m_off = _sbuf_offsets(meta, N)
-    z = sbuf[z_off + s * kmax : z_off + (s + 1) * kmax]
+    z = sbuf[z_off + s * K : z_off + (s + 1) * K]
     if l == 0:
         kin = x.shape[1]
         for k in range(kin):
@@ -298,10 +299,10 @@ def _chunk_step(q, l, N, wbuf, meta, fpar, sbuf):
     w0 = meta[rec + LD_W] + b * K * C
     W = wbuf[w0 : w0 + K * C].reshape((K, C))  # (K, C) this chunk's fused, transposed gates
     bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
-    acc = sbuf[acc_off + (s * n + b) * C : acc_off + (s * n + b + 1) * C]  # (C,)
+    acc = sbuf[acc_off + (b * N + s) * C : acc_off + (b * N + s + 1) * C]  # (C,)
     for j in range(C):
         acc[j] = bias[j]
-    _axpy_rows(W, sbuf[z_off + s * meta[M_KMAX] : z_off + s * meta[M_KMAX] + K], acc)
+    _axpy_rows(W, sbuf[z_off + s * K : z_off + (s + 1) * K], acc)
     c = sbuf[c_off + (l * N + s) * hp + b * uc : c_off + (l * N + s) * hp + (b + 1) * uc]  # (Uc,)
     m = sbuf[m_off + s * hp + b * uc : m_off + s * hp + (b + 1) * uc]  # (Uc,)
     peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if HAS_PEEP
@@ -385,21 +386,81 @@ def stack_step_parallel(x, wbuf, meta, fpar, sbuf, y):
 
 
 # ---------------------------------------------------------------------------------------------
+# Many streams at once: the gate product is a matrix product done by BLAS (numpy) between these
+# ---------------------------------------------------------------------------------------------
+@njit(**_FLAGS)
+def batch_load_z(l, x, sbuf, meta):
+    """z (N, K_l) <- [input of layer l | h[l]] for every stream; x (N, I)."""
+    N = x.shape[0]
+    for s in range(N):
+        _load_z(l, s, x, sbuf, meta, N)
+
+
+@njit(**_FLAGS)
+def _batch_cell(q, l, N, wbuf, meta, fpar, sbuf):
+    """acc[b, s] (already z @ W[b]) += bias; cell update of chunk b = q % n, stream s = q // n."""
+    n, C, uc, hp = meta[M_N], meta[M_C], meta[M_UC], meta[M_HP]
+    b = q % n
+    s = q // n
+    rec = M_LD + l * LD_STRIDE
+    h_off, c_off, z_off, acc_off, m_off = _sbuf_offsets(meta, N)
+    bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
+    acc = sbuf[acc_off + (b * N + s) * C : acc_off + (b * N + s + 1) * C]  # (C,)
+    for j in range(C):
+        acc[j] += bias[j]
+    c = sbuf[c_off + (l * N + s) * hp + b * uc : c_off + (l * N + s) * hp + (b + 1) * uc]
+    m = sbuf[m_off + s * hp + b * uc : m_off + s * hp + (b + 1) * uc]
+    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]
+    _epilogue(acc, c, m, peep, b * uc, hp, wbuf, meta, fpar, rec, F_LD + l * F_STRIDE)
+
+
+@njit(**_FLAGS)
+def batch_cells_serial(l, N, wbuf, meta, fpar, sbuf):
+    """After acc[b] (N, C) = z @ W[b] for every chunk: bias, cell update and h for layer l."""
+    for q in range(N * meta[M_N]):
+        _batch_cell(q, l, N, wbuf, meta, fpar, sbuf)
+    for s in range(N):
+        _finish_layer(l, s, wbuf, meta, sbuf, N)
+
+
+@njit(parallel=True, **_FLAGS)
+def batch_cells_parallel(l, N, wbuf, meta, fpar, sbuf):
+    """The parallel twin of :func:`batch_cells_serial`."""
+    for q in prange(N * meta[M_N]):
+        _batch_cell(q, l, N, wbuf, meta, fpar, sbuf)
+    for s in prange(N):
+        _finish_layer(l, s, wbuf, meta, sbuf, N)
+
+
+@njit(**_FLAGS)
+def batch_emit(wbuf, meta, sbuf, y):
+    """y (N, O|out) <- head(h[L-1]) or h[L-1]."""
+    N = y.shape[0]
+    for s in range(N):
+        _emit(s, wbuf, meta, sbuf, N, y)
+
+
+# ---------------------------------------------------------------------------------------------
 # Whole sequences: the recurrent part of one layer and direction
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)
-def _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c, scratch):
-    """Chunk b of stream s at time t: acc = xp[t, s, chunk] + W_rec^T h[s]; cell update."""
-    n, C, uc, hp, out, D = meta[M_N], meta[M_C], meta[M_UC], meta[M_HP], meta[M_OUT], meta[M_D]
+def _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c, acc, m, pre):
+    """Chunk b of stream s at time t, then its cell update.
+
+    acc (C,) <- xp[t, s, chunk] + W_rec^T h[s]; with ``pre`` acc already holds W_rec^T h[s]
+    (computed by BLAS for the whole batch) and only xp is added. m (Uc,) receives o * h_act(c).
+    """
+    C, uc, hp, out, D = meta[M_C], meta[M_UC], meta[M_HP], meta[M_OUT], meta[M_D]
     rec = M_LD + (l * D + d) * LD_STRIDE
-    K = meta[rec + LD_K]
-    kin = K - out
-    acc = scratch[s, b * C : (b + 1) * C]  # (C,)
-    for j in range(C):
-        acc[j] = xp[t, s, b * C + j]
-    w0 = meta[rec + LD_W] + (b * K + kin) * C
-    _axpy_rows(wbuf[w0 : w0 + out * C].reshape((out, C)), h[s], acc)  # recurrent rows only
-    m = scratch[s, n * C + b * uc : n * C + (b + 1) * uc]  # (Uc,)
+    if pre:
+        for j in range(C):
+            acc[j] += xp[t, s, b * C + j]
+    else:
+        for j in range(C):
+            acc[j] = xp[t, s, b * C + j]
+        K = meta[rec + LD_K]
+        w0 = meta[rec + LD_W] + (b * K + K - out) * C
+        _axpy_rows(wbuf[w0 : w0 + out * C].reshape((out, C)), h[s], acc)  # recurrent rows only
     peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]
     _epilogue(acc, c[s, b * uc : (b + 1) * uc], m, peep, b * uc, hp, wbuf, meta, fpar, rec,
               F_LD + (l * D + d) * F_STRIDE)
@@ -424,17 +485,19 @@ def layer_sequence_serial(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scratch)
 
     xp (T, B, n*C) input projections plus bias, in packed column order; lengths (B,) valid steps
     per sequence; h (B, out), c (B, Hp) the state, updated in place; y (T, B, out) outputs,
-    pre-zeroed (steps past a sequence's length stay zero); scratch (B, n*C + Hp).
-    Direction 1 runs backwards from each sequence's last valid step.
+    pre-zeroed (steps past a sequence's length stay zero); scratch (B, n*C + Hp): per stream
+    acc (n*C) and m (Hp). Direction 1 runs backwards from each sequence's last valid step.
     """
     T, B = xp.shape[0], xp.shape[1]
-    n = meta[M_N]
+    n, C, uc = meta[M_N], meta[M_C], meta[M_UC]
     for step in range(T):
         t = step if d == 0 else T - 1 - step
         for s in range(B):
             if t < lengths[s]:
                 for b in range(n):
-                    _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c, scratch)
+                    _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c,
+                               scratch[s, b * C : (b + 1) * C],
+                               scratch[s, n * C + b * uc : n * C + (b + 1) * uc], False)
                 _seq_finish(t, s, l, d, wbuf, meta, h, y, scratch)
 
 
@@ -442,16 +505,49 @@ def layer_sequence_serial(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scratch)
 def layer_sequence_parallel(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scratch):
     """The parallel twin of :func:`layer_sequence_serial`: prange over (stream, chunk) per step."""
     T, B = xp.shape[0], xp.shape[1]
-    n = meta[M_N]
+    n, C, uc = meta[M_N], meta[M_C], meta[M_UC]
     for step in range(T):
         t = step if d == 0 else T - 1 - step
         for q in prange(B * n):
             s = q // n
+            b = q % n
             if t < lengths[s]:
-                _seq_chunk(t, s, q % n, l, d, xp, wbuf, meta, fpar, h, c, scratch)
+                _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c,
+                           scratch[s, b * C : (b + 1) * C],
+                           scratch[s, n * C + b * uc : n * C + (b + 1) * uc], False)
         for s in range(B):
             if t < lengths[s]:
                 _seq_finish(t, s, l, d, wbuf, meta, h, y, scratch)
+
+
+@njit(**_FLAGS)
+def sequence_cells_serial(t, xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scratch, accb):
+    """Time step t of a batched sequence whose recurrent product accb (n, B, C) = h @ W_rec was
+    done by BLAS: add the input projection, update the cells, write h and y[t]."""
+    B = xp.shape[1]
+    n, C, uc = meta[M_N], meta[M_C], meta[M_UC]
+    for s in range(B):
+        if t < lengths[s]:
+            for b in range(n):
+                _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c, accb[b, s],
+                           scratch[s, n * C + b * uc : n * C + (b + 1) * uc], True)
+            _seq_finish(t, s, l, d, wbuf, meta, h, y, scratch)
+
+
+@njit(parallel=True, **_FLAGS)
+def sequence_cells_parallel(t, xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scratch, accb):
+    """The parallel twin of :func:`sequence_cells_serial`."""
+    B = xp.shape[1]
+    n, C, uc = meta[M_N], meta[M_C], meta[M_UC]
+    for q in prange(B * n):
+        s = q // n
+        b = q % n
+        if t < lengths[s]:
+            _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c, accb[b, s],
+                       scratch[s, n * C + b * uc : n * C + (b + 1) * uc], True)
+    for s in prange(B):
+        if t < lengths[s]:
+            _seq_finish(t, s, l, d, wbuf, meta, h, y, scratch)
 
 
 @njit(parallel=True, **_FLAGS)

@@ -7,7 +7,7 @@ state and scratch, so stepping allocates nothing.
 
 from __future__ import annotations
 
-import threading
+from contextlib import nullcontext
 from typing import Optional, Sequence
 
 import numpy as np
@@ -24,6 +24,11 @@ _CODE_TO_NAME = {v[0]: k for k, v in ACTIVATIONS.items()}
 PARALLEL_MIN_WEIGHT_BYTES = 1 << 20
 
 _KERNELS = ("auto", "serial", "parallel")
+
+#: From this many streams (or sequences in a batch) up, the gate product is one BLAS matrix
+#: product per chunk instead of one matrix-vector pass per stream: each weight is read once per
+#: step for the whole batch instead of once per stream.
+BLAS_MIN_BATCH = 4
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -311,7 +316,10 @@ class LSTMModel:
         meta = self._meta
         n, C, Hp = int(meta[lay.M_N]), int(meta[lay.M_C]), int(meta[lay.M_HP])
         parallel = self._kernel_name(kernel) == "parallel"
+        use_blas = B >= BLAS_MIN_BATCH
         fn = kernels.layer_sequence_parallel if parallel else kernels.layer_sequence_serial
+        cells = kernels.sequence_cells_parallel if parallel else kernels.sequence_cells_serial
+        accb = np.empty((n, B, C), self.dtype) if use_blas else None  # (n, B, C) h @ W_rec per chunk
         hN = np.empty((L * D, B, out), self.dtype)
         cN = np.empty((L * D, B, H), self.dtype)
         scratch = np.empty((B, n * C + Hp), self.dtype)  # per stream: acc (n*C) and m (Hp)
@@ -334,11 +342,16 @@ class LSTMModel:
                 c = np.zeros((B, Hp), self.dtype)  # (B, Hp) padded cell state
                 c[:, :H] = c0[l * D + d]
                 yd = np.zeros((T, B, out), self.dtype)
-                if parallel:
-                    with _config.parallel_guard():
+                with (_config.parallel_guard() if parallel else nullcontext()):
+                    if use_blas:
+                        w_rec = w[:, kin:, :]  # (n, out, C) recurrent rows of each chunk
+                        for step in range(T):
+                            t = step if d == 0 else T - 1 - step
+                            for b in range(n):
+                                np.matmul(h, w_rec[b], out=accb[b])
+                            cells(t, xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, scratch, accb)
+                    else:
                         fn(xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, scratch)
-                else:
-                    fn(xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, scratch)
                 y[:, :, d * out:(d + 1) * out] = yd
                 hN[l * D + d], cN[l * D + d] = h, c[:, :H]
             inp = y
@@ -422,8 +435,20 @@ class Stream:
         parallel = self.kernel == "parallel"
         self._step_fn = kernels.stack_step_parallel if parallel else kernels.stack_step_serial
         self._run_fn = kernels.stack_run_parallel if parallel else kernels.stack_run_serial
+        self._cells_fn = kernels.batch_cells_parallel if parallel else kernels.batch_cells_serial
         self._guard = _config.parallel_guard if parallel else None
-        self._lock = threading.Lock()
+        self._blas = N >= BLAS_MIN_BATCH
+        if self._blas:
+            # Views for the BLAS path: per layer z (N, K_l), the chunks' W (K_l, C), acc[b] (N, C).
+            h_off, c_off, z_off, acc_off, m_off = (int(v) for v in kernels._sbuf_offsets(meta, N))
+            n, C = int(meta[lay.M_N]), int(meta[lay.M_C])
+            self._acc = self._sbuf[acc_off : acc_off + n * N * C].reshape(n, N, C)
+            self._layers = []
+            for l in range(L):
+                rec = lay.M_LD + l * lay.LD_STRIDE
+                K, w0 = int(meta[rec + lay.LD_K]), int(meta[rec + lay.LD_W])
+                self._layers.append((self._sbuf[z_off : z_off + N * K].reshape(N, K),
+                                     model._wbuf[w0 : w0 + n * K * C].reshape(n, K, C)))
         self.reset()
 
     # -- state ---------------------------------------------------------------------------------
@@ -476,7 +501,7 @@ class Stream:
         N, I = self._N, m.input_size
         want = (I,) if self.batch is None else (N, I)
         if (type(x) is np.ndarray and x.dtype == m.dtype and x.shape == want
-                and x.flags.c_contiguous):
+                and x.flags.c_contiguous and x.flags.writeable):  # read-only would be a new Numba type
             xk = x.reshape(N, I)
         else:
             xa = _as_float_array(x, m.dtype, "x")
@@ -484,7 +509,9 @@ class Stream:
                 raise InputError(f"x: expected shape {want}, got {xa.shape}")
             xk = self._x
             xk[...] = xa.reshape(N, I)
-        if self._guard is None:
+        if self._blas:
+            self._step_blas(xk)
+        elif self._guard is None:
             self._step_fn(xk, m._wbuf, m._meta, m._fpar, self._sbuf, self._y)
         else:
             with self._guard():
@@ -497,6 +524,18 @@ class Stream:
                              f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
         out[...] = y
         return out
+
+    def _step_blas(self, xk):
+        """One step of N >= BLAS_MIN_BATCH streams: the gate products as BLAS matrix products."""
+        m = self.model
+        wbuf, meta, fpar, sbuf, N = m._wbuf, m._meta, m._fpar, self._sbuf, self._N
+        with (self._guard() if self._guard is not None else nullcontext()):
+            for l, (z, w) in enumerate(self._layers):
+                kernels.batch_load_z(l, xk, sbuf, meta)
+                for b in range(w.shape[0]):
+                    np.matmul(z, w[b], out=self._acc[b])  # (N, K) @ (K, C) -> (N, C)
+                self._cells_fn(l, N, wbuf, meta, fpar, sbuf)
+            kernels.batch_emit(wbuf, meta, sbuf, self._y)
 
     def run(self, xs):
         """A chunk of samples: xs (T, I) -> (T, out), or (T, N, I) -> (T, N, out); state carries."""
@@ -514,7 +553,11 @@ class Stream:
             xk = xa
         T = xk.shape[0]
         ys = np.empty((T, N, m.output_size), m.dtype)
-        if T:
+        if T and self._blas:
+            for t in range(T):
+                self._step_blas(xk[t])
+                ys[t] = self._y
+        elif T:
             if self._guard is None:
                 self._run_fn(xk, m._wbuf, m._meta, m._fpar, self._sbuf, ys)
             else:
