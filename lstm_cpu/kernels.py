@@ -199,8 +199,18 @@ def _epilogue(acc, c, m, peep, u0, hp, wbuf, meta, fpar, rec, frec):
     approx = meta[M_APPROX] != 0
     has_peep = meta[M_PEEP] != 0
     coupled = meta[M_COUPLED] != 0
+    if meta[M_GENERAL] == 0 and approx and not has_peep and not coupled and clip == 0:
+        # The common case (float32, Sigmoid/Tanh/Tanh, no peephole, clip or coupling): a
+        # branch-free loop that LLVM vectorises (8 units per AVX2 instruction).
+        for u in range(uc):
+            f = half * _tanh_f32(half * acc[uc + u]) + half
+            i = half * _tanh_f32(half * acc[u]) + half
+            cn = f * c[u] + i * _tanh_f32(acc[2 * uc + u])
+            c[u] = cn
+            m[u] = (half * _tanh_f32(half * acc[3 * uc + u]) + half) * _tanh_f32(cn)
+        return
     if meta[M_GENERAL] == 0:
-        # The default (Sigmoid, Tanh, Tanh) path: no per-element dispatch.
+        # Default activations with peepholes, clip, coupling or float64: no per-element dispatch.
         for u in range(uc):
             ai = acc[u]
             af = acc[uc + u]

@@ -449,6 +449,11 @@ class Stream:
                 K, w0 = int(meta[rec + lay.LD_K]), int(meta[rec + lay.LD_W])
                 self._layers.append((self._sbuf[z_off : z_off + N * K].reshape(N, K),
                                      model._wbuf[w0 : w0 + n * K * C].reshape(n, K, C)))
+        self._dtype = model.dtype
+        self._want = (model.input_size,) if batch is None else (N, model.input_size)
+        self._xshape = (N, model.input_size)
+        self._args = (model._wbuf, model._meta, model._fpar, self._sbuf, self._y)
+        self._yview = self._y[0] if batch is None else self._y  # (out,) or (N, out)
         self.reset()
 
     # -- state ---------------------------------------------------------------------------------
@@ -497,32 +502,34 @@ class Stream:
         Returns a new array, or writes into ``out`` (same shape, model dtype) and returns it:
         with ``out`` a step allocates nothing.
         """
-        m = self.model
-        N, I = self._N, m.input_size
-        want = (I,) if self.batch is None else (N, I)
-        if (type(x) is np.ndarray and x.dtype == m.dtype and x.shape == want
-                and x.flags.c_contiguous and x.flags.writeable):  # read-only would be a new Numba type
-            xk = x.reshape(N, I)
+        # The hot path: a fresh, writable, contiguous array of the right dtype and shape goes
+        # straight to the kernel (a read-only one would be a new Numba type: copied instead).
+        if type(x) is np.ndarray and x.shape == self._want and x.dtype == self._dtype:
+            flags = x.flags
+            if flags.c_contiguous and flags.writeable:
+                xk = x.reshape(self._xshape)
+            else:
+                xk = self._x
+                xk[...] = x.reshape(self._xshape)
         else:
-            xa = _as_float_array(x, m.dtype, "x")
-            if xa.shape != want:
-                raise InputError(f"x: expected shape {want}, got {xa.shape}")
+            xa = _as_float_array(x, self._dtype, "x")
+            if xa.shape != self._want:
+                raise InputError(f"x: expected shape {self._want}, got {xa.shape}")
             xk = self._x
-            xk[...] = xa.reshape(N, I)
+            xk[...] = xa.reshape(self._xshape)
         if self._blas:
             self._step_blas(xk)
         elif self._guard is None:
-            self._step_fn(xk, m._wbuf, m._meta, m._fpar, self._sbuf, self._y)
+            self._step_fn(xk, *self._args)
         else:
             with self._guard():
-                self._step_fn(xk, m._wbuf, m._meta, m._fpar, self._sbuf, self._y)
-        y = self._y if self.batch is not None else self._y[0]
+                self._step_fn(xk, *self._args)
         if out is None:
-            return y.copy()
-        if not (isinstance(out, np.ndarray) and out.shape == y.shape and out.dtype == m.dtype):
-            raise InputError(f"out: expected a {m.dtype} array of shape {y.shape}, got "
+            return self._yview.copy()
+        if not (type(out) is np.ndarray and out.shape == self._yview.shape and out.dtype == self._dtype):
+            raise InputError(f"out: expected a {self._dtype} array of shape {self._yview.shape}, got "
                              f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
-        out[...] = y
+        out[...] = self._yview
         return out
 
     def _step_blas(self, xk):
