@@ -48,6 +48,7 @@ from .layout import (
     M_OUT,
     M_P,
     M_PEEP,
+    M_REVERSE,
     M_UC,
     W_CLIP,
     W_HALF,
@@ -55,7 +56,7 @@ from .layout import (
 )
 
 #: Bump when layout.py's field indices change, so that Numba's file-keyed cache is invalidated.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 _FLAGS = dict(nogil=True, cache=_config.CACHE, fastmath=_config.FASTMATH, error_model="numpy")
 
@@ -224,8 +225,8 @@ def _epilogue(acc, c, m, peep, u0, hp, wbuf, meta, fpar, rec, frec):
                 ai = _clip(ai, clip)
                 af = _clip(af, clip)
                 ag = _clip(ag, clip)
-            f = _sigmoid(af, half, approx)
-            i = one - f if coupled else _sigmoid(ai, half, approx)
+            i = _sigmoid(ai, half, approx)
+            f = one - i if coupled else _sigmoid(af, half, approx)
             cn = f * cp + i * _tanh(ag, approx)
             if has_peep:
                 ao += peep[2 * hp + u0 + u] * cn
@@ -253,8 +254,8 @@ def _epilogue(acc, c, m, peep, u0, hp, wbuf, meta, fpar, rec, frec):
             ai = _clip(ai, clip)
             af = _clip(af, clip)
             ag = _clip(ag, clip)
-        f = _act(cf, af_, bf_, af, half, approx)
-        i = 1 - f if coupled else _act(cf, af_, bf_, ai, half, approx)
+        i = _act(cf, af_, bf_, ai, half, approx)
+        f = 1 - i if coupled else _act(cf, af_, bf_, af, half, approx)
         cn = f * cp + i * _act(cg, ag_, bg_, ag, half, approx)
         if has_peep:
             ao += peep[2 * hp + u0 + u] * cn
@@ -496,12 +497,13 @@ def layer_sequence_serial(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scratch)
     xp (T, B, n*C) input projections plus bias, in packed column order; lengths (B,) valid steps
     per sequence; h (B, out), c (B, Hp) the state, updated in place; y (T, B, out) outputs,
     pre-zeroed (steps past a sequence's length stay zero); scratch (B, n*C + Hp): per stream
-    acc (n*C) and m (Hp). Direction 1 runs backwards from each sequence's last valid step.
+    acc (n*C) and m (Hp). Direction 1 (or a REVERSE model) runs backwards from each sequence's
+    last valid step.
     """
     T, B = xp.shape[0], xp.shape[1]
     n, C, uc = meta[M_N], meta[M_C], meta[M_UC]
     for step in range(T):
-        t = step if d == 0 else T - 1 - step
+        t = T - 1 - step if (d == 1 or meta[M_REVERSE] != 0) else step
         for s in range(B):
             if t < lengths[s]:
                 for b in range(n):
@@ -517,7 +519,7 @@ def layer_sequence_parallel(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scratc
     T, B = xp.shape[0], xp.shape[1]
     n, C, uc = meta[M_N], meta[M_C], meta[M_UC]
     for step in range(T):
-        t = step if d == 0 else T - 1 - step
+        t = T - 1 - step if (d == 1 or meta[M_REVERSE] != 0) else step
         for q in prange(B * n):
             s = q // n
             b = q % n

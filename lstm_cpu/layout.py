@@ -71,6 +71,7 @@ M_APPROX = 14  # 1: float32 rational tanh/sigmoid; 0: libm (float64 models)
 M_HEAD_O = 15  # head outputs O, 0 if no head
 M_HEAD_W = 16  # offset of head_w (D*out, O)
 M_HEAD_B = 17  # offset of head_b (O,)
+M_REVERSE = 18  # 1: a one-direction model that runs backwards in time (ONNX direction="reverse")
 M_LD = 20  # first (layer, direction) record
 
 # per (layer, direction) record fields
@@ -122,7 +123,8 @@ def _chunk_columns(mat: np.ndarray, H: int, n: int, uc: int) -> np.ndarray:
     return gates.reshape(4, n, uc, K).transpose(1, 3, 0, 2).reshape(n, K, 4 * uc)
 
 
-def plan(L, D, I, H, P, n, *, has_peep, coupled, general, approx, head_o=0, act_codes=None):
+def plan(L, D, I, H, P, n, *, has_peep, coupled, general, approx, head_o=0, act_codes=None,
+         reverse=False):
     """The meta header and offsets for a model of these sizes, and the length of its wbuf.
 
     ``pack`` fills a buffer by this plan; ``packed.load`` recomputes it from the file's stated
@@ -163,10 +165,11 @@ def plan(L, D, I, H, P, n, *, has_peep, coupled, general, approx, head_o=0, act_
     meta[M_OUT], meta[M_P], meta[M_N], meta[M_UC], meta[M_C], meta[M_HP] = out, P, n, uc, C, Hp
     meta[M_KMAX], meta[M_PEEP], meta[M_COUPLED] = kmax, int(has_peep), int(coupled)
     meta[M_GENERAL], meta[M_APPROX] = int(general), int(approx)
+    meta[M_REVERSE] = int(reverse)
     return meta, offset
 
 
-def pack(layers, *, clip, input_forget, dtype, head=None, n_threads=1):
+def pack(layers, *, clip, input_forget, dtype, head=None, n_threads=1, reverse=False):
     """Canonical ``layers[l][d]`` -> ``(wbuf, meta, fpar)``. All validation happens before this."""
     L, D = len(layers), len(layers[0])
     p0: LayerParams = layers[0][0]
@@ -179,7 +182,7 @@ def pack(layers, *, clip, input_forget, dtype, head=None, n_threads=1):
     head_o = 0 if head is None else int(np.shape(head[0])[0])
     meta, total = plan(L, D, I, H, P, n, has_peep=has_peep, coupled=bool(input_forget),
                        general=general, approx=np.dtype(dtype) == np.float32, head_o=head_o,
-                       act_codes=codes)
+                       act_codes=codes, reverse=reverse)
     uc, Hp = int(meta[M_UC]), int(meta[M_HP])
     wbuf = np.zeros(total, dtype=np.float64)
     wbuf[W_HALF], wbuf[W_ONE] = 0.5, 1.0

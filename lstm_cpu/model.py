@@ -75,10 +75,16 @@ class LSTMModel:
         source: provenance shown by :meth:`info`.
         kernel: "auto" (serial below PARALLEL_MIN_WEIGHT_BYTES, else parallel), "serial" or
             "parallel": the default for this model's streams and runs.
+        reverse: a one-direction model that runs backwards in time (ONNX ``direction="reverse"``);
+            it needs whole sequences (``run``), like a bidirectional one.
+
+    Semantics that follow onnxruntime: ``input_forget`` sets ``f = 1 - i``; in ``run`` with
+    ``lengths``, a sequence of length 0 ends in a zero state.
     """
 
     def __init__(self, layers: Sequence[Sequence[LayerParams]], *, clip=None, input_forget=False,
-                 dtype=np.float32, initial_state=None, head=None, source=None, kernel="auto"):
+                 dtype=np.float32, initial_state=None, head=None, source=None, kernel="auto",
+                 reverse=False):
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise InputError(f"dtype must be float32 or float64, got {dtype}")
@@ -86,6 +92,9 @@ class LSTMModel:
             raise InputError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
         layers = [list(row) for row in layers]
         self._validate(layers, clip, head)
+        if reverse and len(layers[0]) != 1:
+            raise InputError("reverse=True is for one-direction models; a bidirectional model "
+                             "already has a backward direction")
         if clip is not None and not clip:
             clip = None
         p0 = layers[0][0]
@@ -95,7 +104,7 @@ class LSTMModel:
             for p in row:
                 p.activations = as_activations(p.activations)
         wbuf, meta, fpar = lay.pack(layers, clip=clip, input_forget=input_forget, dtype=dtype,
-                                    head=head, n_threads=_config.num_threads())
+                                    head=head, n_threads=_config.num_threads(), reverse=bool(reverse))
         init = None
         if initial_state is not None:
             h0, c0 = initial_state
@@ -175,6 +184,11 @@ class LSTMModel:
     @property
     def input_forget(self) -> bool:
         return bool(self._meta[lay.M_COUPLED])
+
+    @property
+    def reverse(self) -> bool:
+        """True for a one-direction model that runs backwards in time."""
+        return bool(self._meta[lay.M_REVERSE])
 
     @property
     def initial_state(self):
@@ -257,6 +271,7 @@ class LSTMModel:
                             for l in range(self.num_layers) for d in range(self.num_directions)],
             "clip": self.clip,
             "input_forget": self.input_forget,
+            "reverse": self.reverse,
             "peepholes": bool(self._meta[lay.M_PEEP]),
             "has_initial_state": self._init is not None,
             "dtype": str(self.dtype),
@@ -274,10 +289,10 @@ class LSTMModel:
     # -- streaming -----------------------------------------------------------------------------
     def stream(self, batch: Optional[int] = None, kernel: Optional[str] = None) -> "Stream":
         """A new stream (batch=None) or N streams stepped together (batch=N), at the initial state."""
-        if self.num_directions != 1:
+        if self.num_directions != 1 or self.reverse:
             raise UnsupportedModelError(
-                "streaming needs a unidirectional model: a bidirectional LSTM's reverse direction "
-                "needs the whole sequence; use model.run(x) instead")
+                "streaming needs a forward model: a bidirectional or reverse LSTM reads the "
+                "sequence backwards, so it needs the whole sequence; use model.run(x) instead")
         return Stream(self, batch, kernel)
 
     def save(self, path) -> None:
@@ -346,7 +361,7 @@ class LSTMModel:
                     if use_blas:
                         w_rec = w[:, kin:, :]  # (n, out, C) recurrent rows of each chunk
                         for step in range(T):
-                            t = step if d == 0 else T - 1 - step
+                            t = T - 1 - step if (d == 1 or self.reverse) else step
                             for b in range(n):
                                 np.matmul(h, w_rec[b], out=accb[b])
                             cells(t, xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, scratch, accb)
@@ -354,6 +369,10 @@ class LSTMModel:
                         fn(xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, scratch)
                 y[:, :, d * out:(d + 1) * out] = yd
                 hN[l * D + d], cN[l * D + d] = h, c[:, :H]
+            empty = lens == 0  # onnxruntime: a sequence of length 0 ends in a zero state
+            if empty.any():
+                hN[l * D:(l + 1) * D, empty] = 0
+                cN[l * D:(l + 1) * D, empty] = 0
             inp = y
         y = inp
         if self._head_o:

@@ -208,7 +208,8 @@ def _check_plan(path, meta, fpar, wbuf):
     if np.any(codes < 0) or np.any(codes > 10):
         raise FormatError(f"{path}: activation codes must be 0..10, got {codes.tolist()}")
     flags = {k: int(meta[i]) for k, i in (("has_peep", lay.M_PEEP), ("coupled", lay.M_COUPLED),
-                                           ("general", lay.M_GENERAL), ("approx", lay.M_APPROX))}
+                                           ("general", lay.M_GENERAL), ("approx", lay.M_APPROX),
+                                           ("reverse", lay.M_REVERSE))}
     if any(v not in (0, 1) for v in flags.values()):
         raise FormatError(f"{path}: flags must be 0 or 1, got {flags}")
     expect_dtype = np.float32 if flags["approx"] else np.float64

@@ -9,7 +9,8 @@ Equations (PyTorch's and ONNX's, with the ONNX extensions; ``*`` is element-wise
     a  = W_ih @ x_t + W_hh @ h_{t-1} + b                      (4H,)  gates in GATE_ORDER
     i  = f_act(clip(a_i + p_i * c_{t-1}))                     input gate
     f  = f_act(clip(a_f + p_f * c_{t-1}))                     forget gate
-    i  = 1 - f                     if input_forget (coupled)  (ONNX ``input_forget=1``)
+    f  = 1 - i                     if input_forget (coupled)  (ONNX ``input_forget=1``, as
+                                                              onnxruntime computes it)
     g  = g_act(clip(a_g))                                     cell candidate
     c_t = f * c_{t-1} + i * g                                 (H,)
     o  = f_act(clip(a_o + p_o * c_t))                         output gate
@@ -71,7 +72,9 @@ def reorder_gates(a: np.ndarray, source_order: Sequence[str], axis: int = 0) -> 
 # Activations (the ONNX set)
 # ---------------------------------------------------------------------------------------------
 #: name -> (code used by the kernels, default alpha, default beta, how many of alpha/beta it takes).
-#: Defaults are onnxruntime's. Formulas (x is the input):
+#: Defaults are those of the standalone ONNX operators. (Inside an LSTM node onnxruntime uses 0.0
+#: for a missing Affine/ThresholdedRelu/ScaledTanh parameter; the ONNX importer always passes
+#: explicit values, so imported models match onnxruntime.) Formulas (x is the input):
 #:   Sigmoid 1/(1+e^-x) | Tanh tanh(x) | Relu max(0,x) | HardSigmoid max(0,min(1,a*x+b))
 #:   Affine a*x+b | LeakyRelu x if x>=0 else a*x | ThresholdedRelu x if x>a else 0
 #:   ScaledTanh a*tanh(b*x) | Elu x if x>=0 else a*(e^x-1) | Softsign x/(1+|x|) | Softplus log(1+e^x)

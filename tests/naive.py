@@ -56,8 +56,8 @@ def cell(p, x, h, c, clip=None, input_forget=False):
         pi, pf, po = np.split(np.asarray(p.peephole, np.float64), 3)
     else:
         pi = pf = po = np.zeros(H)
-    f = f_(cl(af + pf * c))
-    i = 1.0 - f if input_forget else f_(cl(ai + pi * c))
+    i = f_(cl(ai + pi * c))
+    f = 1.0 - i if input_forget else f_(cl(af + pf * c))
     g = g_(cl(ag))
     c_new = f * c + i * g
     o = f_(cl(ao + po * c_new))
@@ -66,11 +66,12 @@ def cell(p, x, h, c, clip=None, input_forget=False):
     return h_new, c_new
 
 
-def run(layers, x, h0=None, c0=None, clip=None, input_forget=False, lengths=None):
+def run(layers, x, h0=None, c0=None, clip=None, input_forget=False, lengths=None, reverse=False):
     """Whole sequence. layers[l][d] = LayerParams; x (T, B, I) -> y (T, B, D*out), h (L*D, B, out), c (L*D, B, H).
 
     ``lengths`` (B,): steps after a sequence's length give zeros and do not touch its state; the
-    reverse direction starts at that sequence's last valid step.
+    reverse direction starts at that sequence's last valid step; a sequence of length 0 ends in
+    a zero state (as onnxruntime). ``reverse``: a one-direction stack that runs backwards.
     """
     x = np.asarray(x, np.float64)
     T, B, _ = x.shape
@@ -87,10 +88,13 @@ def run(layers, x, h0=None, c0=None, clip=None, input_forget=False, lengths=None
             p = layers[l][d]
             for n in range(B):
                 h, c = h0[l * D + d, n].copy(), c0[l * D + d, n].copy()
-                steps = range(lengths[n]) if d == 0 else range(lengths[n] - 1, -1, -1)
+                backward = d == 1 or reverse
+                steps = range(lengths[n] - 1, -1, -1) if backward else range(lengths[n])
                 for t in steps:
                     h, c = cell(p, inp[t, n], h, c, clip, input_forget)
                     y[t, n, d * out : (d + 1) * out] = h
+                if lengths[n] == 0:
+                    h, c = np.zeros_like(h), np.zeros_like(c)
                 hN[l * D + d, n], cN[l * D + d, n] = h, c
         inp = y
     return inp, (hN, cN)

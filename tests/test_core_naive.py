@@ -157,3 +157,20 @@ def test_packed_round_trip_bit_exact(tmp_path):
     assert np.array_equal(y1, y2) and np.array_equal(h1, h2) and np.array_equal(c1, c2)
     assert m2.info()["activations"] == m.info()["activations"]
     assert not list(tmp_path.glob(".lstm-cpu-*"))  # the atomic save left no temporary file
+
+
+def test_reverse_model_runs_backwards_and_refuses_streaming():
+    rng = np.random.default_rng(12)
+    layers = rand_layers(rng, 3, 7, 2)
+    x = rng.normal(size=(6, 5, 3))
+    lengths = np.array([6, 4, 1, 0, 3])
+    y_ref, (h_ref, c_ref) = naive.run(layers, x, lengths=lengths, reverse=True)
+    m = LSTMModel(layers, reverse=True)
+    y, (h, c) = m.run(x, lengths=lengths)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)
+    np.testing.assert_allclose(h, h_ref, atol=2e-5)
+    assert np.all(h[:, 3] == 0) and np.all(c[:, 3] == 0)  # a length-0 sequence ends at zero state
+    import lstm_cpu
+
+    with pytest.raises(lstm_cpu.UnsupportedModelError, match="whole sequence"):
+        m.stream()
