@@ -353,7 +353,7 @@ class LSTMModel:
                 for b in range(n):
                     np.matmul(flat, w[b, :kin, :], out=xp.reshape(T * B, n * C)[:, b * C:(b + 1) * C])
                 xp += bias
-                h = np.ascontiguousarray(h0[l * D + d])  # (B, out)
+                h = np.array(h0[l * D + d], order="C")  # (B, out) a copy: never the caller's array
                 c = np.zeros((B, Hp), self.dtype)  # (B, Hp) padded cell state
                 c[:, :H] = c0[l * D + d]
                 yd = np.zeros((T, B, out), self.dtype)
