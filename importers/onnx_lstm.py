@@ -138,6 +138,9 @@ _ATTR_TYPES = {  # attribute -> AttributeProto type name expected
 # ---------------------------------------------------------------------------------------------
 # Reading the file
 # ---------------------------------------------------------------------------------------------
+_PROTOBUF_LIMIT = 2 << 30  # protobuf refuses messages of 2 GiB and more
+
+
 def _read_model(src):
     """src (path, bytes, or ModelProto) -> (ModelProto, folder for external data or None, label)."""
     import onnx
@@ -150,7 +153,11 @@ def _read_model(src):
         path = os.fspath(src)
         label = repr(path)
         with open(path, "rb") as f:  # a missing / unreadable path is not a bad file: OSError
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size >= _PROTOBUF_LIMIT:  # protobuf cannot parse it: refuse before reading it
+                raise FormatError(f"{label} is {size} bytes; a serialized ONNX model must be under "
+                                  f"2 GiB (larger models keep their weights in external data)")
+            data = f.read(_PROTOBUF_LIMIT)
         folder = os.path.dirname(os.path.abspath(path))
     else:
         raise InputTypeError(f"load_onnx expects a path, bytes or onnx.ModelProto, got {type(src).__name__}")

@@ -118,9 +118,18 @@ def _to_numpy(name: str, value) -> np.ndarray:
         # A torch.Tensor: numpy() has no bfloat16/float8, so widen those to float32 first.
         try:
             t = value.detach().cpu()
+            # A file may not claim more than it holds: a broadcast (stride-0) view of a tiny
+            # storage would otherwise be materialised at its logical size (a decompression bomb).
+            held = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+            if t.numel() * t.element_size() > held:
+                raise FormatError(
+                    f"tensor {name!r} of shape {tuple(t.shape)} needs {t.numel() * t.element_size()} "
+                    f"bytes but its storage holds {held}: broadcast or overlapping views are refused")
             if t.is_floating_point() and t.dtype.itemsize < 4 and str(t.dtype) != "torch.float16":
                 t = t.float()
             arr = t.numpy()
+        except FormatError:
+            raise
         except Exception as exc:  # sparse / quantized / meta tensors cannot become arrays
             raise FormatError(f"tensor {name!r} cannot be read as a dense CPU array: {exc}") from None
     else:

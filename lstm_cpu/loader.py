@@ -7,6 +7,7 @@ Content first (magic bytes), extension second. The ONNX and PyTorch readers live
 from __future__ import annotations
 
 import os
+import stat
 import struct
 
 import numpy as np
@@ -16,7 +17,7 @@ from .errors import FormatError, InputError
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # legacy torch.save
 _OPTIONS = {
-    "packed": {"kernel"},
+    "packed": {"kernel", "mmap"},
     "onnx": {"node", "dtype"},
     "torch": {"prefix", "head", "dtype"},
     "safetensors": {"prefix", "head", "dtype"},
@@ -25,6 +26,13 @@ _OPTIONS = {
 
 def sniff(path: str) -> str:
     """'packed', 'safetensors', 'torch' or 'onnx', from the content, then the extension."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise FormatError(f"cannot read model file {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise FormatError(f"{path} is {kind}; expected a model file")
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

@@ -11,7 +11,8 @@ Layout (the safetensors layout, so standard tools can list it)::
     data section       the tensors, 8-byte aligned, at their "data_offsets"
 
 Why not pickle or the safetensors package: the runtime must load a model with numpy and numba
-only, and never run code from a file. Loading memory-maps the weights (no copy), checks the
+only, and never run code from a file. Loading reads the weights (or memory-maps them with
+``mmap=True``), checks the
 SHA-256 of the data section (a truncated or tampered file is refused, never loaded as garbage),
 and recomputes the packed layout from the sizes the file states (``layout.plan``): the kernels do
 no bounds checks, so a file whose offsets differ from the plan is refused before any kernel runs.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
+import mmap as _mmap
 import os
 import struct
 import tempfile
@@ -91,8 +92,8 @@ def read_header(f, size: int, path: str) -> dict:
         raise FormatError(f"{path}: header length {n} is impossible for a {size}-byte file")
     try:
         header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: header is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: deep nesting
+        raise FormatError(f"{path}: header is not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header must be a JSON object, got {type(header).__name__}")
     return header
@@ -103,8 +104,14 @@ def is_packed_header(header: dict) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
 
 
-def load(path, kernel="auto"):
-    """Load a packed model; FormatError for anything corrupt, truncated or inconsistent."""
+def load(path, kernel="auto", mmap=False):
+    """Load a packed model; FormatError for anything corrupt, truncated or inconsistent.
+
+    By default the weights are read into memory. ``mmap=True`` memory-maps them instead (no
+    copy, pages shared between processes): then the file must not be truncated or rewritten in
+    place while the model lives, or the process dies with SIGBUS. ``model.save`` never does that
+    (it writes a new file and renames it over the old one).
+    """
     from .model import LSTMModel
 
     path = os.fspath(path)
@@ -135,12 +142,31 @@ def load(path, kernel="auto"):
         for req in ("meta", "fpar", "wbuf"):
             if req not in entries:
                 raise FormatError(f"{path}: tensor '{req}' is missing")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            digest = hashlib.sha256(memoryview(mm)[data_start:]).hexdigest()
+        # save() packs the tensors back to back, each padded to 8 bytes: anything after the last
+        # one is not ours (and would cost a hash pass over arbitrary trailing data).
+        end = max(b + int(np.prod(shp)) * np.dtype(dt).itemsize for dt, shp, b in entries.values())
+        if data_len != end + (-end) % 8:
+            raise FormatError(f"{path}: the data section is {data_len} bytes but its tensors end at "
+                              f"{end}: the file has trailing bytes or is truncated")
+        if mmap:
+            with _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ) as mm:
+                digest = hashlib.sha256(memoryview(mm)[data_start:]).hexdigest()
+            data = None
+        else:
+            # One read: the bytes we checksum are the bytes we use (no window to swap the file).
+            f.seek(data_start)
+            data = f.read(data_len)
+            if len(data) != data_len:
+                raise FormatError(f"{path}: the file changed while it was read (short read)")
+            digest = hashlib.sha256(data).hexdigest()
         if digest != md.get("sha256"):
             raise FormatError(f"{path}: checksum mismatch: the file is truncated or was modified "
                               f"(expected sha256 {str(md.get('sha256'))[:16]}..., got {digest[:16]}...)")
-    arrays = {name: _map(path, data_start, *e) for name, e in entries.items()}
+    for name, want in (("meta", np.int64), ("fpar", np.float64)):
+        if entries[name][0] is not want:
+            raise FormatError(f"{path}: tensor '{name}' must be {np.dtype(want).name}, "
+                              f"got {np.dtype(entries[name][0]).name}")
+    arrays = {name: _tensor(path, data_start, data, *e) for name, e in entries.items()}
     meta, fpar, wbuf = arrays["meta"], arrays["fpar"], arrays["wbuf"]
     meta = np.array(meta)  # small; a private copy so nothing can change it under the kernels
     fpar = np.array(fpar)
@@ -183,11 +209,15 @@ def _check_entry(path, name, e, data_len):
     return dt, tuple(shape), b
 
 
-def _map(path, data_start, dt, shape, begin):
-    if int(np.prod(shape)) == 0:
+def _tensor(path, data_start, data, dt, shape, begin):
+    """One tensor: from the data we read and checksummed, or memory-mapped (``data`` is None)."""
+    count = int(np.prod(shape))
+    if count == 0:
         return np.zeros(shape, dt)
-    # np.asarray: a plain read-only ndarray view of the map (Numba types it like any array)
-    return np.asarray(np.memmap(path, dtype=dt, mode="r", offset=data_start + begin, shape=shape))
+    if data is None:
+        # np.asarray: a plain read-only ndarray view of the map (Numba types it like any array)
+        return np.asarray(np.memmap(path, dtype=dt, mode="r", offset=data_start + begin, shape=shape))
+    return np.frombuffer(data, dtype=dt, count=count, offset=begin).reshape(shape)
 
 
 def _check_plan(path, meta, fpar, wbuf):
