@@ -17,6 +17,7 @@ output element is computed by exactly one thread in a fixed float order.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -41,6 +42,7 @@ from .layout import (
     M_HEAD_O,
     M_HEAD_W,
     M_HP,
+    M_I,
     M_KMAX,
     M_L,
     M_LD,
@@ -56,7 +58,23 @@ from .layout import (
 )
 
 #: Bump when layout.py's field indices change, so that Numba's file-keyed cache is invalidated.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
+
+def compiled_entry(dispatcher, args):
+    """The compiled entry point of ``dispatcher`` for the types of ``args`` (compiled or loaded
+    from the cache now if needed). Calling it skips Numba's per-call type resolution; the caller
+    must then pass arguments of exactly these types (same dtype, ndim, layout, read-only flag
+    and alignment). Falls back to the dispatcher itself if Numba's internals differ."""
+    try:
+        sig = tuple(numba.typeof(a) for a in args)
+        cres = dispatcher.overloads.get(sig)
+        if cres is None:
+            dispatcher.compile(sig)
+            cres = dispatcher.overloads[sig]
+        return cres.entry_point
+    except Exception:  # pragma: no cover - a Numba without these attributes
+        return dispatcher
+
 
 _FLAGS = dict(nogil=True, cache=_config.CACHE, fastmath=_config.FASTMATH, error_model="numpy")
 
@@ -279,15 +297,15 @@ def _sbuf_offsets(meta, N):
 
 @njit(**_FLAGS)
 def _load_z(l, s, x, sbuf, meta, N):
-    """z[s] (K_l,) <- [input of layer l | h[l, s]] for stream s; z is (N, K_l) contiguous."""
+    """z[s] (K_l,) <- [input of layer l | h[l, s]] for stream s; x (N*I,); z is (N, K_l)."""
     out = meta[M_OUT]
     K = meta[M_LD + l * LD_STRIDE + LD_K]
     h_off, c_off, z_off, acc_off, m_off = _sbuf_offsets(meta, N)
     z = sbuf[z_off + s * K : z_off + (s + 1) * K]
     if l == 0:
-        kin = x.shape[1]
+        kin = meta[M_I]
         for k in range(kin):
-            z[k] = x[s, k]
+            z[k] = x[s * kin + k]
     else:
         kin = out
         src = h_off + ((l - 1) * N + s) * out
@@ -345,7 +363,7 @@ def _finish_layer(l, s, wbuf, meta, sbuf, N):
 
 @njit(**_FLAGS)
 def _emit(s, wbuf, meta, sbuf, N, y):
-    """y[s] <- head(h[L-1, s]) or h[L-1, s]."""
+    """y[s] <- head(h[L-1, s]) or h[L-1, s]; y (N*O,) or (N*out,), stream-major."""
     L, out = meta[M_L], meta[M_OUT]
     O = meta[M_HEAD_O]
     h_off = 0
@@ -353,12 +371,12 @@ def _emit(s, wbuf, meta, sbuf, N, y):
     if O > 0:
         hb = meta[M_HEAD_B]
         for j in range(O):
-            y[s, j] = wbuf[hb + j]
+            y[s * O + j] = wbuf[hb + j]
         hw = meta[M_HEAD_W]
-        _axpy_rows(wbuf[hw : hw + out * O].reshape((out, O)), h, y[s])
+        _axpy_rows(wbuf[hw : hw + out * O].reshape((out, O)), h, y[s * O : (s + 1) * O])
     else:
         for j in range(out):
-            y[s, j] = h[j]
+            y[s * out + j] = h[j]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,8 +384,10 @@ def _emit(s, wbuf, meta, sbuf, N, y):
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)
 def stack_step_serial(x, wbuf, meta, fpar, sbuf, y):
-    """One step. x (N, I) inputs; sbuf the streams' state+scratch (updated); y (N, O|out) outputs."""
-    N = x.shape[0]
+    """One step. x (N*I,) inputs, stream-major; sbuf the streams' state and scratch (updated);
+    y (N*O,) outputs (O = head size, or out). Flat x and y: a single stream passes its (I,) input
+    and a fresh (out,) output with no reshape on the Python side."""
+    N = x.shape[0] // meta[M_I]
     n = meta[M_N]
     for l in range(meta[M_L]):
         for s in range(N):
@@ -383,7 +403,7 @@ def stack_step_serial(x, wbuf, meta, fpar, sbuf, y):
 @njit(parallel=True, **_FLAGS)
 def stack_step_parallel(x, wbuf, meta, fpar, sbuf, y):
     """The parallel twin of :func:`stack_step_serial`: same arithmetic, prange over (stream, chunk)."""
-    N = x.shape[0]
+    N = x.shape[0] // meta[M_I]
     n = meta[M_N]
     for l in range(meta[M_L]):
         for s in range(N):
@@ -401,8 +421,8 @@ def stack_step_parallel(x, wbuf, meta, fpar, sbuf, y):
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)
 def batch_load_z(l, x, sbuf, meta):
-    """z (N, K_l) <- [input of layer l | h[l]] for every stream; x (N, I)."""
-    N = x.shape[0]
+    """z (N, K_l) <- [input of layer l | h[l]] for every stream; x (N*I,)."""
+    N = x.shape[0] // meta[M_I]
     for s in range(N):
         _load_z(l, s, x, sbuf, meta, N)
 
@@ -444,9 +464,8 @@ def batch_cells_parallel(l, N, wbuf, meta, fpar, sbuf):
 
 
 @njit(**_FLAGS)
-def batch_emit(wbuf, meta, sbuf, y):
-    """y (N, O|out) <- head(h[L-1]) or h[L-1]."""
-    N = y.shape[0]
+def batch_emit(N, wbuf, meta, sbuf, y):
+    """y (N*O,) <- head(h[L-1]) or h[L-1]."""
     for s in range(N):
         _emit(s, wbuf, meta, sbuf, N, y)
 
@@ -573,7 +592,7 @@ def _touch_parallel():
 
 @njit(**_FLAGS)
 def stack_run_serial(xs, wbuf, meta, fpar, sbuf, ys):
-    """T steps in one call: xs (T, N, I) -> ys (T, N, O|out); the state carries over."""
+    """T steps in one call: xs (T, N*I) -> ys (T, N*O); the state carries over."""
     for t in range(xs.shape[0]):
         stack_step_serial(xs[t], wbuf, meta, fpar, sbuf, ys[t])
 

@@ -217,7 +217,8 @@ def _tensor(path, data_start, data, dt, shape, begin):
     if data is None:
         # np.asarray: a plain read-only ndarray view of the map (Numba types it like any array)
         return np.asarray(np.memmap(path, dtype=dt, mode="r", offset=data_start + begin, shape=shape))
-    return np.frombuffer(data, dtype=dt, count=count, offset=begin).reshape(shape)
+    a = np.frombuffer(data, dtype=dt, count=count, offset=begin).reshape(shape)
+    return a if a.flags.aligned else a.copy()  # kernels are compiled for aligned arrays
 
 
 def _check_plan(path, meta, fpar, wbuf):
