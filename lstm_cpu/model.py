@@ -20,8 +20,11 @@ from .spec import ACTIVATIONS, Activation, LayerParams, as_activations
 _CODE_TO_NAME = {v[0]: k for k, v in ACTIVATIONS.items()}
 
 #: Streams whose model has at least this many weight bytes use the parallel kernel by default.
-#: Below it, waking a second thread costs more than it saves (see bench/results.md, "crossover").
-PARALLEL_MIN_WEIGHT_BYTES = 1 << 20
+#: Measured on 2 cores (bench/results.md, "crossover"): at 0.4 MB parallel is 1.5x slower, at
+#: 3.7 MB a tie, at 14.7 MB 2.5x faster. Below it, waking a thread costs more than it saves; and
+#: on a loaded box a parallel step waits for a descheduled worker (1-16 ms seen), so only models
+#: large enough to gain a lot use it by default.
+PARALLEL_MIN_WEIGHT_BYTES = 8 << 20
 
 _KERNELS = ("auto", "serial", "parallel")
 
