@@ -320,6 +320,8 @@ class LSTMModel:
         or None for all T. Returns ``y (T, [B,] D*out or O)`` and the final ``(h, c)``.
         Outputs past a sequence's length are zero and its final state is the state at its
         last valid step; the reverse direction starts from that step.
+        ``kernel``: whole sequences run the serial kernel unless "parallel" is asked for here or
+        at construction (next to BLAS calls the parallel kernel loses, see the code).
         """
         x = _as_float_array(x, self.dtype, "x")
         if x.ndim not in (2, 3) or x.shape[-1] != self.input_size:
@@ -333,10 +335,15 @@ class LSTMModel:
         lens = self._lengths(lengths, T, B, batched)
         meta = self._meta
         n, C, Hp = int(meta[lay.M_N]), int(meta[lay.M_C]), int(meta[lay.M_HP])
-        parallel = self._kernel_name(kernel) == "parallel"
+        # "auto" runs whole sequences serially: the input projection (and, from BLAS_MIN_BATCH
+        # sequences, every step's recurrent product) is a BLAS call, and numpy's OpenBLAS workers
+        # keep spinning after each call, starving Numba's workers: measured on 2 cores, the
+        # parallel kernel made a (256,512,2) sequence 2.5x slower at batch 1 and 11x at batch 16.
+        self._kernel_name(kernel)  # validates
+        parallel = (kernel or self._kernel) == "parallel"  # only when asked for explicitly
         use_blas = B >= BLAS_MIN_BATCH
         fn = kernels.layer_sequence_parallel if parallel else kernels.layer_sequence_serial
-        cells = kernels.sequence_cells_parallel if parallel else kernels.sequence_cells_serial
+        cells = kernels.sequence_cells_serial  # next to BLAS calls, never the parallel twin
         accb = np.empty((n, B, C), self.dtype) if use_blas else None  # (n, B, C) h @ W_rec per chunk
         hN = np.empty((L * D, B, out), self.dtype)
         cN = np.empty((L * D, B, H), self.dtype)
@@ -363,11 +370,14 @@ class LSTMModel:
                 with (_config.parallel_guard() if parallel else nullcontext()):
                     if use_blas:
                         w_rec = w[:, kin:, :]  # (n, out, C) recurrent rows of each chunk
+                        args = (xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, scratch, accb)
+                        call = kernels.compiled_entry(cells, (0,) + args)  # T calls: skip dispatch
+                        backward = d == 1 or self.reverse
                         for step in range(T):
-                            t = T - 1 - step if (d == 1 or self.reverse) else step
+                            t = T - 1 - step if backward else step
                             for b in range(n):
                                 np.matmul(h, w_rec[b], out=accb[b])
-                            cells(t, xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, scratch, accb)
+                            call(t, *args)
                     else:
                         fn(xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, scratch)
                 y[:, :, d * out:(d + 1) * out] = yd
@@ -456,7 +466,10 @@ class Stream:
         parallel = self.kernel == "parallel"
         self._step_fn = kernels.stack_step_parallel if parallel else kernels.stack_step_serial
         self._run_fn = kernels.stack_run_parallel if parallel else kernels.stack_run_serial
-        self._cells_fn = kernels.batch_cells_parallel if parallel else kernels.batch_cells_serial
+        # The BLAS path's cell updates stay serial even for a parallel stream: the matrix
+        # products already use BLAS threads, whose spinning workers starve Numba's (a 64-stream
+        # (256,512,2) step took 20 ms with parallel cell updates on 2 cores).
+        self._cells_fn = kernels.batch_cells_serial
         self._guard = _config.parallel_guard if parallel else None
         self._blas = N >= BLAS_MIN_BATCH
         if self._blas:
@@ -481,6 +494,12 @@ class Stream:
         # per-call type dispatch of Numba (~1 us, a third of a small model's step) is skipped.
         self._step_call = kernels.compiled_entry(
             self._step_fn, (self._x, *self._wargs, np.empty(self._ylen, self._dtype)))
+        if self._blas:  # the BLAS path's three kernels, resolved once for the same reason
+            y0 = np.empty(self._ylen, self._dtype)
+            self._blas_calls = (
+                kernels.compiled_entry(kernels.batch_load_z, (0, self._x, self._sbuf, meta)),
+                kernels.compiled_entry(self._cells_fn, (0, N, model._wbuf, meta, model._fpar, self._sbuf)),
+                kernels.compiled_entry(kernels.batch_emit, (N, model._wbuf, meta, self._sbuf, y0)))
         self.reset()
 
     # -- state ---------------------------------------------------------------------------------
@@ -571,13 +590,14 @@ class Stream:
         xk (N*I,) inputs, y (N*O,) outputs."""
         m = self.model
         wbuf, meta, fpar, sbuf, N = m._wbuf, m._meta, m._fpar, self._sbuf, self._N
+        load_z, cells, emit = self._blas_calls
         with (self._guard() if self._guard is not None else nullcontext()):
             for l, (z, w) in enumerate(self._layers):
-                kernels.batch_load_z(l, xk, sbuf, meta)
+                load_z(l, xk, sbuf, meta)
                 for b in range(w.shape[0]):
                     np.matmul(z, w[b], out=self._acc[b])  # (N, K) @ (K, C) -> (N, C)
-                self._cells_fn(l, N, wbuf, meta, fpar, sbuf)
-            kernels.batch_emit(N, wbuf, meta, sbuf, y)
+                cells(l, N, wbuf, meta, fpar, sbuf)
+            emit(N, wbuf, meta, sbuf, y)
 
     def run(self, xs):
         """A chunk of samples: xs (T, I) -> (T, out), or (T, N, I) -> (T, N, out); state carries."""
