@@ -317,21 +317,29 @@ def _load_z(l, s, x, sbuf, meta, N):
 
 
 @njit(**_FLAGS)
-def _chunk_step(q, l, N, wbuf, meta, fpar, sbuf):
-    """Gate product and cell update of chunk b = q % n for stream s = q // n, layer l (D = 1)."""
+def _chunk_step(q, l, N, wbuf, meta, fpar, sbuf, pre):
+    """Chunk b = q % n of stream s = q // n, layer l (D = 1): gate product and cell update.
+
+    acc (C,) <- bias + W[b]^T z[s]; with ``pre`` acc already holds z[s] @ W[b] (a BLAS product
+    over the whole batch) and only the bias is added. Then the cell update of the chunk's units.
+    """
     n, C, uc, hp = meta[M_N], meta[M_C], meta[M_UC], meta[M_HP]
     b = q % n
     s = q // n
     rec = M_LD + l * LD_STRIDE
-    K = meta[rec + LD_K]
     h_off, c_off, z_off, acc_off, m_off = _sbuf_offsets(meta, N)
-    w0 = meta[rec + LD_W] + b * K * C
-    W = wbuf[w0 : w0 + K * C].reshape((K, C))  # (K, C) this chunk's fused, transposed gates
     bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
     acc = sbuf[acc_off + (b * N + s) * C : acc_off + (b * N + s + 1) * C]  # (C,)
-    for j in range(C):
-        acc[j] = bias[j]
-    _axpy_rows(W, sbuf[z_off + s * K : z_off + (s + 1) * K], acc)
+    if pre:
+        for j in range(C):
+            acc[j] += bias[j]
+    else:
+        K = meta[rec + LD_K]
+        w0 = meta[rec + LD_W] + b * K * C
+        W = wbuf[w0 : w0 + K * C].reshape((K, C))  # (K, C) this chunk's fused, transposed gates
+        for j in range(C):
+            acc[j] = bias[j]
+        _axpy_rows(W, sbuf[z_off + s * K : z_off + (s + 1) * K], acc)
     c = sbuf[c_off + (l * N + s) * hp + b * uc : c_off + (l * N + s) * hp + (b + 1) * uc]  # (Uc,)
     m = sbuf[m_off + s * hp + b * uc : m_off + s * hp + (b + 1) * uc]  # (Uc,)
     peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if HAS_PEEP
@@ -393,7 +401,7 @@ def stack_step_serial(x, wbuf, meta, fpar, sbuf, y):
         for s in range(N):
             _load_z(l, s, x, sbuf, meta, N)
         for q in range(N * n):
-            _chunk_step(q, l, N, wbuf, meta, fpar, sbuf)
+            _chunk_step(q, l, N, wbuf, meta, fpar, sbuf, False)
         for s in range(N):
             _finish_layer(l, s, wbuf, meta, sbuf, N)
     for s in range(N):
@@ -409,7 +417,7 @@ def stack_step_parallel(x, wbuf, meta, fpar, sbuf, y):
         for s in range(N):
             _load_z(l, s, x, sbuf, meta, N)
         for q in prange(N * n):
-            _chunk_step(q, l, N, wbuf, meta, fpar, sbuf)
+            _chunk_step(q, l, N, wbuf, meta, fpar, sbuf, False)
         for s in range(N):
             _finish_layer(l, s, wbuf, meta, sbuf, N)
     for s in range(N):
@@ -428,28 +436,10 @@ def batch_load_z(l, x, sbuf, meta):
 
 
 @njit(**_FLAGS)
-def _batch_cell(q, l, N, wbuf, meta, fpar, sbuf):
-    """acc[b, s] (already z @ W[b]) += bias; cell update of chunk b = q % n, stream s = q // n."""
-    n, C, uc, hp = meta[M_N], meta[M_C], meta[M_UC], meta[M_HP]
-    b = q % n
-    s = q // n
-    rec = M_LD + l * LD_STRIDE
-    h_off, c_off, z_off, acc_off, m_off = _sbuf_offsets(meta, N)
-    bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
-    acc = sbuf[acc_off + (b * N + s) * C : acc_off + (b * N + s + 1) * C]  # (C,)
-    for j in range(C):
-        acc[j] += bias[j]
-    c = sbuf[c_off + (l * N + s) * hp + b * uc : c_off + (l * N + s) * hp + (b + 1) * uc]
-    m = sbuf[m_off + s * hp + b * uc : m_off + s * hp + (b + 1) * uc]
-    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]
-    _epilogue(acc, c, m, peep, b * uc, hp, wbuf, meta, fpar, rec, F_LD + l * F_STRIDE)
-
-
-@njit(**_FLAGS)
 def batch_cells_serial(l, N, wbuf, meta, fpar, sbuf):
     """After acc[b] (N, C) = z @ W[b] for every chunk: bias, cell update and h for layer l."""
     for q in range(N * meta[M_N]):
-        _batch_cell(q, l, N, wbuf, meta, fpar, sbuf)
+        _chunk_step(q, l, N, wbuf, meta, fpar, sbuf, True)
     for s in range(N):
         _finish_layer(l, s, wbuf, meta, sbuf, N)
 
@@ -458,7 +448,7 @@ def batch_cells_serial(l, N, wbuf, meta, fpar, sbuf):
 def batch_cells_parallel(l, N, wbuf, meta, fpar, sbuf):
     """The parallel twin of :func:`batch_cells_serial`."""
     for q in prange(N * meta[M_N]):
-        _batch_cell(q, l, N, wbuf, meta, fpar, sbuf)
+        _chunk_step(q, l, N, wbuf, meta, fpar, sbuf, True)
     for s in prange(N):
         _finish_layer(l, s, wbuf, meta, sbuf, N)
 
