@@ -96,7 +96,7 @@ def load(path, **options):
 def warmup(verbose=False):
     """Compile every kernel specialisation a model can use (float32 and float64, serial and
     parallel, step, chunk run and whole sequence), so the first real call hits Numba's cache."""
-    from .model import LSTMModel
+    from .model import BLAS_MIN_BATCH, LSTMModel
     from .spec import LayerParams
 
     rng = np.random.default_rng(0)
@@ -113,4 +113,12 @@ def warmup(verbose=False):
             done.append(f"{np.dtype(dtype).name}/{kernel}")
             if verbose:
                 print("compiled", done[-1])
+        # the batched paths (BLAS product + Numba cell update) for streams and sequences
+        sb = m.stream(batch=BLAS_MIN_BATCH)
+        sb.step(np.zeros((BLAS_MIN_BATCH, I), dtype))
+        sb.run(np.zeros((2, BLAS_MIN_BATCH, I), dtype))
+        m.run(np.zeros((2, BLAS_MIN_BATCH, I), dtype))
+        done.append(f"{np.dtype(dtype).name}/batched")
+        if verbose:
+            print("compiled", done[-1])
     return done
