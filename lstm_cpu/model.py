@@ -390,7 +390,8 @@ class LSTMModel:
         y = inp
         if self._head_o:
             hw, hb = self.head
-            y = (y.reshape(T * B, -1) @ hw.T.astype(self.dtype) + hb.astype(self.dtype)).reshape(T, B, -1)
+            y = (y.reshape(T * B, D * out) @ hw.T.astype(self.dtype)
+                 + hb.astype(self.dtype)).reshape(T, B, self._head_o)
             if lengths is not None:
                 y[np.arange(T)[:, None] >= lens[None, :]] = 0
         if not batched:

@@ -174,3 +174,15 @@ def test_reverse_model_runs_backwards_and_refuses_streaming():
 
     with pytest.raises(lstm_cpu.UnsupportedModelError, match="whole sequence"):
         m.stream()
+
+
+def test_empty_sequence_with_head_returns_initial_state():
+    rng = np.random.default_rng(13)
+    layers = rand_layers(rng, 3, 6, 2, P=4)
+    hw, hb = rng.normal(size=(2, 4)), rng.normal(size=2)
+    m = LSTMModel(layers, head=(hw, hb))
+    y, (h, c) = m.run(np.zeros((0, 5, 3)))
+    assert y.shape == (0, 5, 2) and h.shape == (2, 5, 4) and c.shape == (2, 5, 6)
+    assert np.all(h == 0) and np.all(c == 0)
+    y1, _ = m.run(np.zeros((0, 3)))
+    assert y1.shape == (0, 2)
