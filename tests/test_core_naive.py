@@ -45,7 +45,8 @@ def test_run_matches_reference(I, H, L, D, P, peep, dtype, tol):
     T, B = 11, (3 if H % 2 else 5)  # B >= BLAS_MIN_BATCH takes the BLAS path
     x = rng.normal(size=(T, B, I))
     y_ref, (h_ref, c_ref) = naive.run(layers, x)
-    m = LSTMModel(layers, dtype=dtype)
+    # kernel="parallel" packs one column chunk per thread: wide cases exercise the chunk split
+    m = LSTMModel(layers, dtype=dtype, kernel="parallel" if H >= 128 else "auto")
     y, (h, c) = m.run(x)
     assert y.dtype == dtype and y.shape == (T, B, D * (P or H))
     np.testing.assert_allclose(y, y_ref, atol=tol, rtol=0)

@@ -194,7 +194,7 @@ def _packed_models(rng):
         "general_act": LSTMModel([[lp(3, H, acts=("HardSigmoid", "LeakyRelu", "Softsign"))]]),
         "f64": LSTMModel([[lp(3, H)], [lp(H, H)]], dtype=np.float64),
         "bi": LSTMModel([[lp(3, 4), lp(3, 4)]]),
-        "chunks": LSTMModel([[lp(4, 128)]]),
+        "chunks": LSTMModel([[lp(4, 128)]], kernel="parallel"),  # one chunk per thread
     }
     return models
 

@@ -562,8 +562,8 @@ N_THREADS, PER_THREAD, T_STEPS = 8, 16, 24
 
 @pytest.fixture(scope="module")
 def shared_model():
-    # H=256 packs into 2 column chunks on a 2-thread machine, so "parallel" really is parallel.
-    return LSTMModel(make_layers(32, 256, 2, seed=11))
+    # kernel="parallel" packs one column chunk per thread (2 here), so "parallel" really is parallel.
+    return LSTMModel(make_layers(32, 256, 2, seed=11), kernel="parallel")
 
 
 def _xs(k):

@@ -33,7 +33,7 @@ def model():
         w_hh=rng.uniform(-0.3, 0.3, (4 * H, H)),  # (4H, H)
         bias=rng.uniform(-0.3, 0.3, 4 * H),  # (4H,)
     )] for l in range(L)]
-    return LSTMModel(layers)
+    return LSTMModel(layers, kernel="parallel")  # one column chunk per thread: really parallel
 
 
 def _inputs(k):
