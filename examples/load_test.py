@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time

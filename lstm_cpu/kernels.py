@@ -55,6 +55,7 @@ from .layout import (
     W_CLIP,
     W_HALF,
     W_ONE,
+    sbuf_offsets,
 )
 
 #: Bump when layout.py's field indices change, so that Numba's file-keyed cache is invalidated.
@@ -283,16 +284,8 @@ def _epilogue(acc, c, m, peep, u0, hp, wbuf, meta, fpar, rec, frec):
         m[u] = _act(cf, af_, bf_, ao, half, approx) * _act(ch, ah_, bh_, cn, half, approx)
 
 
-@njit(**_FLAGS)
-def _sbuf_offsets(meta, N):
-    """Offsets of h (L,N,out), c (L,N,Hp), z (N,K_l), acc (n,N,C), m (N,Hp) in sbuf."""
-    L, out, hp = meta[M_L], meta[M_OUT], meta[M_HP]
-    h_off = 0
-    c_off = h_off + L * N * out
-    z_off = c_off + L * N * hp
-    acc_off = z_off + N * meta[M_KMAX]
-    m_off = acc_off + N * meta[M_N] * meta[M_C]
-    return h_off, c_off, z_off, acc_off, m_off
+# The stream buffer's layout, defined once in layout.py and compiled here.
+_sbuf_offsets = njit(**_FLAGS)(sbuf_offsets)
 
 
 @njit(**_FLAGS)
@@ -300,7 +293,7 @@ def _load_z(l, s, x, sbuf, meta, N):
     """z[s] (K_l,) <- [input of layer l | h[l, s]] for stream s; x (N*I,); z is (N, K_l)."""
     out = meta[M_OUT]
     K = meta[M_LD + l * LD_STRIDE + LD_K]
-    h_off, c_off, z_off, acc_off, m_off = _sbuf_offsets(meta, N)
+    h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
     z = sbuf[z_off + s * K : z_off + (s + 1) * K]
     if l == 0:
         kin = meta[M_I]
@@ -327,7 +320,7 @@ def _chunk_step(q, l, N, wbuf, meta, fpar, sbuf, pre):
     b = q % n
     s = q // n
     rec = M_LD + l * LD_STRIDE
-    h_off, c_off, z_off, acc_off, m_off = _sbuf_offsets(meta, N)
+    h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
     bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
     acc = sbuf[acc_off + (b * N + s) * C : acc_off + (b * N + s + 1) * C]  # (C,)
     if pre:
@@ -359,7 +352,7 @@ def _project(m, wbuf, off, hp, P, h):
 def _finish_layer(l, s, wbuf, meta, sbuf, N):
     """h[l, s] <- projection of m[s], or its first H units."""
     out, hp, P, H = meta[M_OUT], meta[M_HP], meta[M_P], meta[M_H]
-    h_off, c_off, z_off, acc_off, m_off = _sbuf_offsets(meta, N)
+    h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
     h = sbuf[h_off + (l * N + s) * out : h_off + (l * N + s + 1) * out]
     m = sbuf[m_off + s * hp : m_off + (s + 1) * hp]
     if P > 0:
@@ -441,15 +434,6 @@ def batch_cells_serial(l, N, wbuf, meta, fpar, sbuf):
     for q in range(N * meta[M_N]):
         _chunk_step(q, l, N, wbuf, meta, fpar, sbuf, True)
     for s in range(N):
-        _finish_layer(l, s, wbuf, meta, sbuf, N)
-
-
-@njit(parallel=True, **_FLAGS)
-def batch_cells_parallel(l, N, wbuf, meta, fpar, sbuf):
-    """The parallel twin of :func:`batch_cells_serial`."""
-    for q in prange(N * meta[M_N]):
-        _chunk_step(q, l, N, wbuf, meta, fpar, sbuf, True)
-    for s in prange(N):
         _finish_layer(l, s, wbuf, meta, sbuf, N)
 
 
@@ -552,22 +536,6 @@ def sequence_cells_serial(t, xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scrat
             for b in range(n):
                 _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c, accb[b, s],
                            scratch[s, n * C + b * uc : n * C + (b + 1) * uc], True)
-            _seq_finish(t, s, l, d, wbuf, meta, h, y, scratch)
-
-
-@njit(parallel=True, **_FLAGS)
-def sequence_cells_parallel(t, xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scratch, accb):
-    """The parallel twin of :func:`sequence_cells_serial`."""
-    B = xp.shape[1]
-    n, C, uc = meta[M_N], meta[M_C], meta[M_UC]
-    for q in prange(B * n):
-        s = q // n
-        b = q % n
-        if t < lengths[s]:
-            _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c, accb[b, s],
-                       scratch[s, n * C + b * uc : n * C + (b + 1) * uc], True)
-    for s in prange(B):
-        if t < lengths[s]:
             _seq_finish(t, s, l, d, wbuf, meta, h, y, scratch)
 
 

@@ -35,7 +35,7 @@ and once, after the stack, an optional linear head ``head_w (D*out, O)``, ``head
 (layer, direction) at ``M_LD + (l*D + d) * LD_STRIDE`` with fields ``LD_*``.
 ``fpar`` (float64, 1-D): ``[clip, then per (l, d): alpha_f, beta_f, alpha_g, beta_g, alpha_h, beta_h]``.
 
-Stream buffer ``sbuf`` (float, 1-D), for ``N`` streams (see :func:`stream_buffer_size`)::
+Stream buffer ``sbuf`` (float, 1-D), for ``N`` streams (see :func:`sbuf_offsets`)::
 
     h    (L, N, out)     hidden state (projected if P > 0)
     c    (L, N, Hp)      cell state (padded)
@@ -221,11 +221,19 @@ def pack(layers, *, clip, input_forget, dtype, head=None, n_threads=1, reverse=F
     return wbuf.astype(dtype), meta, fpar
 
 
-def stream_buffer_size(meta: np.ndarray, N: int) -> int:
-    """Length of ``sbuf`` for N streams (see the module docstring for its parts)."""
-    L, out, Hp = int(meta[M_L]), int(meta[M_OUT]), int(meta[M_HP])
-    n, C, kmax = int(meta[M_N]), int(meta[M_C]), int(meta[M_KMAX])
-    return L * N * out + L * N * Hp + N * kmax + N * n * C + N * Hp
+def sbuf_offsets(meta, N):
+    """Offsets in ``sbuf`` of h (L,N,out), c (L,N,Hp), z (N,K_l), acc (n,N,C), m (N,Hp), and its length.
+
+    The one definition of the stream buffer: the Python side sizes and views it with this, and
+    ``kernels`` compiles this very function with ``njit`` (plain arithmetic on ``meta``).
+    """
+    L, out, hp = meta[M_L], meta[M_OUT], meta[M_HP]
+    h_off = 0
+    c_off = h_off + L * N * out
+    z_off = c_off + L * N * hp
+    acc_off = z_off + N * meta[M_KMAX]
+    m_off = acc_off + N * meta[M_N] * meta[M_C]
+    return h_off, c_off, z_off, acc_off, m_off, m_off + N * hp
 
 
 def unpack_layer(wbuf, meta, l, d):

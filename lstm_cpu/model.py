@@ -241,10 +241,11 @@ class LSTMModel:
     def layer_params(self):
         """The canonical weights, unpacked (float64 copies): ``[[LayerParams per direction] per layer]``."""
         rows = []
+        wbuf = self._wbuf.astype(np.float64)  # once, not per layer and direction
         for l in range(self.num_layers):
             row = []
             for d in range(self.num_directions):
-                w_cat, bias, peep, w_hr = lay.unpack_layer(self._wbuf.astype(np.float64), self._meta, l, d)
+                w_cat, bias, peep, w_hr = lay.unpack_layer(wbuf, self._meta, l, d)
                 fan_in = w_cat.shape[1] - self._out
                 row.append(LayerParams(w_cat[:, :fan_in].copy(), w_cat[:, fan_in:].copy(), bias.copy(),
                                        None if w_hr is None else w_hr.copy(),
@@ -469,10 +470,11 @@ class Stream:
         N = 1 if batch is None else batch
         self._N = N
         meta = model._meta
-        self._sbuf = np.zeros(lay.stream_buffer_size(meta, N), model.dtype)  # see layout.py
+        h_off, c_off, z_off, acc_off, m_off, end = (int(v) for v in lay.sbuf_offsets(meta, N))
+        self._sbuf = np.zeros(end, model.dtype)  # state and scratch, see layout.py
         L, out, Hp = model.num_layers, model._out, int(meta[lay.M_HP])
-        self._h = self._sbuf[: L * N * out].reshape(L, N, out)  # (L, N, out) view
-        self._c = self._sbuf[L * N * out : L * N * out + L * N * Hp].reshape(L, N, Hp)  # (L, N, Hp) view
+        self._h = self._sbuf[h_off:c_off].reshape(L, N, out)  # (L, N, out) view
+        self._c = self._sbuf[c_off:z_off].reshape(L, N, Hp)  # (L, N, Hp) view
         self._x = np.zeros(N * model.input_size, model.dtype)  # (N*I,) conversion buffer
         parallel = self.kernel == "parallel"
         self._step_fn = kernels.stack_step_parallel if parallel else kernels.stack_step_serial
@@ -485,7 +487,6 @@ class Stream:
         self._blas = N >= BLAS_MIN_BATCH
         if self._blas:
             # Views for the BLAS path: per layer z (N, K_l), the chunks' W (K_l, C), acc[b] (N, C).
-            h_off, c_off, z_off, acc_off, m_off = (int(v) for v in kernels._sbuf_offsets(meta, N))
             n, C = int(meta[lay.M_N]), int(meta[lay.M_C])
             self._acc = self._sbuf[acc_off : acc_off + n * N * C].reshape(n, N, C)
             self._layers = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -25,7 +24,6 @@ import textwrap
 import threading
 import time
 import tracemalloc
-import zipfile
 
 import numpy as np
 import pytest

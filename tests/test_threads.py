@@ -175,7 +175,7 @@ def test_parallel_kernel_from_threads_under_workqueue(tmp_path):
     import textwrap
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import threading, numpy as np
         import lstm_cpu
         from lstm_cpu.model import LSTMModel
