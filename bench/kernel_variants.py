@@ -15,6 +15,13 @@ Variants of acc (C,) += W (K, C)^T z (K,), the matrix-vector product of one step
     v4  dot per output over W^T (C, K)    needs reassociation (fastmath) to vectorise
     v5  dot per output, fastmath          reassociates
     blas numpy's sgemv over W^T           the in-run bound
+    r0  read floor: a fastmath sum of W    no product reads W faster (not a product itself)
+
+of the batched product A (N, C) += Z (N, K) @ W (K, C), N streams at one step:
+
+    g1  v2 once per stream                W read N times
+    g2  four streams per pass             W read N/4 times      <- lstm_cpu.kernels._gemm_rows
+    blas numpy's sgemm                    above model.BLAS_MIN_BATCH streams
 
 and of the cell update for Uc units (float32, Sigmoid/Tanh/Tanh):
 
@@ -29,7 +36,7 @@ import timeit
 import numpy as np
 from numba import njit
 
-from lstm_cpu.kernels import _axpy_rows, _tanh_f32
+from lstm_cpu.kernels import _axpy_rows, _gemm_rows, _tanh_f32
 
 _F = dict(nogil=True, fastmath={"contract"}, error_model="numpy")
 
@@ -81,6 +88,25 @@ def v5(Wt, z, acc):
         acc[j] = s
 
 
+@njit(nogil=True, fastmath=True, error_model="numpy")
+def r0(W, z, acc):
+    """The read floor: every weight loaded once, nothing else (a reassociated sum, 8 lanes)."""
+    flat = W.reshape(-1)
+    s = np.float32(0)
+    for i in range(flat.shape[0]):
+        s += flat[i]
+    acc[0] = s
+
+
+@njit(**_F)
+def g1(Z, W, A):
+    for s in range(Z.shape[0]):
+        _axpy_rows(W, Z[s], A[s])
+
+
+g2 = _gemm_rows
+
+
 @njit(**_F)
 def e1(acc, c, m, has_peep, clip, coupled, approx):
     uc = c.shape[0]
@@ -123,8 +149,9 @@ def _best_us(call, number):
 
 def main():
     rng = np.random.default_rng(0)
-    print("| (I, H): W (K, 4H) | " + " | ".join(["v1", "v2 (ours)", "v3", "v4", "v5", "numpy BLAS"]) + " |")
-    print("|---|" + "---|" * 6)
+    print("| (I, H): W (K, 4H) | " + " | ".join(["v1", "v2 (ours)", "v3", "v4", "v5", "numpy BLAS",
+                                                 "r0 read floor"]) + " |")
+    print("|---|" + "---|" * 7)
     for I, H in [(32, 64), (64, 128), (128, 256), (256, 512), (512, 1024)]:
         K, C = I + H, 4 * H
         W = rng.normal(size=(K, C)).astype(np.float32)  # (K, C) transposed fused gates
@@ -143,7 +170,32 @@ def main():
             assert err < 1e-5, (fn, err)  # validate before timing
             row.append(_best_us(lambda: ep(w, z, acc), number))
         row.append(_best_us(lambda: np.dot(Wt, z, out=acc), number))
+        ep = _entry(r0, W, z, acc)
+        row.append(_best_us(lambda: ep(W, z, acc), number))
         print(f"| ({I}, {H}) | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    print()
+    print("µs per batched product; GFLOP/s in brackets")
+    print()
+    print("| N, (K, C) | g1 (axpy per stream) | g2 (4 streams per pass, ours) | numpy BLAS |")
+    print("|---|---|---|---|")
+    for N in (16, 32, 48, 64):
+        for K, C in ((96, 256), (384, 1024), (512, 1024)):
+            W = rng.normal(size=(K, C)).astype(np.float32)  # (K, C)
+            Z = rng.normal(size=(N, K)).astype(np.float32)  # (N, K)
+            A = np.zeros((N, C), np.float32)  # (N, C)
+            ref = Z.astype(np.float64) @ W
+            number = max(5, 20_000_000 // (N * K * C))
+            row = []
+            for fn in (g1, g2):
+                A[:] = 0
+                ep = _entry(fn, Z, W, A)
+                A[:] = 0
+                ep(Z, W, A)
+                assert np.abs(A - ref).max() <= 1e-5 * np.abs(ref).max(), fn  # validate before timing
+                row.append(_best_us(lambda: ep(Z, W, A), number))
+            row.append(_best_us(lambda: np.matmul(Z, W, out=A), number))
+            flops = 2 * N * K * C
+            print(f"| {N}, ({K}, {C}) | " + " | ".join(f"{v:.1f} ({flops / v / 1e3:.0f})" for v in row) + " |")
     print()
     print("| Uc units | e1 (branches) | e2 (branch-free, ours) |")
     print("|---|---|---|")

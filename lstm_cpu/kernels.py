@@ -10,9 +10,12 @@ Two entry points per job, with the same arithmetic in the same order:
 * ``layer_sequence_serial`` / ``layer_sequence_parallel``: the recurrent part of one layer and
   direction over a whole sequence, the input projection having been done as one matrix product.
 
-The parallel twins ``prange`` over (stream, chunk) pairs; each chunk owns whole hidden units, so
-the cell update needs no barrier. Results are bit-identical however many threads run: every
-output element is computed by exactly one thread in a fixed float order.
+Streams (or sequences of a batch) go through the gate product four at a time (``_gemm_rows``:
+each weight row loaded once per four streams), with the float order of a single stream. The
+parallel twins ``prange`` over (group of four streams, chunk) tasks; each chunk owns whole hidden
+units, so the cell update needs no barrier. Results are bit-identical however many threads run
+and however many streams share a call: every output element is computed by exactly one thread
+in a fixed float order.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from .layout import (
 )
 
 #: Bump when layout.py's field indices change, so that Numba's file-keyed cache is invalidated.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 def compiled_entry(dispatcher, args):
     """The compiled entry point of ``dispatcher`` for the types of ``args`` (compiled or loaded
@@ -206,6 +209,51 @@ def _axpy_rows(W, z, acc):
 
 
 @njit(**_FLAGS)
+def _gemm_rows(Z, W, A):
+    """A (N, C) += Z (N, K) @ W (K, C): :func:`_axpy_rows` for four streams at once.
+
+    Each pass loads four rows of W once and applies them to four streams (4x fewer weight loads
+    than four separate axpys); every element gets exactly the sums of ``_axpy_rows`` in the same
+    order, so a stream's result does not depend on how many streams share the call. Direct 2-D
+    indexing (not row views) is what lets LLVM vectorise the four updates across columns.
+    """
+    N = Z.shape[0]
+    K = W.shape[0]
+    C = W.shape[1]
+    s = 0
+    while s + 4 <= N:
+        k = 0
+        while k + 4 <= K:
+            z00, z01, z02, z03 = Z[s, k], Z[s, k + 1], Z[s, k + 2], Z[s, k + 3]
+            z10, z11, z12, z13 = Z[s + 1, k], Z[s + 1, k + 1], Z[s + 1, k + 2], Z[s + 1, k + 3]
+            z20, z21, z22, z23 = Z[s + 2, k], Z[s + 2, k + 1], Z[s + 2, k + 2], Z[s + 2, k + 3]
+            z30, z31, z32, z33 = Z[s + 3, k], Z[s + 3, k + 1], Z[s + 3, k + 2], Z[s + 3, k + 3]
+            for j in range(C):
+                w0 = W[k, j]
+                w1 = W[k + 1, j]
+                w2 = W[k + 2, j]
+                w3 = W[k + 3, j]
+                A[s, j] += w0 * z00 + w1 * z01 + w2 * z02 + w3 * z03
+                A[s + 1, j] += w0 * z10 + w1 * z11 + w2 * z12 + w3 * z13
+                A[s + 2, j] += w0 * z20 + w1 * z21 + w2 * z22 + w3 * z23
+                A[s + 3, j] += w0 * z30 + w1 * z31 + w2 * z32 + w3 * z33
+            k += 4
+        while k < K:
+            z0, z1, z2, z3 = Z[s, k], Z[s + 1, k], Z[s + 2, k], Z[s + 3, k]
+            for j in range(C):
+                w0 = W[k, j]
+                A[s, j] += w0 * z0
+                A[s + 1, j] += w0 * z1
+                A[s + 2, j] += w0 * z2
+                A[s + 3, j] += w0 * z3
+            k += 1
+        s += 4
+    while s < N:
+        _axpy_rows(W, Z[s], A[s])
+        s += 1
+
+
+@njit(**_FLAGS)
 def _epilogue(acc, c, m, peep, u0, hp, wbuf, meta, fpar, rec, frec):
     """Gate activations and cell update for the Uc units of one chunk.
 
@@ -310,33 +358,47 @@ def _load_z(l, s, x, sbuf, meta, N):
 
 
 @njit(**_FLAGS)
-def _chunk_step(q, l, N, wbuf, meta, fpar, sbuf, pre):
-    """Chunk b = q % n of stream s = q // n, layer l (D = 1): gate product and cell update.
+def _chunk_product(g, b, l, N, wbuf, meta, sbuf):
+    """acc[b, s] (C,) <- bias + W[b]^T z[s] for the streams s of group g (4g .. 4g+3) of layer l."""
+    n, C = meta[M_N], meta[M_C]
+    rec = M_LD + l * LD_STRIDE
+    K = meta[rec + LD_K]
+    h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
+    s0 = 4 * g
+    s1 = min(s0 + 4, N)
+    bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
+    acc = sbuf[acc_off + (b * N + s0) * C : acc_off + (b * N + s1) * C].reshape((s1 - s0, C))  # (g, C)
+    for q in range(s1 - s0):
+        for j in range(C):
+            acc[q, j] = bias[j]
+    w0 = meta[rec + LD_W] + b * K * C
+    W = wbuf[w0 : w0 + K * C].reshape((K, C))  # (K, C) this chunk's fused, transposed gates
+    Z = sbuf[z_off + s0 * K : z_off + s1 * K].reshape((s1 - s0, K))  # (g, K) [input | h_prev]
+    _gemm_rows(Z, W, acc)
 
-    acc (C,) <- bias + W[b]^T z[s]; with ``pre`` acc already holds z[s] @ W[b] (a BLAS product
-    over the whole batch) and only the bias is added. Then the cell update of the chunk's units.
-    """
-    n, C, uc, hp = meta[M_N], meta[M_C], meta[M_UC], meta[M_HP]
-    b = q % n
-    s = q // n
+
+@njit(**_FLAGS)
+def _chunk_cells(s, b, l, N, wbuf, meta, fpar, sbuf):
+    """The cell update of chunk b's units for stream s of layer l, from acc[b, s]."""
+    C, uc, hp = meta[M_C], meta[M_UC], meta[M_HP]
     rec = M_LD + l * LD_STRIDE
     h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
-    bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
     acc = sbuf[acc_off + (b * N + s) * C : acc_off + (b * N + s + 1) * C]  # (C,)
-    if pre:
-        for j in range(C):
-            acc[j] += bias[j]
-    else:
-        K = meta[rec + LD_K]
-        w0 = meta[rec + LD_W] + b * K * C
-        W = wbuf[w0 : w0 + K * C].reshape((K, C))  # (K, C) this chunk's fused, transposed gates
-        for j in range(C):
-            acc[j] = bias[j]
-        _axpy_rows(W, sbuf[z_off + s * K : z_off + (s + 1) * K], acc)
     c = sbuf[c_off + (l * N + s) * hp + b * uc : c_off + (l * N + s) * hp + (b + 1) * uc]  # (Uc,)
     m = sbuf[m_off + s * hp + b * uc : m_off + s * hp + (b + 1) * uc]  # (Uc,)
     peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if HAS_PEEP
     _epilogue(acc, c, m, peep, b * uc, hp, wbuf, meta, fpar, rec, F_LD + l * F_STRIDE)
+
+
+@njit(**_FLAGS)
+def _group_chunk(q, l, N, wbuf, meta, fpar, sbuf):
+    """Task q = (stream group g, chunk b), b fastest: the gate product and the cell updates."""
+    n = meta[M_N]
+    g = q // n
+    b = q % n
+    _chunk_product(g, b, l, N, wbuf, meta, sbuf)
+    for s in range(4 * g, min(4 * g + 4, N)):
+        _chunk_cells(s, b, l, N, wbuf, meta, fpar, sbuf)
 
 
 @njit(**_FLAGS)
@@ -387,14 +449,16 @@ def _emit(s, wbuf, meta, sbuf, N, y):
 def stack_step_serial(x, wbuf, meta, fpar, sbuf, y):
     """One step. x (N*I,) inputs, stream-major; sbuf the streams' state and scratch (updated);
     y (N*O,) outputs (O = head size, or out). Flat x and y: a single stream passes its (I,) input
-    and a fresh (out,) output with no reshape on the Python side."""
+    and a fresh (out,) output with no reshape on the Python side. Streams go through the gate
+    product in groups of four (:func:`_gemm_rows`); one stream's result is bit-identical whatever
+    N is."""
     N = x.shape[0] // meta[M_I]
-    n = meta[M_N]
+    tasks = ((N + 3) // 4) * meta[M_N]
     for l in range(meta[M_L]):
         for s in range(N):
             _load_z(l, s, x, sbuf, meta, N)
-        for q in range(N * n):
-            _chunk_step(q, l, N, wbuf, meta, fpar, sbuf, False)
+        for q in range(tasks):
+            _group_chunk(q, l, N, wbuf, meta, fpar, sbuf)
         for s in range(N):
             _finish_layer(l, s, wbuf, meta, sbuf, N)
     for s in range(N):
@@ -403,14 +467,15 @@ def stack_step_serial(x, wbuf, meta, fpar, sbuf, y):
 
 @njit(parallel=True, **_FLAGS)
 def stack_step_parallel(x, wbuf, meta, fpar, sbuf, y):
-    """The parallel twin of :func:`stack_step_serial`: same arithmetic, prange over (stream, chunk)."""
+    """The parallel twin of :func:`stack_step_serial`: same arithmetic, prange over the
+    (stream group, chunk) tasks."""
     N = x.shape[0] // meta[M_I]
-    n = meta[M_N]
+    tasks = ((N + 3) // 4) * meta[M_N]
     for l in range(meta[M_L]):
         for s in range(N):
             _load_z(l, s, x, sbuf, meta, N)
-        for q in prange(N * n):
-            _chunk_step(q, l, N, wbuf, meta, fpar, sbuf, False)
+        for q in prange(tasks):
+            _group_chunk(q, l, N, wbuf, meta, fpar, sbuf)
         for s in range(N):
             _finish_layer(l, s, wbuf, meta, sbuf, N)
     for s in range(N):
@@ -418,7 +483,7 @@ def stack_step_parallel(x, wbuf, meta, fpar, sbuf, y):
 
 
 # ---------------------------------------------------------------------------------------------
-# Many streams at once: the gate product is a matrix product done by BLAS (numpy) between these
+# Many streams (>= model.BLAS_MIN_BATCH): the gate product is a BLAS matrix product (numpy)
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)
 def batch_load_z(l, x, sbuf, meta):
@@ -430,9 +495,17 @@ def batch_load_z(l, x, sbuf, meta):
 
 @njit(**_FLAGS)
 def batch_cells_serial(l, N, wbuf, meta, fpar, sbuf):
-    """After acc[b] (N, C) = z @ W[b] for every chunk: bias, cell update and h for layer l."""
-    for q in range(N * meta[M_N]):
-        _chunk_step(q, l, N, wbuf, meta, fpar, sbuf, True)
+    """After acc[b] (N, C) = z @ W[b] for every chunk (BLAS): bias, cell update and h of layer l."""
+    n, C = meta[M_N], meta[M_C]
+    rec = M_LD + l * LD_STRIDE
+    h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
+    for b in range(n):
+        bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
+        for s in range(N):
+            acc = sbuf[acc_off + (b * N + s) * C : acc_off + (b * N + s + 1) * C]  # (C,)
+            for j in range(C):
+                acc[j] += bias[j]
+            _chunk_cells(s, b, l, N, wbuf, meta, fpar, sbuf)
     for s in range(N):
         _finish_layer(l, s, wbuf, meta, sbuf, N)
 
@@ -448,95 +521,99 @@ def batch_emit(N, wbuf, meta, sbuf, y):
 # Whole sequences: the recurrent part of one layer and direction
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)
-def _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c, acc, m, pre):
-    """Chunk b of stream s at time t, then its cell update.
+def _seq_group(q, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb):
+    """Task q = (stream group g, chunk b) at time t: gate product, then the cell updates of the
+    group's streams that are still inside their sequence.
 
-    acc (C,) <- xp[t, s, chunk] + W_rec^T h[s]; with ``pre`` acc already holds W_rec^T h[s]
-    (computed by BLAS for the whole batch) and only xp is added. m (Uc,) receives o * h_act(c).
-    """
-    C, uc, hp, out, D = meta[M_C], meta[M_UC], meta[M_HP], meta[M_OUT], meta[M_D]
+    acc[b, s] (C,) <- xp[t, s, chunk b] + W_rec[b]^T h[s] (recurrent rows only; xp already holds
+    the input projection plus bias); then c[s, chunk b] and mb[s, chunk b] = o * h_act(c)."""
+    n, C, uc, hp, out, D = meta[M_N], meta[M_C], meta[M_UC], meta[M_HP], meta[M_OUT], meta[M_D]
+    B = h.shape[0]
+    g = q // n
+    b = q % n
+    s0 = 4 * g
+    s1 = min(s0 + 4, B)
     rec = M_LD + (l * D + d) * LD_STRIDE
-    if pre:
+    A = acc[b, s0:s1]  # (g, C)
+    for s in range(s0, s1):
         for j in range(C):
-            acc[j] += xp[t, s, b * C + j]
-    else:
-        for j in range(C):
-            acc[j] = xp[t, s, b * C + j]
-        K = meta[rec + LD_K]
-        w0 = meta[rec + LD_W] + (b * K + K - out) * C
-        _axpy_rows(wbuf[w0 : w0 + out * C].reshape((out, C)), h[s], acc)  # recurrent rows only
-    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]
-    _epilogue(acc, c[s, b * uc : (b + 1) * uc], m, peep, b * uc, hp, wbuf, meta, fpar, rec,
-              F_LD + (l * D + d) * F_STRIDE)
+            A[s - s0, j] = xp[t, s, b * C + j]
+    K = meta[rec + LD_K]
+    w0 = meta[rec + LD_W] + (b * K + K - out) * C
+    _gemm_rows(h[s0:s1], wbuf[w0 : w0 + out * C].reshape((out, C)), A)
+    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if HAS_PEEP
+    for s in range(s0, s1):
+        if t < lengths[s]:
+            _epilogue(A[s - s0], c[s, b * uc : (b + 1) * uc], mb[s, b * uc : (b + 1) * uc], peep,
+                      b * uc, hp, wbuf, meta, fpar, rec, F_LD + (l * D + d) * F_STRIDE)
 
 
 @njit(**_FLAGS)
-def _seq_finish(t, s, l, d, wbuf, meta, h, y, scratch):
-    n, C, hp, out, P, D = meta[M_N], meta[M_C], meta[M_HP], meta[M_OUT], meta[M_P], meta[M_D]
-    m = scratch[s, n * C : n * C + hp]
+def _seq_finish(t, s, l, d, wbuf, meta, h, y, mb):
+    """h[s] <- projection of mb[s], or its first H units; y[t, s] <- h[s]."""
+    out, P, D = meta[M_OUT], meta[M_P], meta[M_D]
     if P > 0:
-        _project(m, wbuf, meta[M_LD + (l * D + d) * LD_STRIDE + LD_HR], hp, P, h[s])
+        _project(mb[s], wbuf, meta[M_LD + (l * D + d) * LD_STRIDE + LD_HR], meta[M_HP], P, h[s])
     else:
         for j in range(out):
-            h[s, j] = m[j]
+            h[s, j] = mb[s, j]
     for j in range(out):
         y[t, s, j] = h[s, j]
 
 
 @njit(**_FLAGS)
-def layer_sequence_serial(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scratch):
-    """Run layer l, direction d over a sequence.
+def layer_sequence_serial(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
+    """Run layer l, direction d over a sequence of B streams in one call.
 
     xp (T, B, n*C) input projections plus bias, in packed column order; lengths (B,) valid steps
     per sequence; h (B, out), c (B, Hp) the state, updated in place; y (T, B, out) outputs,
-    pre-zeroed (steps past a sequence's length stay zero); scratch (B, n*C + Hp): per stream
-    acc (n*C) and m (Hp). Direction 1 (or a REVERSE model) runs backwards from each sequence's
-    last valid step.
+    pre-zeroed (steps past a sequence's length stay zero); acc (n, B, C) and mb (B, Hp) scratch.
+    Direction 1 (or a REVERSE model) runs backwards from each sequence's last valid step.
+    Streams share the recurrent product in groups of four (:func:`_gemm_rows`), with the float
+    order of a single stream: results do not depend on B.
     """
     T, B = xp.shape[0], xp.shape[1]
-    n, C, uc = meta[M_N], meta[M_C], meta[M_UC]
+    tasks = ((B + 3) // 4) * meta[M_N]
     for step in range(T):
         t = T - 1 - step if (d == 1 or meta[M_REVERSE] != 0) else step
+        for q in range(tasks):
+            _seq_group(q, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb)
         for s in range(B):
             if t < lengths[s]:
-                for b in range(n):
-                    _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c,
-                               scratch[s, b * C : (b + 1) * C],
-                               scratch[s, n * C + b * uc : n * C + (b + 1) * uc], False)
-                _seq_finish(t, s, l, d, wbuf, meta, h, y, scratch)
+                _seq_finish(t, s, l, d, wbuf, meta, h, y, mb)
 
 
 @njit(parallel=True, **_FLAGS)
-def layer_sequence_parallel(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scratch):
-    """The parallel twin of :func:`layer_sequence_serial`: prange over (stream, chunk) per step."""
+def layer_sequence_parallel(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
+    """The parallel twin of :func:`layer_sequence_serial`: prange over (stream group, chunk)."""
     T, B = xp.shape[0], xp.shape[1]
-    n, C, uc = meta[M_N], meta[M_C], meta[M_UC]
+    tasks = ((B + 3) // 4) * meta[M_N]
     for step in range(T):
         t = T - 1 - step if (d == 1 or meta[M_REVERSE] != 0) else step
-        for q in prange(B * n):
-            s = q // n
-            b = q % n
-            if t < lengths[s]:
-                _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c,
-                           scratch[s, b * C : (b + 1) * C],
-                           scratch[s, n * C + b * uc : n * C + (b + 1) * uc], False)
+        for q in prange(tasks):
+            _seq_group(q, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb)
         for s in range(B):
             if t < lengths[s]:
-                _seq_finish(t, s, l, d, wbuf, meta, h, y, scratch)
+                _seq_finish(t, s, l, d, wbuf, meta, h, y, mb)
 
 
 @njit(**_FLAGS)
-def sequence_cells_serial(t, xp, wbuf, meta, fpar, l, d, lengths, h, c, y, scratch, accb):
-    """Time step t of a batched sequence whose recurrent product accb (n, B, C) = h @ W_rec was
+def sequence_cells_serial(t, xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
+    """Time step t of a batched sequence whose recurrent product acc (n, B, C) = h @ W_rec was
     done by BLAS: add the input projection, update the cells, write h and y[t]."""
     B = xp.shape[1]
-    n, C, uc = meta[M_N], meta[M_C], meta[M_UC]
+    n, C, uc, hp, D = meta[M_N], meta[M_C], meta[M_UC], meta[M_HP], meta[M_D]
+    rec = M_LD + (l * D + d) * LD_STRIDE
+    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if HAS_PEEP
     for s in range(B):
         if t < lengths[s]:
             for b in range(n):
-                _seq_chunk(t, s, b, l, d, xp, wbuf, meta, fpar, h, c, accb[b, s],
-                           scratch[s, n * C + b * uc : n * C + (b + 1) * uc], True)
-            _seq_finish(t, s, l, d, wbuf, meta, h, y, scratch)
+                a = acc[b, s]  # (C,)
+                for j in range(C):
+                    a[j] += xp[t, s, b * C + j]
+                _epilogue(a, c[s, b * uc : (b + 1) * uc], mb[s, b * uc : (b + 1) * uc], peep,
+                          b * uc, hp, wbuf, meta, fpar, rec, F_LD + (l * D + d) * F_STRIDE)
+            _seq_finish(t, s, l, d, wbuf, meta, h, y, mb)
 
 
 @njit(parallel=True, **_FLAGS)

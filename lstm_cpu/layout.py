@@ -40,7 +40,7 @@ Stream buffer ``sbuf`` (float, 1-D), for ``N`` streams (see :func:`sbuf_offsets`
     h    (L, N, out)     hidden state (projected if P > 0)
     c    (L, N, Hp)      cell state (padded)
     z    (N, Kmax)       [input | h_prev] of the layer being computed
-    acc  (N, n, C)       gate pre-activations
+    acc  (n, N, C)       gate pre-activations, per chunk then stream
     m    (N, Hp)         o * h_act(c), before the projection
 """
 

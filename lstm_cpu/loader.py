@@ -113,12 +113,12 @@ def warmup(verbose=False):
             done.append(f"{np.dtype(dtype).name}/{kernel}")
             if verbose:
                 print("compiled", done[-1])
-        # the batched paths (BLAS product + Numba cell update) for streams and sequences
+        # many streams or sequences: BLAS products + serial Numba cell updates
         sb = m.stream(batch=BLAS_MIN_BATCH)
         sb.step(np.zeros((BLAS_MIN_BATCH, I), dtype))
         sb.run(np.zeros((2, BLAS_MIN_BATCH, I), dtype))
         m.run(np.zeros((2, BLAS_MIN_BATCH, I), dtype))
-        done.append(f"{np.dtype(dtype).name}/batched")
+        done.append(f"{np.dtype(dtype).name}/blas-batch")
         if verbose:
             print("compiled", done[-1])
     return done

@@ -28,10 +28,17 @@ PARALLEL_MIN_WEIGHT_BYTES = 8 << 20
 
 _KERNELS = ("auto", "serial", "parallel")
 
-#: From this many streams (or sequences in a batch) up, the gate product is one BLAS matrix
-#: product per chunk instead of one matrix-vector pass per stream: each weight is read once per
-#: step for the whole batch instead of once per stream.
-BLAS_MIN_BATCH = 4
+#: From this many streams (or sequences in a batch) up, the gate products are numpy BLAS matrix
+#: products; below it, Numba's fused kernel runs them four streams at a time (no Python between
+#: layers or time steps, and one stream's result is bit-identical whatever the batch). Measured on
+#: this 2-core box (bench/results.md, "batched product"): Numba's product 62-70 GFLOP/s vs
+#: OpenBLAS 49 at 16 streams, a tie at 32, OpenBLAS 1.4x-1.8x ahead at 48 and 64.
+BLAS_MIN_BATCH = 40
+
+#: numpy's array flag bits (NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_WRITEABLE, stable
+#: C API values): an array with all three has the exact Numba type the compiled step takes. One
+#: ``flags.num`` read replaces three flag lookups on the hot path.
+_KERNEL_FLAGS = 0x0001 | 0x0100 | 0x0400
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -346,19 +353,17 @@ class LSTMModel:
         lens = self._lengths(lengths, T, B, batched)
         meta = self._meta
         n, C, Hp = int(meta[lay.M_N]), int(meta[lay.M_C]), int(meta[lay.M_HP])
-        # "auto" runs whole sequences serially: the input projection (and, from BLAS_MIN_BATCH
-        # sequences, every step's recurrent product) is a BLAS call, and numpy's OpenBLAS workers
-        # keep spinning after each call, starving Numba's workers: measured on 2 cores, the
-        # parallel kernel made a (256,512,2) sequence 2.5x slower at batch 1 and 11x at batch 16.
+        # "auto" runs whole sequences serially: the input projection is a BLAS call, and numpy's
+        # OpenBLAS workers keep spinning after each call, starving Numba's workers (measured on 2
+        # cores: the parallel kernel made a (256,512,2) sequence 2.5x slower at batch 1).
         self._kernel_name(kernel)  # validates
         parallel = (kernel or self._kernel) == "parallel"  # only when asked for explicitly
-        use_blas = B >= BLAS_MIN_BATCH
         fn = kernels.layer_sequence_parallel if parallel else kernels.layer_sequence_serial
-        cells = kernels.sequence_cells_serial  # next to BLAS calls, never the parallel twin
-        accb = np.empty((n, B, C), self.dtype) if use_blas else None  # (n, B, C) h @ W_rec per chunk
+        use_blas = B >= BLAS_MIN_BATCH  # the recurrent products by BLAS, one per step and chunk
+        acc = np.empty((n, B, C), self.dtype)  # (n, B, C) gate pre-activations per chunk
+        mb = np.empty((B, Hp), self.dtype)  # (B, Hp) o * h_act(c) before the projection
         hN = np.empty((L * D, B, out), self.dtype)
         cN = np.empty((L * D, B, H), self.dtype)
-        scratch = np.empty((B, n * C + Hp), self.dtype)  # per stream: acc (n*C) and m (Hp)
         inp = xb  # (T, B, fan_in)
         for l in range(L):
             y = np.zeros((T, B, D * out), self.dtype)
@@ -378,19 +383,19 @@ class LSTMModel:
                 c = np.zeros((B, Hp), self.dtype)  # (B, Hp) padded cell state
                 c[:, :H] = c0[l * D + d]
                 yd = np.zeros((T, B, out), self.dtype)
-                with (_config.parallel_guard() if parallel else nullcontext()):
-                    if use_blas:
-                        w_rec = w[:, kin:, :]  # (n, out, C) recurrent rows of each chunk
-                        args = (xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, scratch, accb)
-                        call = kernels.compiled_entry(cells, (0,) + args)  # T calls: skip dispatch
-                        backward = d == 1 or self.reverse
-                        for step in range(T):
-                            t = T - 1 - step if backward else step
-                            for b in range(n):
-                                np.matmul(h, w_rec[b], out=accb[b])
-                            call(t, *args)
-                    else:
-                        fn(xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, scratch)
+                if use_blas:  # serial cell updates: never Numba threads next to BLAS calls
+                    w_rec = w[:, kin:, :]  # (n, out, C) recurrent rows of each chunk
+                    args = (xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, acc, mb)
+                    call = kernels.compiled_entry(kernels.sequence_cells_serial, (0,) + args)
+                    backward = d == 1 or self.reverse
+                    for step in range(T):
+                        t = T - 1 - step if backward else step
+                        for b in range(n):
+                            np.matmul(h, w_rec[b], out=acc[b])  # (B, out) @ (out, C)
+                        call(t, *args)
+                else:
+                    with (_config.parallel_guard() if parallel else nullcontext()):
+                        fn(xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, acc, mb)
                 y[:, :, d * out:(d + 1) * out] = yd
                 hN[l * D + d], cN[l * D + d] = h, c[:, :H]
             empty = lens == 0  # onnxruntime: a sequence of length 0 ends in a zero state
@@ -470,7 +475,7 @@ class Stream:
         N = 1 if batch is None else batch
         self._N = N
         meta = model._meta
-        h_off, c_off, z_off, acc_off, m_off, end = (int(v) for v in lay.sbuf_offsets(meta, N))
+        h_off, c_off, z_off, acc_off, _m, end = (int(v) for v in lay.sbuf_offsets(meta, N))
         self._sbuf = np.zeros(end, model.dtype)  # state and scratch, see layout.py
         L, out, Hp = model.num_layers, model._out, int(meta[lay.M_HP])
         self._h = self._sbuf[h_off:c_off].reshape(L, N, out)  # (L, N, out) view
@@ -479,14 +484,13 @@ class Stream:
         parallel = self.kernel == "parallel"
         self._step_fn = kernels.stack_step_parallel if parallel else kernels.stack_step_serial
         self._run_fn = kernels.stack_run_parallel if parallel else kernels.stack_run_serial
-        # The BLAS path's cell updates stay serial even for a parallel stream: the matrix
-        # products already use BLAS threads, whose spinning workers starve Numba's (a 64-stream
-        # (256,512,2) step took 20 ms with parallel cell updates on 2 cores).
-        self._cells_fn = kernels.batch_cells_serial
         self._guard = _config.parallel_guard if parallel else None
         self._blas = N >= BLAS_MIN_BATCH
         if self._blas:
-            # Views for the BLAS path: per layer z (N, K_l), the chunks' W (K_l, C), acc[b] (N, C).
+            # Views for the BLAS path: per layer z (N, K_l), the chunks' W (n, K_l, C), acc (n, N, C).
+            # Its cell updates stay serial even for a parallel stream: numpy's OpenBLAS workers
+            # spin after each product and starve Numba's (a 64-stream (256,512,2) step took 20 ms
+            # with parallel cell updates on 2 cores).
             n, C = int(meta[lay.M_N]), int(meta[lay.M_C])
             self._acc = self._sbuf[acc_off : acc_off + n * N * C].reshape(n, N, C)
             self._layers = []
@@ -510,7 +514,8 @@ class Stream:
             y0 = np.empty(self._ylen, self._dtype)
             self._blas_calls = (
                 kernels.compiled_entry(kernels.batch_load_z, (0, self._x, self._sbuf, meta)),
-                kernels.compiled_entry(self._cells_fn, (0, N, model._wbuf, meta, model._fpar, self._sbuf)),
+                kernels.compiled_entry(kernels.batch_cells_serial,
+                                       (0, N, model._wbuf, meta, model._fpar, self._sbuf)),
                 kernels.compiled_entry(kernels.batch_emit, (N, model._wbuf, meta, self._sbuf, y0)))
         self.reset()
 
@@ -563,8 +568,7 @@ class Stream:
         # The hot path: a writable, contiguous array of the right dtype and shape goes straight
         # to the kernel (a read-only one would be a new Numba type: it is copied instead).
         if type(x) is np.ndarray and x.dtype is self._dtype and x.shape == self._want:
-            flags = x.flags
-            if flags.c_contiguous and flags.writeable and flags.aligned:
+            if x.flags.num & _KERNEL_FLAGS == _KERNEL_FLAGS:
                 xk = x if self._single else x.reshape(-1)
             else:
                 xk = self._x
@@ -580,7 +584,7 @@ class Stream:
             ret = y if self._single else y.reshape(self._yshape)
         else:
             if not (type(out) is np.ndarray and out.dtype is self._dtype and out.shape == self._yshape
-                    and out.flags.c_contiguous and out.flags.writeable and out.flags.aligned):
+                    and out.flags.num & _KERNEL_FLAGS == _KERNEL_FLAGS):
                 raise InputError(
                     f"out: expected a writable C-contiguous {self._dtype} array of shape "
                     f"{self._yshape}, got {getattr(out, 'dtype', type(out).__name__)} "
@@ -603,13 +607,12 @@ class Stream:
         m = self.model
         wbuf, meta, fpar, sbuf, N = m._wbuf, m._meta, m._fpar, self._sbuf, self._N
         load_z, cells, emit = self._blas_calls
-        with (self._guard() if self._guard is not None else nullcontext()):
-            for l, (z, w) in enumerate(self._layers):
-                load_z(l, xk, sbuf, meta)
-                for b in range(w.shape[0]):
-                    np.matmul(z, w[b], out=self._acc[b])  # (N, K) @ (K, C) -> (N, C)
-                cells(l, N, wbuf, meta, fpar, sbuf)
-            emit(N, wbuf, meta, sbuf, y)
+        for l, (z, w) in enumerate(self._layers):
+            load_z(l, xk, sbuf, meta)
+            for b in range(w.shape[0]):
+                np.matmul(z, w[b], out=self._acc[b])  # (N, K) @ (K, C) -> (N, C)
+            cells(l, N, wbuf, meta, fpar, sbuf)
+        emit(N, wbuf, meta, sbuf, y)
 
     def run(self, xs):
         """A chunk of samples: xs (T, I) -> (T, out), or (T, N, I) -> (T, N, out); state carries."""

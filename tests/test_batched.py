@@ -1,0 +1,88 @@
+"""Many streams or sequences in one call: both ways the gate product is computed.
+
+Below ``BLAS_MIN_BATCH`` Numba's fused kernel takes streams four at a time (``_gemm_rows``) with a
+single stream's float order, so a stream's outputs must be *bit-identical* whatever the batch it
+shares. From ``BLAS_MIN_BATCH`` up the products are numpy BLAS calls; those are held to the
+float64 reference (naive.py) at float32 tolerance.
+"""
+
+import numpy as np
+import pytest
+
+import naive
+from lstm_cpu import LSTMModel
+from lstm_cpu.model import BLAS_MIN_BATCH
+from test_core_naive import rand_layers
+
+# (I, H, L, P): K = I + out covers K % 4 in {0, 1, 2, 3}; P > 0 projects; H=130 pads and, with
+# kernel="parallel", splits into column chunks.
+MODELS = [(3, 5, 1, 0), (6, 10, 2, 0), (7, 16, 2, 3), (5, 130, 2, 0), (8, 9, 3, 6)]
+
+
+@pytest.mark.parametrize("I,H,L,P", MODELS)
+@pytest.mark.parametrize("kernel", ["serial", "parallel"])
+@pytest.mark.parametrize("N", [2, 4, 5, 7, 9])
+def test_batched_stream_is_bit_identical_to_single_streams(I, H, L, P, kernel, N):
+    rng = np.random.default_rng(I * 100 + H + N)
+    m = LSTMModel(rand_layers(rng, I, H, L, P=P, scale=0.5), kernel=kernel)
+    T = 6
+    x = rng.normal(size=(T, N, I)).astype(np.float32)  # (T, N, I)
+    sb = m.stream(batch=N)
+    got = np.stack([sb.step(x[t]).copy() for t in range(T)])  # (T, N, out)
+    for s in range(N):
+        single = m.stream(kernel="serial")
+        want = np.stack([single.step(x[t, s]).copy() for t in range(T)])
+        assert np.array_equal(got[:, s], want), f"stream {s} of {N}: {np.abs(got[:, s] - want).max()}"
+    # and the batched chunk run agrees with the batched step, bit for bit
+    sr = m.stream(batch=N)
+    assert np.array_equal(sr.run(x), got)
+
+
+@pytest.mark.parametrize("I,H,L,P", MODELS[:4])
+@pytest.mark.parametrize("N", [BLAS_MIN_BATCH, BLAS_MIN_BATCH + 3])
+def test_many_streams_blas_path_matches_reference(I, H, L, P, N):
+    rng = np.random.default_rng(N + H)
+    layers = rand_layers(rng, I, H, L, P=P, scale=0.5)
+    m = LSTMModel(layers)
+    T = 5
+    x = rng.normal(size=(T, N, I))
+    y_ref, (h_ref, c_ref) = naive.run(layers, x)
+    s = m.stream(batch=N)
+    ys = np.stack([s.step(x[t].astype(np.float32)).copy() for t in range(T)])
+    np.testing.assert_allclose(ys, y_ref, atol=2e-5, rtol=0)
+    h, c = s.state
+    np.testing.assert_allclose(h, h_ref, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(c, c_ref, atol=2e-4, rtol=0)
+    s2 = m.stream(batch=N)
+    np.testing.assert_allclose(s2.run(x.astype(np.float32)), y_ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("B", [2, 6, 9, BLAS_MIN_BATCH + 1])
+@pytest.mark.parametrize("D,reverse", [(1, False), (2, False), (1, True)])
+def test_batched_sequences_with_lengths_match_reference(B, D, reverse):
+    rng = np.random.default_rng(B * 10 + D)
+    layers = rand_layers(rng, 5, 12, 2, D=D, P=0, scale=0.5)
+    T = 9
+    x = rng.normal(size=(T, B, 5))
+    lengths = rng.integers(0, T + 1, size=B)
+    lengths[0] = T  # at least one full-length sequence
+    y_ref, (h_ref, c_ref) = naive.run(layers, x, lengths=lengths, reverse=reverse)
+    for kernel in ("serial", "parallel"):
+        m = LSTMModel(layers, reverse=reverse)
+        y, (h, c) = m.run(x, lengths=lengths, kernel=kernel)
+        np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=0)
+        np.testing.assert_allclose(h, h_ref, atol=2e-5, rtol=0)
+        np.testing.assert_allclose(c, c_ref, atol=2e-4, rtol=0)
+        assert np.all(y[np.arange(T)[:, None] >= lengths[None, :]] == 0)
+
+
+def test_batched_sequence_float64_is_exact_to_reference():
+    rng = np.random.default_rng(3)
+    layers = rand_layers(rng, 4, 20, 2, P=7, peep=True, scale=0.5)
+    x = rng.normal(size=(7, 11, 4))
+    y_ref, (h_ref, c_ref) = naive.run(layers, x)
+    for B in (11, BLAS_MIN_BATCH):
+        xb = np.concatenate([x] * (B // 11 + 1), axis=1)[:, :B]
+        y, (h, c) = LSTMModel(layers, dtype=np.float64).run(xb)
+        np.testing.assert_allclose(y[:, :11], y_ref, atol=1e-11, rtol=0)
+        np.testing.assert_allclose(c[:, :11], c_ref, atol=1e-10, rtol=0)
