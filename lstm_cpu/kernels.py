@@ -62,7 +62,7 @@ from .layout import (
 )
 
 #: Bump when layout.py's field indices change, so that Numba's file-keyed cache is invalidated.
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 
 def compiled_entry(dispatcher, args):
     """The compiled entry point of ``dispatcher`` for the types of ``args`` (compiled or loaded
@@ -525,8 +525,8 @@ def _seq_group(q, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb):
     """Task q = (stream group g, chunk b) at time t: gate product, then the cell updates of the
     group's streams that are still inside their sequence.
 
-    acc[b, s] (C,) <- xp[t, s, chunk b] + W_rec[b]^T h[s] (recurrent rows only; xp already holds
-    the input projection plus bias); then c[s, chunk b] and mb[s, chunk b] = o * h_act(c)."""
+    acc[b, s] (C,) <- (xp[t, s, chunk b] + bias) + W_rec[b]^T h[s] (recurrent rows only; xp holds
+    the input projection); then c[s, chunk b] and mb[s, chunk b] = o * h_act(c)."""
     n, C, uc, hp, out, D = meta[M_N], meta[M_C], meta[M_UC], meta[M_HP], meta[M_OUT], meta[M_D]
     B = h.shape[0]
     g = q // n
@@ -535,9 +535,10 @@ def _seq_group(q, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb):
     s1 = min(s0 + 4, B)
     rec = M_LD + (l * D + d) * LD_STRIDE
     A = acc[b, s0:s1]  # (g, C)
+    bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
     for s in range(s0, s1):
         for j in range(C):
-            A[s - s0, j] = xp[t, s, b * C + j]
+            A[s - s0, j] = xp[t, s, b * C + j] + bias[j]
     K = meta[rec + LD_K]
     w0 = meta[rec + LD_W] + (b * K + K - out) * C
     _gemm_rows(h[s0:s1], wbuf[w0 : w0 + out * C].reshape((out, C)), A)
@@ -550,7 +551,7 @@ def _seq_group(q, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb):
 
 @njit(**_FLAGS)
 def _seq_finish(t, s, l, d, wbuf, meta, h, y, mb):
-    """h[s] <- projection of mb[s], or its first H units; y[t, s] <- h[s]."""
+    """h[s] <- projection of mb[s], or its first H units; y[t, s, d*out:(d+1)*out] <- h[s]."""
     out, P, D = meta[M_OUT], meta[M_P], meta[M_D]
     if P > 0:
         _project(mb[s], wbuf, meta[M_LD + (l * D + d) * LD_STRIDE + LD_HR], meta[M_HP], P, h[s])
@@ -558,16 +559,17 @@ def _seq_finish(t, s, l, d, wbuf, meta, h, y, mb):
         for j in range(out):
             h[s, j] = mb[s, j]
     for j in range(out):
-        y[t, s, j] = h[s, j]
+        y[t, s, d * out + j] = h[s, j]
 
 
 @njit(**_FLAGS)
 def layer_sequence_serial(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
     """Run layer l, direction d over a sequence of B streams in one call.
 
-    xp (T, B, n*C) input projections plus bias, in packed column order; lengths (B,) valid steps
-    per sequence; h (B, out), c (B, Hp) the state, updated in place; y (T, B, out) outputs,
-    pre-zeroed (steps past a sequence's length stay zero); acc (n, B, C) and mb (B, Hp) scratch.
+    xp (T, B, n*C) input projections (no bias), in packed column order; lengths (B,) valid steps
+    per sequence; h (B, out), c (B, Hp) the state, updated in place; y (T, B, D*out) the layer's
+    outputs, pre-zeroed (steps past a sequence's length stay zero), direction d writing columns
+    d*out:(d+1)*out; acc (n, B, C) and mb (B, Hp) scratch.
     Direction 1 (or a REVERSE model) runs backwards from each sequence's last valid step.
     Streams share the recurrent product in groups of four (:func:`_gemm_rows`), with the float
     order of a single stream: results do not depend on B.
@@ -600,7 +602,7 @@ def layer_sequence_parallel(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, m
 @njit(**_FLAGS)
 def sequence_cells_serial(t, xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
     """Time step t of a batched sequence whose recurrent product acc (n, B, C) = h @ W_rec was
-    done by BLAS: add the input projection, update the cells, write h and y[t]."""
+    done by BLAS: add the input projection and bias, update the cells, write h and y[t]."""
     B = xp.shape[1]
     n, C, uc, hp, D = meta[M_N], meta[M_C], meta[M_UC], meta[M_HP], meta[M_D]
     rec = M_LD + (l * D + d) * LD_STRIDE
@@ -609,8 +611,9 @@ def sequence_cells_serial(t, xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, 
         if t < lengths[s]:
             for b in range(n):
                 a = acc[b, s]  # (C,)
+                bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
                 for j in range(C):
-                    a[j] += xp[t, s, b * C + j]
+                    a[j] += xp[t, s, b * C + j] + bias[j]
                 _epilogue(a, c[s, b * uc : (b + 1) * uc], mb[s, b * uc : (b + 1) * uc], peep,
                           b * uc, hp, wbuf, meta, fpar, rec, F_LD + (l * D + d) * F_STRIDE)
             _seq_finish(t, s, l, d, wbuf, meta, h, y, mb)

@@ -366,26 +366,27 @@ class LSTMModel:
         cN = np.empty((L * D, B, H), self.dtype)
         inp = xb  # (T, B, fan_in)
         for l in range(L):
-            y = np.zeros((T, B, D * out), self.dtype)
+            y = np.zeros((T, B, D * out), self.dtype)  # (T, B, D*out) direction d: columns d*out..
             for d in range(D):
                 rec = lay.M_LD + (l * D + d) * lay.LD_STRIDE
                 K = int(meta[rec + lay.LD_K])
                 kin = K - out
                 w = self._wbuf[meta[rec + lay.LD_W] : meta[rec + lay.LD_W] + n * K * C].reshape(n, K, C)
-                bias = self._wbuf[meta[rec + lay.LD_B] : meta[rec + lay.LD_B] + n * C]
-                # The input projection of the whole sequence as one matrix product per chunk.
-                xp = np.empty((T, B, n * C), self.dtype)  # (T, B, n*C) packed column order
+                # The input projection of the whole sequence as one matrix product per chunk (the
+                # kernel adds the bias as it reads xp: no extra pass over T*B*n*C floats).
                 flat = inp.reshape(T * B, kin)
-                for b in range(n):
-                    np.matmul(flat, w[b, :kin, :], out=xp.reshape(T * B, n * C)[:, b * C:(b + 1) * C])
-                xp += bias
+                if n == 1:
+                    xp = np.matmul(flat, w[0, :kin, :]).reshape(T, B, C)  # (T, B, C)
+                else:
+                    xp = np.empty((T, B, n * C), self.dtype)  # (T, B, n*C) packed column order
+                    for b in range(n):
+                        np.matmul(flat, w[b, :kin, :], out=xp.reshape(T * B, n * C)[:, b * C:(b + 1) * C])
                 h = np.array(h0[l * D + d], order="C")  # (B, out) a copy: never the caller's array
                 c = np.zeros((B, Hp), self.dtype)  # (B, Hp) padded cell state
                 c[:, :H] = c0[l * D + d]
-                yd = np.zeros((T, B, out), self.dtype)
                 if use_blas:  # serial cell updates: never Numba threads next to BLAS calls
                     w_rec = w[:, kin:, :]  # (n, out, C) recurrent rows of each chunk
-                    args = (xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, acc, mb)
+                    args = (xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, y, acc, mb)
                     call = kernels.compiled_entry(kernels.sequence_cells_serial, (0,) + args)
                     backward = d == 1 or self.reverse
                     for step in range(T):
@@ -395,8 +396,7 @@ class LSTMModel:
                         call(t, *args)
                 else:
                     with (_config.parallel_guard() if parallel else nullcontext()):
-                        fn(xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, yd, acc, mb)
-                y[:, :, d * out:(d + 1) * out] = yd
+                        fn(xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, y, acc, mb)
                 hN[l * D + d], cN[l * D + d] = h, c[:, :H]
             empty = lens == 0  # onnxruntime: a sequence of length 0 ends in a zero state
             if empty.any():
