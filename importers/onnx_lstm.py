@@ -11,7 +11,8 @@ newer than the model's default-domain opset), with every attribute under its spe
     W              (D, 4H, I)      gate blocks i, o, f, c
     R              (D, 4H, H)      gate blocks i, o, f, c
     B              (D, 8H)         [Wb | Rb], each i, o, f, c; folded into one (4H,) bias
-    sequence_lens  (N,)            graph input -> the caller passes ``lengths`` to ``model.run``
+    sequence_lens  (N,)            graph input -> the caller passes ``lengths`` to ``model.run``;
+                                   a constant only if every entry is X's static T (a no-op)
     initial_h/_c   (D, N, H)       layout 0; (N, D, H) with layout 1
     P              (D, 3H)         peepholes i, o, f
 
@@ -613,6 +614,7 @@ class _NodeInfo:
     h0: Optional[np.ndarray]  # (D, H) constant initial state or None
     c0: Optional[np.ndarray]
     inputs: dict  # provenance of X / sequence_lens / initial_h / initial_c
+    seq_const: Optional[np.ndarray] = None  # (B,) a constant sequence_lens, checked against T later
 
     def describe(self) -> str:
         return (f"{self.name!r} (hidden_size={self.H}, direction={self.direction}, "
@@ -743,16 +745,62 @@ def _parse_node(g: _Graph, node, version: int, folder, label) -> _NodeInfo:
     seq = _input(node, _SEQ)
     inputs = {"X": _input(node, _X), "sequence_lens": seq or None,
               "initial_h": h_info, "initial_c": c_info}
+    seq_const = None
     if seq:
+        what = f"{where}: input sequence_lens ({seq!r})"
         try:
-            _resolve_const(g, seq, f"{where}: input sequence_lens")
-            raise UnsupportedModelError(
-                f"{where}: input sequence_lens ({seq!r}) is a constant; lstm-cpu takes sequence "
-                "lengths at run time (model.run(x, lengths=...)), not baked into the model")
+            seq_const = _constant_lengths(_resolve_const(g, seq, what), what)
         except _Runtime:
-            pass
+            pass  # the usual case: lengths given at run time, model.run(x, lengths=...)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"{what} is a constant lstm-cpu cannot use: {exc}") from None
+        if seq_const is not None:
+            inputs["sequence_lens"] = None  # accepted only as a no-op, see _check_constant_lengths
     name = node.name or f"<unnamed LSTM -> {node.output[0] if node.output else '?'}>"
-    return _NodeInfo(node, g, name, version, H, I, dirn, D, lay, cl, coupled, params, h0, c0, inputs)
+    return _NodeInfo(node, g, name, version, H, I, dirn, D, lay, cl, coupled, params, h0, c0, inputs,
+                     seq_const)
+
+
+def _constant_lengths(c: _Const, what) -> np.ndarray:
+    """The values (B,) int64 of a constant sequence_lens, after checking type and shape."""
+    from onnx import TensorProto as TP
+    from onnx import numpy_helper
+
+    t = c.tensor
+    if t.data_type not in (TP.INT32, TP.INT64) or c.casts:
+        raise UnsupportedModelError(
+            f"{what}: a constant of type {_dtype_name(t.data_type)}; ONNX sequence_lens is int32")
+    dims = c.dims
+    if len(dims) != 1:
+        raise FormatError(f"{what}: a constant of shape {list(dims)}; sequence_lens is (batch_size,)")
+    _check_dims(dims, what)
+    if t.data_location == TP.EXTERNAL:
+        raise UnsupportedModelError(f"{what}: a constant stored as external data")
+    arr = numpy_helper.to_array(t)
+    if arr.shape != tuple(dims):
+        raise FormatError(f"{what}: holds {arr.size} values for shape {list(dims)}")
+    return arr.astype(np.int64)
+
+
+def _check_constant_lengths(model, chain: List[_NodeInfo], label) -> Optional[int]:
+    """A constant sequence_lens is accepted when every entry equals X's static time length T:
+    then it changes nothing (tf2onnx and constant folding produce such tensors from static
+    shapes). Anything else would bake lengths into the model, which lstm-cpu takes at run time.
+    Returns T when some node had such a constant, else None."""
+    consts = [i for i in chain if i.seq_const is not None]
+    if not consts:
+        return None
+    T = _static_sizes(model, chain[:1]).get("T")
+    for info in consts:
+        v = info.seq_const
+        shown = np.array2string(v[:8], separator=", ") + (" ..." if v.size > 8 else "")
+        if T is None or v.size == 0 or np.any(v != T):
+            raise UnsupportedModelError(
+                f"{label}: LSTM node {info.name!r}: input sequence_lens is a constant {shown}; "
+                "lstm-cpu takes sequence lengths at run time (model.run(x, lengths=...)) and accepts "
+                "a constant only when every entry equals X's static time length (a no-op); "
+                + (f"X's time length is {T}" if T else "X's time length is not static in this model"))
+    return T
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1264,6 +1312,7 @@ def _onnx_to_params(src, node):
     chains = _find_chains(model, graphs, opset, folder, label)
     chain = _pick(chains, node, label)
     _check_chain(chain, label)
+    const_T = _check_constant_lengths(model, chain, label)
     first = chain[0]
     layers = [info.params for info in chain]
     L, D, H = len(chain), first.D, first.H
@@ -1291,7 +1340,8 @@ def _onnx_to_params(src, node):
             "X": x_name,
             "X_graph_input": _graph_input_behind(first.graph, x_name),
             "batch_first": first.layout == 1 or _is_batch_first_transpose(first.graph, x_name),
-            "sequence_lens": first.inputs["sequence_lens"],
+            "sequence_lens": (first.inputs["sequence_lens"] if const_T is None
+                              else f"constant {const_T} = T for every sequence (a no-op)"),
             "initial_h": [i.inputs["initial_h"] for i in chain],
             "initial_c": [i.inputs["initial_c"] for i in chain],
         },

@@ -932,3 +932,59 @@ def test_cyclic_identity_chain_behind_a_weight(good_model):
     g.node.insert(0, helper.make_node("Identity", ["R"], ["R_loop"]))
     with pytest.raises(FormatError, match="too long or cyclic"):
         load_onnx(good_model)
+
+
+# ---------------------------------------------------------------------------------------------
+# A constant sequence_lens (tf2onnx / constant folding of static shapes)
+# ---------------------------------------------------------------------------------------------
+def _with_constant_lengths(model, lens, T, N, as_node=False):
+    """Wire a constant sequence_lens into the LSTM node; X gets static (T, N, I) when T is given."""
+    g = model.graph
+    t = onnx.numpy_helper.from_array(np.asarray(lens, np.int32), "seq_const")
+    if as_node:
+        g.node.insert(0, onnx.helper.make_node("Constant", [], ["seq_const"], value=t, name="c_seq"))
+    else:
+        g.initializer.append(t)
+    node = next(n for n in g.node if n.op_type == "LSTM")
+    while len(node.input) < 5:
+        node.input.append("")
+    node.input[4] = "seq_const"
+    if T is not None:
+        x = next(i for i in g.input if i.name == "X")
+        dims = x.type.tensor_type.shape.dim
+        dims[0].dim_value, dims[1].dim_value = T, N
+    return model
+
+
+@pytest.mark.parametrize("as_node", [False, True])
+def test_constant_sequence_lens_equal_to_static_T_is_a_no_op(rng, as_node):
+    T, N, I, H = 6, 3, 4, 5
+    w = oh.onnx_weights(rng, I, H)
+    model = _with_constant_lengths(oh.lstm_model(w["W"], w["R"], w["B"]), [T] * N, T, N, as_node)
+    x = rng.standard_normal((T, N, I)).astype(np.float32)
+    ref = oh.run_ort(model, {"X": x})[0]  # (T, 1, N, H)
+    m = load_onnx(model)
+    y, _ = m.run(x)
+    np.testing.assert_allclose(y, ref[:, 0], atol=1e-5, rtol=0)
+    assert "no-op" in m.info()["source"]["inputs"]["sequence_lens"]
+
+
+@pytest.mark.parametrize("lens,T", [([6, 4, 6], 6), ([5, 5, 5], 6), ([6, 6, 6], None), ([], 6)])
+def test_constant_sequence_lens_that_would_change_results_is_refused(rng, lens, T):
+    w = oh.onnx_weights(rng, 4, 5)
+    model = _with_constant_lengths(oh.lstm_model(w["W"], w["R"], w["B"]), lens, T, max(len(lens), 1))
+    with pytest.raises(UnsupportedModelError, match="sequence_lens is a constant") as ei:
+        load_onnx(model)
+    assert ("not static" in str(ei.value)) == (T is None)
+
+
+def test_constant_sequence_lens_of_wrong_type_is_refused(rng):
+    w = oh.onnx_weights(rng, 4, 5)
+    model = oh.lstm_model(w["W"], w["R"], w["B"])
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.full(3, 6, np.float32), "seq_const"))
+    node = model.graph.node[-1]
+    while len(node.input) < 5:
+        node.input.append("")
+    node.input[4] = "seq_const"
+    with pytest.raises(UnsupportedModelError, match="int32"):
+        load_onnx(model)
