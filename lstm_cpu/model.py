@@ -28,6 +28,13 @@ PARALLEL_MIN_WEIGHT_BYTES = 8 << 20
 
 _KERNELS = ("auto", "serial", "parallel")
 
+#: A batched stream (2 <= N < BLAS_MIN_BATCH) of an "auto" model uses the parallel kernel once
+#: its weight bytes x N (the bytes its step streams through the product) reach this: its tasks
+#: are (group of four streams, chunk), so even an unsplit model has N/4 of them. Measured on 2
+#: cores, serial vs parallel us per step: (32,64,1) N=16 34/33, N=32 44/28; (64,128,1) N=8
+#: 33/33, N=16 64/59, N=32 148/98; (128,256,2) N=4 145/121, N=32 972/547.
+BATCH_PARALLEL_MIN_BYTES = 2 << 20
+
 #: From this many streams (or sequences in a batch) up, the gate products are numpy BLAS matrix
 #: products; below it, Numba's fused kernel runs them four streams at a time (no Python between
 #: layers or time steps, and one stream's result is bit-identical whatever the batch). Measured on
@@ -323,6 +330,16 @@ class LSTMModel:
         save(self, path)
 
     # -- whole sequences -------------------------------------------------------------------------
+    def _stream_kernel(self, kernel, N: int) -> str:
+        """The kernel a stream of N (batch) streams runs: ``kernel``, or the model's default,
+        except that "auto" goes parallel for a batch with enough work per step."""
+        name = self._kernel_name(kernel)
+        if ((kernel is None or kernel == "auto") and self._kernel == "auto" and name == "serial"
+                and 2 <= N < BLAS_MIN_BATCH and _config.num_threads() > 1
+                and self.weight_bytes * N >= BATCH_PARALLEL_MIN_BYTES):
+            return "parallel"
+        return name
+
     def _kernel_name(self, kernel):
         if kernel is None or kernel == "auto":
             return self.default_kernel
@@ -471,7 +488,7 @@ class Stream:
             batch = int(batch)
         self.model = model
         self.batch = batch
-        self.kernel = model._kernel_name(kernel)
+        self.kernel = model._stream_kernel(kernel, 1 if batch is None else batch)
         N = 1 if batch is None else batch
         self._N = N
         meta = model._meta

@@ -86,3 +86,25 @@ def test_batched_sequence_float64_is_exact_to_reference():
         y, (h, c) = LSTMModel(layers, dtype=np.float64).run(xb)
         np.testing.assert_allclose(y[:, :11], y_ref, atol=1e-11, rtol=0)
         np.testing.assert_allclose(c[:, :11], c_ref, atol=1e-10, rtol=0)
+
+
+def test_auto_kernel_goes_parallel_for_batches_with_enough_work():
+    from lstm_cpu import _config
+    from lstm_cpu.model import BATCH_PARALLEL_MIN_BYTES
+
+    rng = np.random.default_rng(11)
+    m = LSTMModel(rand_layers(rng, 32, 64, 1))  # ~0.1 MB: a lone stream is serial
+    per = m.weight_bytes
+    big = -(-BATCH_PARALLEL_MIN_BYTES // per)  # smallest N with enough bytes per step
+    assert 2 <= big < BLAS_MIN_BATCH
+    assert m.stream().kernel == "serial"
+    assert m.stream(batch=big - 1).kernel == "serial"
+    want = "parallel" if _config.num_threads() > 1 else "serial"
+    assert m.stream(batch=big).kernel == want
+    assert m.stream(batch=big, kernel="serial").kernel == "serial"  # an explicit choice wins
+    assert LSTMModel(rand_layers(rng, 32, 64, 1), kernel="serial").stream(batch=big).kernel == "serial"
+    # and the parallel batch computes exactly what the serial one does
+    x = rng.normal(size=(4, big, 32)).astype(np.float32)
+    a = m.stream(batch=big).run(x)
+    b = m.stream(batch=big, kernel="serial").run(x)
+    assert np.array_equal(a, b)
