@@ -547,6 +547,20 @@ def _unpickler_reason(exc: Exception) -> str:
     return keep[0] if keep else type(exc).__name__
 
 
+def _is_torchscript(path: str) -> bool:
+    """A zip whose records include ``constants.pkl`` or ``code/``: torch.jit.save's layout
+    (torch.save's zips hold ``data.pkl`` and ``data/`` only)."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return False  # torch.load reports what is wrong with it
+
+
 def _load_pt(path: str) -> Mapping:
     """A weights-only ``torch.load``; the state dict (possibly nested under "state_dict" etc.)."""
     try:
@@ -558,6 +572,11 @@ def _load_pt(path: str) -> Mapping:
         ) from exc
     import pickle
 
+    if _is_torchscript(path):
+        raise FormatError(
+            f"{path!r} is a TorchScript archive (torch.jit.save), which lstm-cpu does not load: "
+            "it holds code, not only weights. Save the module's state_dict() with torch.save, "
+            "or export it to ONNX")
     try:
         # weights_only=True ONLY: the restricted unpickler allows tensors and plain containers,
         # so a hostile __reduce__ is refused instead of run. Never fall back to full unpickling.
@@ -571,7 +590,9 @@ def _load_pt(path: str) -> Mapping:
     except MemoryError:
         raise FormatError(f"{path!r}: checkpoint declares more data than can be allocated") from None
     except Exception as exc:  # truncated zip, random bytes, EOF: torch raises many types
-        raise FormatError(f"{path!r} is not a readable PyTorch checkpoint: {type(exc).__name__}: {exc}") from None
+        raise FormatError(
+            f"{path!r} is not a readable PyTorch checkpoint: {type(exc).__name__}: {_unpickler_reason(exc)}"
+        ) from None
     if not isinstance(obj, Mapping):
         raise FormatError(f"{path!r}: expected a state dict (mapping of name -> tensor), got {type(obj).__name__}")
     if not any(_shape_of(v) is not None for v in obj.values()):

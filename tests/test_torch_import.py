@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 
 import numpy as np
@@ -287,6 +288,16 @@ def test_full_module_pickle_is_refused(tmp_path):
     torch.save(Net(), path)  # pickles the classes: needs full unpickling
     with pytest.raises(FormatError, match="weights-only"):
         load_torch_file(path)
+
+
+def test_torchscript_archive_is_refused_without_loading_it(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch_lstm(3, 4)), str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.load would warn; we must not get that far
+        with pytest.raises(FormatError, match="TorchScript") as ei:
+            load_torch_file(path)
+    assert "weights_only=False" not in str(ei.value) and "state_dict" in str(ei.value)
 
 
 class _Hostile:
