@@ -97,6 +97,9 @@ ONNX_GATE_ORDER = "iofc"
 MAX_TENSOR_ELEMENTS = 1 << 30
 #: Refuse any dimension (and hidden_size) larger than this.
 MAX_DIM = 1 << 24
+#: Inlining model-local functions may not grow the model beyond this many nodes (a hostile model
+#: can nest calls so that the expansion is exponential in the file size).
+MAX_INLINED_NODES = 1 << 20
 #: LSTM operator versions this importer understands.
 SUPPORTED_VERSIONS = (1, 7, 14, 22)
 
@@ -265,6 +268,54 @@ def _all_graphs(model) -> List[_Graph]:
 
     walk(model.graph, "main", None, 0)
     return out
+
+
+def _inline_lstm_functions(model, label):
+    """``model`` with its model-local functions inlined when one of them holds an LSTM node (torch's
+    ``export_modules_as_functions`` puts nn.LSTM there), else None. onnx's own inliner does the
+    work, after the expanded size has been counted and bounded."""
+    funcs = {(f.domain, f.name): f for f in model.functions}
+    if not funcs:
+        return None
+    memo: Dict[tuple, int] = {}
+
+    def size(nodes, stack) -> int:
+        """Nodes after inlining, counting subgraphs; raises on recursion or blow-up."""
+        n = 0
+        for node in nodes:
+            key = (node.domain, node.op_type)
+            if key in funcs:
+                if key in stack:
+                    raise FormatError(f"{label}: model-local function {key[1]!r} calls itself")
+                if key not in memo:
+                    memo[key] = size(funcs[key].node, stack | {key})
+                n += memo[key]
+            else:
+                n += 1
+                for _, sub in _subgraphs(node):
+                    n += size(sub.node, stack)
+            if n > MAX_INLINED_NODES:
+                raise FormatError(
+                    f"{label}: inlining the model-local functions would create more than "
+                    f"{MAX_INLINED_NODES} nodes")
+        return n
+
+    def holds_lstm(nodes) -> bool:
+        return any(_is_lstm(nd) or any(holds_lstm(sub.node) for _, sub in _subgraphs(nd)) for nd in nodes)
+
+    if not any(holds_lstm(f.node) for f in funcs.values()):
+        return None
+    size(model.graph.node, frozenset())
+    try:
+        from onnx import inliner
+    except ImportError:
+        raise UnsupportedModelError(
+            f"{label}: the LSTM is inside a model-local function; inlining it needs onnx >= 1.15 "
+            "(pip install -U onnx)") from None
+    try:
+        return inliner.inline_local_functions(model)
+    except Exception as exc:  # the C++ inliner rejects malformed functions with various types
+        raise FormatError(f"{label}: could not inline the model-local functions: {exc}") from None
 
 
 def _node_label(node) -> str:
@@ -1250,7 +1301,7 @@ def _pick(chains, node, label) -> List[_NodeInfo]:
             "[" + " -> ".join(i.describe() for i in ch) + "]" for ch in chains)
 
     if not chains:
-        raise UnsupportedModelError(f"{label}: no LSTM node found (main graph and subgraphs searched)")
+        raise UnsupportedModelError(f"{label}: no LSTM node found (main graph, subgraphs and model-local functions searched)")
     if node is None:
         if len(chains) == 1:
             return chains[0]
@@ -1310,6 +1361,12 @@ def _onnx_to_params(src, node):
     opset = _default_opset(model, label)
     graphs = _all_graphs(model)
     chains = _find_chains(model, graphs, opset, folder, label)
+    inlined = False
+    if not chains:
+        flat = _inline_lstm_functions(model, label)
+        if flat is not None:
+            model, inlined = flat, True
+            chains = _find_chains(model, _all_graphs(model), opset, folder, label)
     chain = _pick(chains, node, label)
     _check_chain(chain, label)
     const_T = _check_constant_lengths(model, chain, label)
@@ -1336,6 +1393,7 @@ def _onnx_to_params(src, node):
         "opset": opset,
         "lstm_version": first.version,
         "layout": first.layout,
+        "inlined_functions": inlined,
         "inputs": {
             "X": x_name,
             "X_graph_input": _graph_input_behind(first.graph, x_name),

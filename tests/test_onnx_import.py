@@ -988,3 +988,57 @@ def test_constant_sequence_lens_of_wrong_type_is_refused(rng):
     node.input[4] = "seq_const"
     with pytest.raises(UnsupportedModelError, match="int32"):
         load_onnx(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-local functions (hostile shapes; the torch export case is in test_onnx_torch_export.py)
+# ---------------------------------------------------------------------------------------------
+def _function_model(rng, funcs, main_op):
+    """An LSTM inside function 'F0' (domain 'local'); ``funcs`` adds more functions; the main
+    graph calls ``main_op``."""
+    w = oh.onnx_weights(rng, 3, 4)
+    lstm_fn = helper.make_function(
+        "local", "F0", ["X"], ["Y"],
+        [helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w["W"], "W")),
+         helper.make_node("Constant", [], ["R"], value=numpy_helper.from_array(w["R"], "R")),
+         helper.make_node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=4)],
+        [helper.make_opsetid("", 14)])
+    graph = helper.make_graph(
+        [helper.make_node(main_op, ["X"], ["Y"], domain="local")], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "N", 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    m = helper.make_model(graph, functions=[lstm_fn] + funcs,
+                          opset_imports=[helper.make_opsetid("", 14), helper.make_opsetid("local", 1)])
+    m.ir_version = 8
+    return m, w
+
+
+def test_lstm_in_a_local_function_is_inlined(rng):
+    m, w = _function_model(rng, [], "F0")
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    ref = oh.run_ort(m, {"X": x})[0]  # (T, 1, N, H)
+    model = load_onnx(m)
+    y, _ = model.run(x)
+    np.testing.assert_allclose(y, ref[:, 0], atol=1e-5, rtol=0)
+
+
+def test_exponential_function_nesting_is_refused_quickly(rng):
+    # F_k calls F_{k-1} twice: 2**30 LSTM nodes once inlined, from a file of a few KB.
+    funcs = [helper.make_function("local", f"F{k}", ["X"], ["Y"],
+                                  [helper.make_node(f"F{k - 1}", ["X"], ["A"], domain="local"),
+                                   helper.make_node(f"F{k - 1}", ["A"], ["Y"], domain="local")],
+                                  [helper.make_opsetid("", 14), helper.make_opsetid("local", 1)])
+             for k in range(1, 31)]
+    m, _ = _function_model(rng, funcs, "F30")
+    with pytest.raises(FormatError, match="more than"):
+        load_onnx(m)
+
+
+def test_recursive_function_is_refused(rng):
+    rec = helper.make_function("local", "R", ["X"], ["Y"],
+                               [helper.make_node("R", ["X"], ["Y"], domain="local"),
+                                helper.make_node("F0", ["X"], ["Z"], domain="local")],
+                               [helper.make_opsetid("", 14), helper.make_opsetid("local", 1)])
+    m, _ = _function_model(rng, [rec], "R")
+    with pytest.raises(FormatError, match="calls itself"):
+        load_onnx(m)

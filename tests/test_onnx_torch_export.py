@@ -85,6 +85,33 @@ def test_legacy_exporter(tmp_path, num_layers, bidirectional, batch_first, with_
     _compare(m, args, model)
 
 
+class _Wrapped(torch.nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)
+
+
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first", [(2, False, False), (2, True, True)])
+def test_legacy_exporter_modules_as_functions(tmp_path, num_layers, bidirectional, batch_first):
+    """export_modules_as_functions puts nn.LSTM's LSTM nodes in a model-local function (called
+    from the main graph as op "LSTM" in domain torch.nn.modules.rnn): they are inlined and found."""
+    m = _lstm(num_layers, bidirectional, batch_first)
+    args = _inputs(m, False)
+    path = str(tmp_path / "fn.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Wrapped(m), args, path, dynamo=False, opset_version=17,
+                          export_modules_as_functions={torch.nn.LSTM})
+    proto = onnx.load(path)
+    assert proto.functions and not any(n.op_type == "LSTM" and n.domain == "" for n in proto.graph.node)
+    model = load_onnx(path)
+    assert model.info()["source"]["inlined_functions"] is True
+    _compare(m, args, model)
+
+
 def test_legacy_exporter_through_lstm_cpu_load(tmp_path):
     pytest.importorskip("lstm_cpu.loader", reason="lstm_cpu/loader.py (the lead's lstm_cpu.load) not there yet")
     import lstm_cpu
