@@ -292,7 +292,9 @@ def test_full_module_pickle_is_refused(tmp_path):
 
 def test_torchscript_archive_is_refused_without_loading_it(tmp_path):
     path = tmp_path / "scripted.pt"
-    torch.jit.save(torch.jit.script(torch_lstm(3, 4)), str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, files remain
+        torch.jit.save(torch.jit.script(torch_lstm(3, 4)), str(path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch.load would warn; we must not get that far
         with pytest.raises(FormatError, match="TorchScript") as ei:
