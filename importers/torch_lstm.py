@@ -557,8 +557,8 @@ def _is_torchscript(path: str) -> bool:
             return False
         with zipfile.ZipFile(path) as z:
             return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return False  # torch.load reports what is wrong with it
+    except Exception:  # BadZipFile, NotImplementedError (zip version), struct errors, ... (fuzzed)
+        return False  # not a readable zip: torch.load reports what is wrong with it
 
 
 def _load_pt(path: str) -> Mapping:
