@@ -251,8 +251,26 @@ def _onnx_models(rng):
     for k, v in (("location", "weights.bin"), ("offset", "0"), ("length", str(len(blob)))):
         e = w.external_data.add()
         e.key, e.value = k, v
+    # The LSTM inside a model-local function, weights passed in from main-graph initializers
+    # (torch's export_modules_as_functions): exercises the size-capped inlining.
+    fn_body = helper.make_function(
+        "local", "LSTMFn", ["x", "w", "r", "b"], ["y"],
+        [helper.make_node("LSTM", ["x", "w", "r", "b"], ["y", "", ""], hidden_size=H)],
+        [helper.make_opsetid("", 14)])
+    func = model([helper.make_node("LSTMFn", ["X", "W", "R", "B"], ["Y"], domain="local", name="call")],
+                 {"W": u(1, 4 * H, I), "R": u(1, 4 * H, H), "B": u(1, 8 * H)}, I, ["Y"])
+    func.functions.append(fn_body)
+    func.opset_import.append(helper.make_opsetid("local", 1))
+    # A constant sequence_lens equal to a static T (accepted as a no-op).
+    lens = model([helper.make_node("LSTM", ["X", "W", "R", "B", "lens"], ["Y", "Y_h", "Y_c"],
+                                   name="lstm_lens", hidden_size=H)],
+                 {"W": u(1, 4 * H, I), "R": u(1, 4 * H, H), "B": u(1, 8 * H)}, I, ["Y"])
+    lens.graph.initializer.append(numpy_helper.from_array(np.full(2, 4, np.int32), "lens"))
+    dims = lens.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value, dims[1].dim_value = 4, 2
     out = {"fwd": (fwd, {}), "bi_peep_state": (bi, {}), "acts_clip": (acts, {}), "constants": (const, {}),
-           "two_layer": (two, {}), "external": (ext, {"weights.bin": blob})}
+           "two_layer": (two, {}), "external": (ext, {"weights.bin": blob}), "local_function": (func, {}),
+           "const_lens": (lens, {})}
     # What importers/onnx_export.py writes (torch.onnx.export's layout): a 2-layer bidirectional
     # chain through Transpose + Reshape, runtime initial states, peepholes, clip.
     try:
@@ -913,7 +931,9 @@ def mutate_onnx(rng, seed: Seed) -> Tuple[Dict[str, bytes], str]:
     m.CopyFrom(seed.obj)
     g = m.graph
     tensors = list(g.initializer) + [a.t for n in g.node for a in n.attribute if a.type == AttributeProto.TENSOR]
-    lstms = [n for n in g.node if n.op_type == "LSTM"]
+    # LSTM nodes of the main graph, else of the model-local functions (the local_function seed)
+    lstms = [n for n in g.node if n.op_type == "LSTM"] or [n for f in m.functions for n in f.node
+                                                           if n.op_type == "LSTM"]
     node = lstms[int(rng.integers(0, len(lstms)))]
     kind = str(pick(rng, ["dims", "dims", "dtype", "raw", "raw", "external", "attr", "attr", "attr", "node",
                            "opset", "graph", "subgraph"]))
