@@ -334,7 +334,7 @@ class LSTMModel:
         """The kernel a stream of N (batch) streams runs: ``kernel``, or the model's default,
         except that "auto" goes parallel for a batch with enough work per step."""
         name = self._kernel_name(kernel)
-        if ((kernel is None or kernel == "auto") and self._kernel == "auto" and name == "serial"
+        if ((kernel is None or kernel == "auto") and self._kernel == "auto"
                 and 2 <= N < BLAS_MIN_BATCH and _config.num_threads() > 1
                 and self.weight_bytes * N >= BATCH_PARALLEL_MIN_BYTES):
             return "parallel"

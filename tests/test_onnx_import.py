@@ -937,10 +937,10 @@ def test_cyclic_identity_chain_behind_a_weight(good_model):
 # ---------------------------------------------------------------------------------------------
 # A constant sequence_lens (tf2onnx / constant folding of static shapes)
 # ---------------------------------------------------------------------------------------------
-def _with_constant_lengths(model, lens, T, N, as_node=False):
+def _with_constant_lengths(model, lens, T, N, as_node=False, dtype=np.int32):
     """Wire a constant sequence_lens into the LSTM node; X gets static (T, N, I) when T is given."""
     g = model.graph
-    t = onnx.numpy_helper.from_array(np.asarray(lens, np.int32), "seq_const")
+    t = onnx.numpy_helper.from_array(np.asarray(lens, dtype), "seq_const")
     if as_node:
         g.node.insert(0, onnx.helper.make_node("Constant", [], ["seq_const"], value=t, name="c_seq"))
     else:
@@ -980,12 +980,7 @@ def test_constant_sequence_lens_that_would_change_results_is_refused(rng, lens, 
 
 def test_constant_sequence_lens_of_wrong_type_is_refused(rng):
     w = oh.onnx_weights(rng, 4, 5)
-    model = oh.lstm_model(w["W"], w["R"], w["B"])
-    model.graph.initializer.append(onnx.numpy_helper.from_array(np.full(3, 6, np.float32), "seq_const"))
-    node = model.graph.node[-1]
-    while len(node.input) < 5:
-        node.input.append("")
-    node.input[4] = "seq_const"
+    model = _with_constant_lengths(oh.lstm_model(w["W"], w["R"], w["B"]), [6, 6, 6], 6, 3, dtype=np.float32)
     with pytest.raises(UnsupportedModelError, match="int32"):
         load_onnx(model)
 
