@@ -13,7 +13,7 @@ validation sequence from the initial state, xs ``(T, B, I)`` -> ``(T, B, out)``)
 ``make_call()`` (a zero-argument callable doing one timed unit with the state fed back).
 Peers are imported lazily; a missing one raises :class:`PeerUnavailable` with the reason.
 
-- onnxruntime: one InferenceSession on ``importers.onnx_export.to_onnx(model)``;
+- onnxruntime: one InferenceSession on ``lstm_cpu.importers.onnx_export.to_onnx(model)``;
   ``intra_op_num_threads=--threads``, ``inter_op_num_threads=1``, sequential execution; the
   state goes in as ``initial_h``/``initial_c`` and comes back as ``Y_h``/``Y_c`` every call.
 - torch: ``nn.LSTM`` with the canonical weights copied in (torch's gate order is canonical; the

@@ -14,7 +14,7 @@ fusion applies::
     outputs  Y            (T, N, D*H)    or (T, N, O) with a head: what ``model.run`` returns as y
              Y_h_l, Y_c_l (D, N, H)      per layer l
 
-The inverse of :mod:`importers.onnx_lstm` for canonical params: ``load_onnx(to_onnx(m))`` gives
+The inverse of :mod:`lstm_cpu.importers.onnx_lstm` for canonical params: ``load_onnx(to_onnx(m))`` gives
 ``m`` back. Caveat: ONNX ``input_forget=1`` is run by onnxruntime as ``f = 1 - i`` while
 lstm-cpu's spec says ``i = 1 - f``; such a model exports but the peers then compute something
 else (see ``importers/onnx_lstm.py``).

@@ -28,7 +28,7 @@ def from_torch(obj, prefix=None, head=None, dtype=None):
     """Convert ``nn.LSTM``, ``nn.LSTMCell``, a module holding exactly one of them, or a state dict."""
     import numpy as np
 
-    from importers.torch_lstm import from_torch as _from_torch
+    from lstm_cpu.importers.torch_lstm import from_torch as _from_torch
 
     return _from_torch(obj, prefix=prefix, head=head, dtype=np.float32 if dtype is None else dtype)
 

@@ -3,7 +3,7 @@
 Method (see ``docs`` of the CLI and ``bench/README.md``):
 
 1. Every runtime gets the *same* weights: onnxruntime and OpenVINO through
-   ``importers.onnx_export.to_onnx(model)``, torch through an ``nn.LSTM`` whose parameters are
+   ``lstm_cpu.importers.onnx_export.to_onnx(model)``, torch through an ``nn.LSTM`` whose parameters are
    copied from the canonical :class:`~lstm_cpu.spec.LayerParams` (torch's gate order *is* the
    canonical one, so no permutation).
 2. Validate before timing (karpathy/llm.c ``dev/cuda``): each peer runs a short sequence with the
@@ -516,7 +516,7 @@ class OnnxRuntimeRunner(Runner):
 class OnnxIO:
     """How the exported graph names its data and state inputs/outputs.
 
-    Understood layouts (``importers.onnx_export.to_onnx`` picks one):
+    Understood layouts (``lstm_cpu.importers.onnx_export.to_onnx`` picks one):
     - stacked: ``initial_h (L*D, B, out)``, ``initial_c (L*D, B, H)`` -> ``Y_h``, ``Y_c``;
     - per layer: ``initial_h_<k>``/``initial_c_<k>`` (or ``h0_<k>``) -> ``Y_h_<k>``/``Y_c_<k>``,
       each ``(D, B, .)``.
@@ -1198,7 +1198,7 @@ def _run_bench(cfg: BenchConfig, echo, model, source) -> Dict[str, object]:
 
 def _export_onnx(model) -> bytes:
     try:
-        from importers.onnx_export import to_onnx  # noqa: PLC0415 - needs onnx
+        from lstm_cpu.importers.onnx_export import to_onnx  # noqa: PLC0415 - needs onnx
     except ImportError as e:
         raise PeerUnavailable(f"cannot export to ONNX ({e}); pip install onnx") from None
     try:

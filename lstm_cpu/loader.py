@@ -1,7 +1,8 @@
 """``lstm_cpu.load``: recognise a model file's format and hand it to the right reader.
 
-Content first (magic bytes), extension second. The ONNX and PyTorch readers live in the top-level
-``importers`` package and are imported only here, only when such a file is loaded.
+Content first (magic bytes), extension second. The ONNX and PyTorch readers live in
+``lstm_cpu.importers`` (the repository folder ``importers/``, installed inside our namespace so a
+user's own ``importers.py`` cannot shadow it) and are imported only here, when such a file loads.
 """
 
 from __future__ import annotations
@@ -85,10 +86,10 @@ def load(path, **options):
 
         return load_packed(path, **options)
     if kind == "onnx":
-        from importers.onnx_lstm import load_onnx
+        from lstm_cpu.importers.onnx_lstm import load_onnx
 
         return load_onnx(path, **options)
-    from importers.torch_lstm import load_torch_file
+    from lstm_cpu.importers.torch_lstm import load_torch_file
 
     return load_torch_file(path, **options)
 

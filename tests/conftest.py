@@ -12,11 +12,12 @@ import sys
 import numpy as np
 import pytest
 
-# The repo root on sys.path so `import lstm_cpu`, `import importers` and `import naive`
-# (tests/naive.py) work from a plain checkout without installing the package.
+# tests/ on sys.path so `import naive` (tests/naive.py) works. lstm_cpu and lstm_cpu.importers
+# (the repository folder importers/, mapped by pyproject's package-dir) come from the installed
+# package: `pip install -e ".[test]"`, as .ci/run does.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
-for _p in (_ROOT, _HERE):
+for _p in (_HERE,):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
@@ -87,7 +88,7 @@ def canonical_layers(state_dict, num_layers, bidirectional=False, bias=True, pro
     """LayerParams straight from a torch state dict, written independently of the importer.
 
     PyTorch's gate order is the canonical one, so this is the identity mapping plus bias folding;
-    it lets tests feed tests/naive.py without going through importers.torch_lstm.
+    it lets tests feed tests/naive.py without going through lstm_cpu.importers.torch_lstm.
     """
     from lstm_cpu.spec import LayerParams
 

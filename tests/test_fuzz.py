@@ -274,7 +274,7 @@ def _onnx_models(rng):
     # What importers/onnx_export.py writes (torch.onnx.export's layout): a 2-layer bidirectional
     # chain through Transpose + Reshape, runtime initial states, peepholes, clip.
     try:
-        from importers.onnx_export import to_onnx
+        from lstm_cpu.importers.onnx_export import to_onnx
         from lstm_cpu import LayerParams, LSTMModel
 
         def lp(fan_in, H):

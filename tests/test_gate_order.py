@@ -114,7 +114,7 @@ def test_naive_reference_agrees():
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
 def test_from_torch_state_dict(dtype, tol):
-    from importers.torch_lstm import from_torch
+    from lstm_cpu.importers.torch_lstm import from_torch
 
     # PyTorch's layout: weight_ih_l0 (4H, I) with row blocks (i, f, g, o); bias split in two.
     sd = {
@@ -130,7 +130,7 @@ def test_from_torch_state_dict(dtype, tol):
 
 def test_from_torch_module_matches_torch_and_hand():
     torch = pytest.importorskip("torch")
-    from importers.torch_lstm import from_torch
+    from lstm_cpu.importers.torch_lstm import from_torch
 
     m = torch.nn.LSTM(1, 1).double()
     with torch.no_grad():

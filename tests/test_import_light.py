@@ -102,7 +102,7 @@ def test_numpy_state_dict_and_safetensors_without_torch(tmp_path):
     torch_file.write_bytes(b"PK\x03\x04 not really a checkpoint")
     _run("""
         import numpy as np
-        from importers.torch_lstm import from_torch, load_torch_file
+        from lstm_cpu.importers.torch_lstm import from_torch, load_torch_file
         from lstm_cpu.errors import LSTMError
 
         sd = dict(np.load("sd.npz"))

@@ -15,7 +15,7 @@ onnx = pytest.importorskip("onnx")
 
 from onnx import helper, numpy_helper  # noqa: E402
 
-from importers.onnx_lstm import load_onnx, onnx_to_params  # noqa: E402
+from lstm_cpu.importers.onnx_lstm import load_onnx, onnx_to_params  # noqa: E402
 
 try:
     from tests import onnx_helpers as oh

@@ -18,7 +18,7 @@ pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from importers.onnx_lstm import load_onnx, onnx_to_params  # noqa: E402
+from lstm_cpu.importers.onnx_lstm import load_onnx, onnx_to_params  # noqa: E402
 from lstm_cpu.errors import FormatError, InputError, LSTMError, UnsupportedModelError  # noqa: E402
 from lstm_cpu.spec import Activation  # noqa: E402
 
@@ -872,7 +872,7 @@ def _export_feeds(x, L, D, state=None):
 
 @pytest.mark.parametrize("L,D", [(1, 1), (2, 1), (3, 2)])
 def test_export_round_trip(rng, L, D):
-    from importers.onnx_export import to_onnx
+    from lstm_cpu.importers.onnx_export import to_onnx
     from lstm_cpu.model import LSTMModel
 
     naive = oh.naive
@@ -903,7 +903,7 @@ def test_export_round_trip(rng, L, D):
 
 
 def test_export_bare_layers_and_head(rng):
-    from importers.onnx_export import to_onnx
+    from lstm_cpu.importers.onnx_export import to_onnx
     from lstm_cpu.model import LSTMModel
 
     layers = _random_layers(rng, 2, 2, peephole=False, bias=False)
@@ -917,7 +917,7 @@ def test_export_bare_layers_and_head(rng):
 
 
 def test_export_refuses_projection(rng):
-    from importers.onnx_export import to_onnx
+    from lstm_cpu.importers.onnx_export import to_onnx
     from lstm_cpu.spec import LayerParams
 
     p = LayerParams(np.ones((4 * H, I)), np.ones((4 * H, 2)), None, np.ones((2, H)))

@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from importers.onnx_lstm import load_onnx  # noqa: E402
+from lstm_cpu.importers.onnx_lstm import load_onnx  # noqa: E402
 
 ATOL = RTOL = 1e-5
 I, H, T, N = 3, 5, 6, 2

@@ -33,7 +33,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import torch_cell, torch_lstm, torch_run  # noqa: E402
-from importers.torch_lstm import from_torch  # noqa: E402
+from lstm_cpu.importers.torch_lstm import from_torch  # noqa: E402
 
 T = 1000  # sequence length of every case
 B = 3  # batch of every case

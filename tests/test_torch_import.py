@@ -1,4 +1,4 @@
-"""importers.torch_lstm: every way a PyTorch LSTM can arrive, and every way a file can be bad.
+"""lstm_cpu.importers.torch_lstm: every way a PyTorch LSTM can arrive, and every way a file can be bad.
 
 These tests are about *reading* (keys, prefixes, shapes, files, safety); numerical precision is
 tests/test_parity_torch.py's job, so outputs here are compared with a loose 1e-4.
@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from conftest import torch_cell, torch_lstm, torch_run  # noqa: E402
-from importers.torch_lstm import from_torch, load_torch_file  # noqa: E402
+from lstm_cpu.importers.torch_lstm import from_torch, load_torch_file  # noqa: E402
 from lstm_cpu.errors import FormatError, InputError, LSTMError  # noqa: E402
 
 ATOL = 1e-4  # float32 import check, not a precision test
