@@ -5,8 +5,9 @@ graph is the one ``torch.onnx.export`` writes for an ``nn.LSTM`` stack, so every
 fusion applies::
 
     inputs   X            (T, N, I)      time-major, float32
-             initial_h_l  (D, N, H)      per layer l (feed zeros, or the model's initial state)
-             initial_c_l  (D, N, H)
+             initial_h_l  (D, N, H)      per layer l: fed by the caller; a model with an initial
+             initial_c_l  (D, N, H)      state also stores it as the inputs' default (an
+                                         initializer of the same name, batch 1)
     nodes    LSTM_l       W (D, 4H, in), R (D, 4H, H), B (D, 8H), P (D, 3H) as initializers,
                           gate blocks in ONNX order i, o, f, c (peepholes i, o, f)
              between layers: Squeeze(axis 1) for D = 1, Transpose(0, 2, 1, 3) + Reshape(0, 0, -1) for D = 2
@@ -14,10 +15,11 @@ fusion applies::
     outputs  Y            (T, N, D*H)    or (T, N, O) with a head: what ``model.run`` returns as y
              Y_h_l, Y_c_l (D, N, H)      per layer l
 
-The inverse of :mod:`lstm_cpu.importers.onnx_lstm` for canonical params: ``load_onnx(to_onnx(m))`` gives
-``m`` back. Caveat: ONNX ``input_forget=1`` is run by onnxruntime as ``f = 1 - i`` while
-lstm-cpu's spec says ``i = 1 - f``; such a model exports but the peers then compute something
-else (see ``importers/onnx_lstm.py``).
+The inverse of :mod:`lstm_cpu.importers.onnx_lstm`: ``load_onnx(to_onnx(m))`` gives ``m`` back,
+including ``clip``, ``input_forget`` (``f = 1 - i``, as onnxruntime computes it and lstm-cpu's spec
+says), peepholes, activations, a one-direction ``reverse`` model (``direction="reverse"``), the
+model's initial state and a linear head. A projection (PyTorch ``proj_size``) has no ONNX LSTM
+equivalent and is refused with :class:`UnsupportedModelError`.
 """
 
 from __future__ import annotations
@@ -65,11 +67,12 @@ def _activation_attrs(rows):
 
 
 def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool = False, head=None,
-            opset: int = DEFAULT_OPSET):
+            initial_state=None, reverse: bool = False, opset: int = DEFAULT_OPSET):
     """An :class:`~lstm_cpu.model.LSTMModel` (or ``layers[l][d]`` of LayerParams) -> ``onnx.ModelProto``.
 
-    For a model, ``clip``, ``input_forget`` and ``head`` come from it; for a bare ``layers`` list,
-    pass them. Projections (``w_hr``) have no ONNX LSTM equivalent: UnsupportedModelError.
+    For a model, ``clip``, ``input_forget``, ``head``, ``initial_state`` ((h0 (L*D, H), c0
+    (L*D, H))) and ``reverse`` come from it; for a bare ``layers`` list, pass them. Projections
+    (``w_hr``) have no ONNX LSTM equivalent: UnsupportedModelError.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -78,6 +81,7 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
         m = model_or_layers
         layers = m.layer_params()
         clip, input_forget, head = m.clip, m.input_forget, m.head
+        initial_state, reverse = m.initial_state, m.reverse
     elif isinstance(model_or_layers, (list, tuple)):
         layers = [list(row) for row in model_or_layers]
     else:
@@ -93,6 +97,9 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
             "the model has a projection (w_hr, PyTorch proj_size); the ONNX LSTM operator has none, "
             "so it cannot be exported")
     D = len(layers[0])
+    if reverse and D != 1:
+        raise InputError("reverse=True is for one-direction models; a bidirectional model "
+                         "already has a backward direction")
     H = layers[0][0].hidden_size
     I = layers[0][0].input_size
     peep = any(p.peephole is not None for row in layers for p in row)
@@ -118,13 +125,18 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
         h0, c0 = f"initial_h_{l}", f"initial_c_{l}"
         for s in (h0, c0):
             g_inputs.append(helper.make_tensor_value_info(s, TensorProto.FLOAT, [D, "N", H]))
+        if initial_state is not None:  # the inputs' defaults (ONNX: an initializer of the same name)
+            for s, a in zip((h0, c0), initial_state):
+                a = np.asarray(a, np.float32)[l * D:(l + 1) * D, None, :]  # (D, 1, H)
+                inits.append(numpy_helper.from_array(np.ascontiguousarray(a), s))
         ins = [x] + names + ["", h0, c0]
         if peep:
             P = np.stack([_peephole_to_onnx(f32(p.peephole)) if p.peephole is not None
                           else np.zeros(3 * H, np.float32) for p in row])  # (D, 3H)
             inits.append(numpy_helper.from_array(P, f"P_{l}"))
             ins.append(f"P_{l}")
-        attrs = {"hidden_size": H, "direction": "bidirectional" if D == 2 else "forward"}
+        attrs = {"hidden_size": H,
+                 "direction": "bidirectional" if D == 2 else ("reverse" if reverse else "forward")}
         acts = [p.activations for p in row]
         if any(tuple(a.name for a in as_activations(x_)) != ("Sigmoid", "Tanh", "Tanh") for x_ in acts):
             n_, a_, b_ = _activation_attrs(acts)

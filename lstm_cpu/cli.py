@@ -356,7 +356,7 @@ _INFO_ROWS = [
     ("head_size", "head", lambda v, i: f"Linear to {v}" if v else "none"),
     ("activations", "activations", lambda v, i: _fmt_activations(v, i.get("num_directions", 1))),
     ("clip", "cell clip", lambda v, i: "none" if v in (None, 0) else f"{v:g}"),
-    ("input_forget", "input forget", lambda v, i: "coupled (i = 1 - f)" if v else "no"),
+    ("input_forget", "input forget", lambda v, i: "coupled (f = 1 - i)" if v else "no"),
     ("peepholes", "peepholes", lambda v, i: "yes" if v else "no"),
     ("has_initial_state", "initial state", lambda v, i: "baked in" if v else "zeros"),
     ("dtype", "dtype", None),
