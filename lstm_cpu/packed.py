@@ -168,59 +168,62 @@ def load(path, mmap=False) -> Packed:
         raise FormatError(f"cannot open {path}: {e.strerror}") from None
     with f:
         size = os.fstat(f.fileno()).st_size
-        if mmap and size > 0:
-            try:
+        prefix = f.read(8)
+        n = _header_length(prefix, size, path)
+        raw_header = f.read(n)  # the bytes parsed are the bytes hashed
+        if len(raw_header) != n:
+            raise FormatError(f"{path}: the file changed while it was read (short read)")
+        header = parse_header(raw_header, path)
+        md = header.get("__metadata__")
+        if not is_packed_header(header):
+            raise FormatError(f"{path}: not an lstm-cpu packed file (no '{FORMAT_NAME}' metadata)")
+        version = md.get("version")
+        if not (isinstance(version, str) and version.isdigit()):
+            raise FormatError(f"{path}: version field must be a number, got {version!r}")
+        if int(version) > FORMAT_VERSION:
+            raise UnsupportedModelError(
+                f"{path}: packed format version {version} is newer than this lstm-cpu reads "
+                f"(up to {FORMAT_VERSION}); upgrade lstm-cpu")
+        if int(version) < FORMAT_VERSION:
+            raise UnsupportedModelError(
+                f"{path}: packed format version {version} was written by an older lstm-cpu whose "
+                f"layout depended on the machine's thread count; convert the source model again "
+                f"(lstm-cpu convert SOURCE {os.path.basename(path)})")
+        stated = md.get("sha256")
+        fields = _DIGEST_FIELD.findall(raw_header)
+        if not (isinstance(stated, str) and len(fields) == 1 and fields[0].decode() == stated):
+            raise FormatError(f"{path}: the header must carry exactly one 64-hex-digit sha256")
+        data_start = 8 + n
+        data_len = size - data_start
+        entries = {}
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            entries[name] = _check_entry(path, name, e, data_len)
+        for req in ("meta", "fpar", "wbuf"):
+            if req not in entries:
+                raise FormatError(f"{path}: tensor '{req}' is missing")
+        # save() packs the tensors back to back, each padded to 8 bytes: anything after the last
+        # one is not ours (and is refused here, before a hash pass over arbitrary trailing data).
+        end = max(b + int(np.prod(shp)) * np.dtype(dt).itemsize for dt, shp, b in entries.values())
+        if data_len != end + (-end) % 8:
+            raise FormatError(f"{path}: the data section is {data_len} bytes but its tensors end at "
+                              f"{end}: the file has trailing bytes or is truncated")
+        if mmap and data_len > 0:
+            try:  # one mapping: hashed below, then viewed by the arrays
                 buf = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
             except (OSError, ValueError) as e:
                 raise FormatError(f"cannot map {path}: {e}") from None
+            data = memoryview(buf)[data_start:]
         else:
-            buf = f.read()  # one read: the bytes we checksum are the bytes we use
-            if len(buf) != size:
+            buf = f.read(data_len)  # one read: the bytes we checksum are the bytes we use
+            if len(buf) != data_len:
                 raise FormatError(f"{path}: the file changed while it was read (short read)")
-    view = memoryview(buf)
-    n = _header_length(bytes(view[:8]), size, path)
-    raw_header = bytes(view[8 : 8 + n])
-    header = parse_header(raw_header, path)
-    md = header.get("__metadata__")
-    if not is_packed_header(header):
-        raise FormatError(f"{path}: not an lstm-cpu packed file (no '{FORMAT_NAME}' metadata)")
-    version = md.get("version")
-    if not (isinstance(version, str) and version.isdigit()):
-        raise FormatError(f"{path}: version field must be a number, got {version!r}")
-    if int(version) > FORMAT_VERSION:
-        raise UnsupportedModelError(
-            f"{path}: packed format version {version} is newer than this lstm-cpu reads "
-            f"(up to {FORMAT_VERSION}); upgrade lstm-cpu")
-    if int(version) < FORMAT_VERSION:
-        raise UnsupportedModelError(
-            f"{path}: packed format version {version} was written by an older lstm-cpu whose "
-            f"layout depended on the machine's thread count; convert the source model again "
-            f"(lstm-cpu convert SOURCE {os.path.basename(path)})")
-    stated = md.get("sha256")
-    if not (isinstance(stated, str) and len(_DIGEST_FIELD.findall(raw_header)) == 1
-            and _DIGEST_FIELD.search(raw_header).group(1).decode() == stated):
-        raise FormatError(f"{path}: the header must carry exactly one 64-hex-digit sha256")
-    data_start = 8 + n
-    data = view[data_start:]
-    digest = _digest(bytes(view[:8]), raw_header, data)
+            data, data_start = buf, 0
+    digest = _digest(prefix, raw_header, data)
     if digest != stated:
         raise FormatError(f"{path}: checksum mismatch: the file is truncated or was modified "
                           f"(expected sha256 {stated[:16]}..., got {digest[:16]}...)")
-    data_len = size - data_start
-    entries = {}
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        entries[name] = _check_entry(path, name, e, data_len)
-    for req in ("meta", "fpar", "wbuf"):
-        if req not in entries:
-            raise FormatError(f"{path}: tensor '{req}' is missing")
-    # save() packs the tensors back to back, each padded to 8 bytes: anything after the last
-    # one is not ours.
-    end = max(b + int(np.prod(shp)) * np.dtype(dt).itemsize for dt, shp, b in entries.values())
-    if data_len != end + (-end) % 8:
-        raise FormatError(f"{path}: the data section is {data_len} bytes but its tensors end at "
-                          f"{end}: the file has trailing bytes or is truncated")
     for name, want in (("meta", np.int64), ("fpar", np.float64)):
         if entries[name][0] is not want:
             raise FormatError(f"{path}: tensor '{name}' must be {np.dtype(want).name}, "
