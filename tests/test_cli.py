@@ -325,10 +325,10 @@ def _has(mod: str) -> bool:
 
 def test_bench_mismatch_is_loud(capsys, monkeypatch):
     pytest.importorskip("torch")
-    from lstm_cpu import _bench
+    from lstm_cpu.bench.runners.torch import TorchRunner
 
-    real = _bench.TorchRunner.outputs
-    monkeypatch.setattr(_bench.TorchRunner, "outputs", lambda self, xs: real(self, xs) + 1e-3)
+    real = TorchRunner.outputs
+    monkeypatch.setattr(TorchRunner, "outputs", lambda self, xs: real(self, xs) + 1e-3)
     res, err = _bench_json(capsys, "--compare", "torch")
     assert res["mismatch"] is True and res["checks"]["torch"]["ok"] is False
     assert "MISMATCH torch" in err
