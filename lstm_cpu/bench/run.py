@@ -88,26 +88,27 @@ def _inputs(cfg: BenchConfig, input_size: int, rng):
 
 def _peer_runners(model, layers, cfg: BenchConfig, shape_x, notes, echo, skipped) -> List[Runner]:
     """The peers asked for that can run this model here; the others go to ``skipped``."""
-    wanted = list(cfg.compare) if cfg.compare is not None else list(PEERS)
-    runners: List[Runner] = []
     graph = None
-    for name in wanted:
+
+    def build(name: str) -> Runner:
+        nonlocal graph
+        if name == "torch":
+            return TorchRunner(model, layers, cfg)
+        if graph is None:  # onnxruntime and openvino run the same exported graph
+            graph = ExportedGraph(model)
+        if name == "onnxruntime":
+            return OnnxRuntimeRunner(cfg, graph)
+        return OpenVINORunner(cfg, graph, shape_x)
+
+    runners: List[Runner] = []
+    for name in (cfg.compare if cfg.compare is not None else PEERS):
         try:
-            if name in ("onnxruntime", "openvino") and graph is None:
-                graph = ExportedGraph(model)
-            if name == "onnxruntime":
-                r = OnnxRuntimeRunner(cfg, graph)
-            elif name == "torch":
-                r = TorchRunner(model, layers, cfg)
-            else:
-                r = OpenVINORunner(cfg, graph, shape_x)
+            runners.append(build(name))
+            continue
         except PeerUnavailable as e:
             skipped[name] = str(e)
         except Exception as e:  # noqa: BLE001 - a peer failing must not kill the benchmark
             skipped[name] = f"failed to set up: {type(e).__name__}: {e}"
-        else:
-            runners.append(r)
-            continue
         _note(notes, f"skipped {name}: {skipped[name]}", echo)
     return runners
 
