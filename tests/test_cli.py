@@ -342,6 +342,24 @@ def test_bench_restores_thread_counts(capsys):
     assert numba.get_num_threads() == before
 
 
+def test_every_subpackage_is_installed():
+    """`lstm-cpu bench` works from a wheel only if pyproject lists lstm_cpu.bench and its runners:
+    every folder of lstm_cpu/ with an __init__.py must be in [tool.setuptools] packages."""
+    import re
+
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        listed = re.search(r"^packages\s*=\s*\[(.*?)\]", f.read(), re.M | re.S).group(1)
+    listed = set(re.findall(r'"([^"]+)"', listed))
+    pkg = os.path.join(ROOT, "lstm_cpu")
+    found = {"lstm_cpu"}
+    for dirpath, dirnames, files in os.walk(pkg):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__" and d != "importers"]
+        if "__init__.py" in files:
+            found.add(os.path.relpath(dirpath, ROOT).replace(os.sep, "."))
+    assert {"lstm_cpu.bench", "lstm_cpu.bench.runners"} <= found
+    assert found <= listed, f"not installed by pyproject: {sorted(found - listed)}"
+
+
 def test_bench_too_many_threads_is_usage_error(capsys):
     import numba
 
