@@ -35,6 +35,17 @@ from lstm_cpu.spec import ACTIVATIONS, LayerParams, as_activations, gate_permuta
 DEFAULT_OPSET = 17
 
 
+def io_names(num_layers: int) -> dict:
+    """The names of the graph's data and state tensors, for callers that feed it (the benchmark):
+    ``{"x": "X", "y": "Y", "initial_h": [per layer], "initial_c": [...], "y_h": [...], "y_c": [...]}``.
+    The graph's inputs are ``x`` then ``initial_h[l], initial_c[l]`` per layer; its outputs ``y``
+    then ``y_h[l], y_c[l]`` per layer."""
+    layers = range(int(num_layers))
+    return {"x": "X", "y": "Y",
+            "initial_h": [f"initial_h_{l}" for l in layers], "initial_c": [f"initial_c_{l}" for l in layers],
+            "y_h": [f"Y_h_{l}" for l in layers], "y_c": [f"Y_c_{l}" for l in layers]}
+
+
 def _to_onnx_gates(a: np.ndarray) -> np.ndarray:
     """Canonical gate blocks (i, f, g, o) -> ONNX (i, o, f, c) along axis 0: the inverse of
     ``spec.reorder_gates(a, "iofc")``."""
@@ -104,11 +115,12 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
     I = layers[0][0].input_size
     peep = any(p.peephole is not None for row in layers for p in row)
 
+    io = io_names(len(layers))
     nodes, inits, g_inputs, g_outputs = [], [], [], []
-    g_inputs.append(helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "N", I]))
+    g_inputs.append(helper.make_tensor_value_info(io["x"], TensorProto.FLOAT, ["T", "N", I]))
     inits.append(numpy_helper.from_array(np.array([1], np.int64), "squeeze_axes"))
     inits.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), "flat_shape"))
-    x = "X"
+    x = io["x"]
     for l, row in enumerate(layers):
         if len(row) != D or any(p.hidden_size != H for p in row):
             raise InputError(f"layer {l}: every layer needs {D} direction(s) of hidden size {H}")
@@ -122,7 +134,7 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
         names = [f"W_{l}", f"R_{l}", f"B_{l}"]
         inits += [numpy_helper.from_array(W, names[0]), numpy_helper.from_array(R, names[1]),
                   numpy_helper.from_array(B, names[2])]
-        h0, c0 = f"initial_h_{l}", f"initial_c_{l}"
+        h0, c0 = io["initial_h"][l], io["initial_c"][l]
         for s in (h0, c0):
             g_inputs.append(helper.make_tensor_value_info(s, TensorProto.FLOAT, [D, "N", H]))
         if initial_state is not None:  # the inputs' defaults (ONNX: an initializer of the same name)
@@ -150,7 +162,7 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
         if input_forget:
             attrs["input_forget"] = 1
         y = f"Y_{l}"
-        nodes.append(helper.make_node("LSTM", ins, [y, f"Y_h_{l}", f"Y_c_{l}"], name=f"LSTM_{l}", **attrs))
+        nodes.append(helper.make_node("LSTM", ins, [y, io["y_h"][l], io["y_c"][l]], name=f"LSTM_{l}", **attrs))
         # (T, D, N, H) -> (T, N, D*H): the next layer's X and the model's y
         if D == 1:
             nodes.append(helper.make_node("Squeeze", [y, "squeeze_axes"], [f"Yf_{l}"], name=f"Squeeze_{l}"))
@@ -158,7 +170,7 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
             nodes.append(helper.make_node("Transpose", [y], [f"Yt_{l}"], perm=[0, 2, 1, 3], name=f"Transpose_{l}"))
             nodes.append(helper.make_node("Reshape", [f"Yt_{l}", "flat_shape"], [f"Yf_{l}"], name=f"Reshape_{l}"))
         x = f"Yf_{l}"
-        for s in (f"Y_h_{l}", f"Y_c_{l}"):
+        for s in (io["y_h"][l], io["y_c"][l]):
             g_outputs.append(helper.make_tensor_value_info(s, TensorProto.FLOAT, [D, "N", H]))
     out_size = D * H
     if head is not None:
@@ -172,8 +184,8 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
             nodes.append(helper.make_node("Add", [x, "head_bias"], ["head_out"], name="Head_Add"))
             x = "head_out"
         out_size = hw.shape[0]
-    nodes.append(helper.make_node("Identity", [x], ["Y"], name="Output"))
-    g_outputs.insert(0, helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", "N", out_size]))
+    nodes.append(helper.make_node("Identity", [x], [io["y"]], name="Output"))
+    g_outputs.insert(0, helper.make_tensor_value_info(io["y"], TensorProto.FLOAT, ["T", "N", out_size]))
     graph = helper.make_graph(nodes, "lstm_cpu_export", g_inputs, g_outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(opset))],
                               producer_name="lstm-cpu")
@@ -182,4 +194,4 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
     return model
 
 
-__all__ = ["to_onnx", "DEFAULT_OPSET"]
+__all__ = ["to_onnx", "io_names", "DEFAULT_OPSET"]
