@@ -78,12 +78,17 @@ def _activation_attrs(rows):
 
 
 def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool = False, head=None,
-            initial_state=None, reverse: bool = False, opset: int = DEFAULT_OPSET):
+            initial_state=None, reverse: bool = False, state_defaults: bool = True,
+            opset: int = DEFAULT_OPSET):
     """An :class:`~lstm_cpu.model.LSTMModel` (or ``layers[l][d]`` of LayerParams) -> ``onnx.ModelProto``.
 
     For a model, ``clip``, ``input_forget``, ``head``, ``initial_state`` ((h0 (L*D, H), c0
     (L*D, H))) and ``reverse`` come from it; for a bare ``layers`` list, pass them. Projections
     (``w_hr``) have no ONNX LSTM equivalent: UnsupportedModelError.
+
+    ``state_defaults=False`` leaves the initial state out of the file (the caller feeds it, as
+    the benchmark peers do every step: some runtimes, OpenVINO among them, turn an input that has
+    an initializer into a constant); such a file no longer round-trips the initial state.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -137,7 +142,8 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
         h0, c0 = io["initial_h"][l], io["initial_c"][l]
         for s in (h0, c0):
             g_inputs.append(helper.make_tensor_value_info(s, TensorProto.FLOAT, [D, "N", H]))
-        if initial_state is not None:  # the inputs' defaults (ONNX: an initializer of the same name)
+        if initial_state is not None and state_defaults:  # the inputs' defaults (an initializer
+            # of the same name, which the ONNX spec lets a caller override)
             for s, a in zip((h0, c0), initial_state):
                 a = np.asarray(a, np.float32)[l * D:(l + 1) * D, None, :]  # (D, 1, H)
                 inits.append(numpy_helper.from_array(np.ascontiguousarray(a), s))

@@ -31,7 +31,7 @@ class ExportedGraph:
         except ImportError as e:
             raise PeerUnavailable(f"cannot export to ONNX ({e}); pip install onnx") from None
         try:
-            proto = onnx_export.to_onnx(model)
+            proto = onnx_export.to_onnx(model, state_defaults=False)  # the state is fed every call
         except LSTMError as e:  # e.g. a projection: ONNX's LSTM has none
             raise PeerUnavailable(f"the model cannot be exported to ONNX: {e}") from None
         self.onnx_bytes = proto.SerializeToString()
