@@ -4,7 +4,8 @@ An archive is a zip (torch writes every entry uncompressed)::
 
     <root>/data.pkl        the module tree, pickled (protocol 2) by torch's C++ pickler
     <root>/constants.pkl   a tuple of the values the code calls CONSTANTS.c0, c1, ...
-    <root>/data/<key>      one raw storage per record: numel * itemsize bytes
+    <root>/data/<key>      one raw storage per record (numel * itemsize bytes) of data.pkl's tensors
+    <root>/constants/<key> the same for constants.pkl's tensors
     <root>/byteorder       "little" or "big" (absent: little)
     <root>/code/...        TorchScript source: never read
 
@@ -92,12 +93,13 @@ class _StorageType(_Inert):
 
 
 class _Storage(_Inert):
-    """A persistent id ``('storage', <type>, key, location, numel)``: record ``data/<key>``."""
+    """A persistent id ``('storage', <type>, key, location, numel)``: the zip record
+    ``<root>/<record>``, where record is ``data/<key>`` (or ``constants/<key>`` for constants.pkl)."""
 
-    __slots__ = ("type_name", "key", "numel")
+    __slots__ = ("type_name", "record", "numel")
 
-    def __init__(self, type_name: str, key: str, numel: int):
-        self.type_name, self.key, self.numel = type_name, key, numel
+    def __init__(self, type_name: str, record: str, numel: int):
+        self.type_name, self.record, self.numel = type_name, record, numel
 
 
 class _TensorRef(_Inert):
@@ -262,10 +264,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """The stdlib unpickler with every way to reach a Python object replaced: ``find_class``
     (GLOBAL, STACK_GLOBAL, INST, OBJ, EXT*) and ``persistent_load`` (PERSID, BINPERSID)."""
 
-    def __init__(self, data: bytes, where: str, storages: Dict[str, _Storage]):
+    def __init__(self, data: bytes, where: str, folder: str):
         super().__init__(io.BytesIO(data))
         self._where = where
-        self._storages = storages  # key -> _Storage, shared by data.pkl and constants.pkl
+        self._folder = folder  # where this pickle's storages live: "data" or "constants"
+        self._storages: Dict[str, _Storage] = {}  # key -> _Storage
         self._classes: Dict[str, type] = {}
 
     def find_class(self, module, name):
@@ -293,7 +296,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         _, stype, key, _location, numel = pid
         known = self._storages.get(key)
         if known is None:
-            known = self._storages[key] = _Storage(stype.name, key, numel)
+            known = self._storages[key] = _Storage(stype.name, f"{self._folder}/{key}", numel)
         elif (known.type_name, known.numel) != (stype.name, numel):
             raise FormatError(f"{self._where}: storage {key!r} is declared twice, as {known.type_name}"
                               f"[{known.numel}] and as {stype.name}[{numel}]")
@@ -357,11 +360,10 @@ class _Archive:
         if order not in ("little", "big"):
             raise FormatError(f"{path!r}: byteorder record says {order!r}; expected 'little' or 'big'")
         self._order = "<" if order == "little" else ">"
-        self._storages: Dict[str, _Storage] = {}
-        self._arrays: Dict[str, np.ndarray] = {}
-        self.data = self._unpickle("data.pkl")
+        self._arrays: Dict[str, np.ndarray] = {}  # record -> its storage, read once
+        self.data = self._unpickle("data")
         const = f"{self.root}/constants.pkl"
-        self.constants = self._unpickle("constants.pkl") if const in self._infos else ()
+        self.constants = self._unpickle("constants") if const in self._infos else ()
 
     def close(self):
         self._zip.close()
@@ -388,12 +390,13 @@ class _Archive:
         return data
 
     def _unpickle(self, name: str):
-        info = self._infos[f"{self.root}/{name}"]
+        """``<root>/<name>.pkl``, whose storages are the records ``<root>/<name>/<key>``."""
+        info = self._infos[f"{self.root}/{name}.pkl"]
         where = f"{self.path!r}: {info.filename}"
         data = self._read(info, MAX_PICKLE_BYTES)
         _prescan(data, where)
         try:
-            return _RestrictedUnpickler(data, where, self._storages).load()
+            return _RestrictedUnpickler(data, where, name).load()
         except FormatError:
             raise
         except RecursionError:
@@ -403,25 +406,25 @@ class _Archive:
                               f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
     def _storage(self, s: _Storage) -> np.ndarray:
-        """The record ``data/<key>`` as a 1-D array of ``s.numel`` elements (read once)."""
-        arr = self._arrays.get(s.key)
+        """The storage's record as a 1-D array of ``s.numel`` elements (read once)."""
+        arr = self._arrays.get(s.record)
         if arr is not None:
             return arr
         dt = _STORAGE_DTYPES.get(s.type_name)
         if dt is None:
-            raise FormatError(f"{self.path!r}: storage {s.key!r} is a {s.type_name}, which has no "
+            raise FormatError(f"{self.path!r}: storage {s.record} is a {s.type_name}, which has no "
                               f"numpy equivalent; expected one of {', '.join(_STORAGE_DTYPES)}")
         dtype = np.dtype(dt).newbyteorder(self._order) if dt[0] == "<" else np.dtype(dt)
-        info = self._infos.get(f"{self.root}/data/{s.key}")
+        info = self._infos.get(f"{self.root}/{s.record}")
         if info is None:
-            raise FormatError(f"{self.path!r}: storage record {self.root}/data/{s.key} is missing")
+            raise FormatError(f"{self.path!r}: storage record {self.root}/{s.record} is missing")
         need = s.numel * dtype.itemsize
         if info.file_size < need:
             raise FormatError(f"{self.path!r}: storage record {info.filename} holds {info.file_size} "
                               f"bytes; its {s.type_name} of {s.numel} elements needs {need}")
         raw = self._read(info, info.file_size)[:need]
         arr = np.frombuffer(raw, dtype=dtype)  # (numel,)
-        self._arrays[s.key] = arr
+        self._arrays[s.record] = arr
         return arr
 
     def tensor(self, name: str, ref: _TensorRef) -> np.ndarray:
@@ -432,11 +435,11 @@ class _Archive:
         if n and ref.offset + sum((d - 1) * st for d, st in zip(ref.shape, ref.stride)) >= s.numel:
             raise FormatError(
                 f"tensor {name!r}: offset {ref.offset}, size {ref.shape}, stride {ref.stride} reach "
-                f"past its storage {s.key!r} of {s.numel} elements")
+                f"past its storage {s.record} of {s.numel} elements")
         if n > s.numel:
             # A broadcast (stride-0) view would be materialised at its logical size (a bomb).
             raise FormatError(f"tensor {name!r} of shape {ref.shape} has {n} elements but its storage "
-                              f"{s.key!r} holds {s.numel}: broadcast or overlapping views are refused")
+                              f"{s.record} holds {s.numel}: broadcast or overlapping views are refused")
         base = self._storage(s)  # (numel,)
         if n == 0:
             out = np.zeros(ref.shape, base.dtype)
@@ -504,6 +507,11 @@ def tensors(path: str):
     values read, checked and converted by ``load``), valid inside the ``with``."""
     ar, refs = read_state(path)
     with ar:
+        if refs and all(n.startswith("CONSTANTS.") for n in refs):
+            raise FormatError(
+                f"{path!r} is a frozen TorchScript module (torch.jit.freeze): its {len(refs)} tensors "
+                "are unnamed constants, so no LSTM can be told apart by name; load the module as "
+                "saved before freezing, or its state_dict() saved with torch.save")
         yield _Tensors(list(refs), lambda n: refs[n].shape, lambda n: _to_numpy(n, ar.tensor(n, refs[n])))
 
 

@@ -62,16 +62,28 @@ class Net(nn.Module):
         return self.fc(self.encoder(self.embed(x)))
 
 
-class CellNet(nn.Module):
-    """A voice-activity-detector-like decoder: one nn.LSTMCell stepped by hand."""
+class Vad(nn.Module):
+    """Shaped like a voice-activity detector: convolutions, a BatchNorm (an int64 buffer), a
+    ModuleList, a Sequential, a plain buffer, a list and a None attribute, and an LSTMCell."""
 
-    def __init__(self, I=4, H=5):
+    def __init__(self):
         super().__init__()
-        self.cell = torch_cell(I, H, seed=7)
+        torch.manual_seed(12)
+        self.stft = nn.Conv1d(1, 8, 4)
+        self.register_buffer("window", torch.hann_window(4))
+        self.bn = nn.BatchNorm1d(8)
+        self.blocks = nn.ModuleList([nn.Conv1d(8, 8, 1) for _ in range(2)])
+        self.rnn = torch_cell(8, 8, seed=13)
+        self.out = nn.Sequential(nn.ReLU(), nn.Conv1d(8, 1, 1), nn.Sigmoid())
+        self.sample_rates = [8000, 16000]
+        self.unused = None
 
     def forward(self, x, h, c):
-        h, c = self.cell(x, (h, c))
-        return h, c
+        y = self.bn(self.stft(x))
+        for b in self.blocks:
+            y = b(y)
+        h, c = self.rnn(y.mean(-1), (h, c))
+        return self.out(h.unsqueeze(-1)), h, c
 
 
 def _save(module, path, trace_input=None):
@@ -153,17 +165,20 @@ def test_bidirectional_scripted_module_runs_like_torch(tmp_path, layers):
     np.testing.assert_allclose(c, c_ref, atol=ATOL, rtol=0)
 
 
-def test_scripted_lstm_cell_found_without_prefix(tmp_path):
-    net = CellNet().eval()
+def test_lstm_cell_inside_a_vad_like_module(tmp_path):
+    net = Vad().eval()
     path = _save(net, tmp_path / "vad.jit")
-    model = lstm_cpu.load(path)  # the only LSTM in the file
-    _check_cell_stream(model, net.cell)
+    model = lstm_cpu.load(path)  # no prefix: the one LSTM among convolutions and a BatchNorm
+    assert model.info()["source"]["prefix"] == "rnn."
+    _check_cell_stream(model, net.rnn)
 
 
-def test_state_dict_is_read_bit_exactly(tmp_path):
+@pytest.mark.parametrize("make", [lambda: Net(layers=2, bidirectional=True, seed=3), Vad],
+                         ids=["bidirectional", "vad"])
+def test_state_dict_is_read_bit_exactly(tmp_path, make):
     """The flattened module tree has exactly state_dict()'s names and values (no copies of
-    nn.LSTM's _flat_weights list, nothing missing)."""
-    net = Net(layers=2, bidirectional=True, seed=3).eval()
+    nn.LSTM's _flat_weights list, nothing missing; int64 buffers too)."""
+    net = make().eval()
     path = _save(net, tmp_path / "net.pt")
     archive, refs = read_state(str(path))
     with archive:
@@ -464,3 +479,21 @@ def test_memo_index_bomb_is_refused_before_unpickling(tmp_path):
     path = _archive(tmp_path / "memo.jit", data, {})
     with pytest.raises(FormatError, match="memo index"):
         lstm_cpu.load(path)
+
+
+def test_frozen_module_constants_are_read_and_the_refusal_says_why(tmp_path):
+    """torch.jit.freeze moves the weights into constants.pkl, whose storages live in
+    constants/<key> (not data/<key>); they are read bit-exactly but carry no names."""
+    net = Encoder(3, 4, 1, False, seed=9).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frozen = torch.jit.freeze(torch.jit.script(net))
+        torch.jit.save(frozen, str(tmp_path / "frozen.jit"))
+    archive, refs = read_state(str(tmp_path / "frozen.jit"))
+    with archive:
+        consts = [archive.tensor(n, r) for n, r in refs.items()]
+    assert refs and all(n.startswith("CONSTANTS.c") for n in refs)
+    for k, v in net.state_dict().items():
+        assert any(c.shape == v.shape and np.array_equal(c, v.numpy()) for c in consts), k
+    with pytest.raises(FormatError, match="freeze"):
+        lstm_cpu.load(tmp_path / "frozen.jit")
