@@ -51,8 +51,11 @@ from lstm_cpu.importers.torch_lstm import _build, _Tensors, _to_numpy
 
 #: Refuse archives with more zip entries than this.
 MAX_ENTRIES = 1 << 17
-#: Refuse a data.pkl / constants.pkl larger than this (the pickle, not the weights).
-MAX_PICKLE_BYTES = 64 << 20
+#: Refuse a data.pkl / constants.pkl larger than this (the pickle, not the weights: ~70 bytes a
+#: tensor, so room for 200,000 tensors). Unpickled objects take up to ~50x their opcodes' bytes.
+MAX_PICKLE_BYTES = 16 << 20
+#: Refuse a pickle naming more distinct ``__torch__`` classes than this (each becomes a class).
+MAX_CLASSES = 1 << 14
 #: Refuse an entry that claims to expand more than this many times (a zip bomb); torch stores
 #: entries uncompressed (ratio 1).
 MAX_EXPANSION = 100
@@ -281,6 +284,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             qual = f"{module}.{name}"
             cls = self._classes.get(qual)
             if cls is None:
+                if len(self._classes) >= MAX_CLASSES:
+                    raise FormatError(f"{self._where}: more than {MAX_CLASSES} distinct TorchScript classes")
                 cls = self._classes[qual] = _NoCall(name, (_Record,), {"__slots__": (), "__qualname__": qual})
             return cls
         raise FormatError(
@@ -333,12 +338,10 @@ class _Archive:
 
     def __init__(self, path: str):
         self.path = path
+        size = os.path.getsize(path)  # a missing file keeps its FileNotFoundError
         try:
-            size = os.path.getsize(path)
             self._zip = zipfile.ZipFile(path)
-        except OSError:
-            raise
-        except Exception as exc:  # BadZipFile, NotImplementedError, struct.error, ... (fuzzed)
+        except Exception as exc:  # BadZipFile, NotImplementedError, OSError from a bad offset, ...
             raise FormatError(f"{path!r} is not a readable TorchScript archive: "
                               f"{type(exc).__name__}: {exc}") from None
         try:
@@ -526,4 +529,5 @@ def load_torchscript(path, prefix: Optional[str] = None, head=None, dtype=np.flo
         return _build(ts, prefix, head, dtype, {"format": "torchscript", "path": path})
 
 
-__all__ = ["load_torchscript", "read_state", "tensors", "MAX_ENTRIES", "MAX_PICKLE_BYTES", "MAX_EXPANSION"]
+__all__ = ["load_torchscript", "read_state", "tensors", "MAX_ENTRIES", "MAX_PICKLE_BYTES", "MAX_EXPANSION",
+           "MAX_CLASSES"]

@@ -25,6 +25,7 @@ import lstm_cpu
 from lstm_cpu.errors import FormatError
 from lstm_cpu.importers.torch_lstm import candidates, load_torch_file
 from lstm_cpu.importers.torchscript import MAX_EXPANSION, load_torchscript, read_state
+from lstm_cpu.loader import sniff
 
 torch = pytest.importorskip("torch")  # the oracle and the writer of the archives: a test extra
 nn = torch.nn
@@ -303,7 +304,7 @@ def _cell_archive(path, H=2, I=3, seed=0, overrides=None, **kw):
 def test_hand_written_archive_loads(tmp_path):
     """The writer above produces what the reader expects (the hostile cases below edit it)."""
     path, w = _cell_archive(tmp_path / "cell.pt")
-    assert lstm_cpu.loader.sniff(str(path)) == "torchscript"
+    assert sniff(str(path)) == "torchscript"
     model = lstm_cpu.load(path, prefix="cell")
     ref = torch.nn.LSTMCell(3, 2)
     with torch.no_grad():
@@ -497,3 +498,17 @@ def test_frozen_module_constants_are_read_and_the_refusal_says_why(tmp_path):
         assert any(c.shape == v.shape and np.array_equal(c, v.numpy()) for c in consts), k
     with pytest.raises(FormatError, match="freeze"):
         lstm_cpu.load(tmp_path / "frozen.jit")
+
+
+def test_class_and_entry_counts_are_bounded(tmp_path, monkeypatch):
+    from lstm_cpu.importers import torchscript as ts
+
+    monkeypatch.setattr(ts, "MAX_CLASSES", 10)
+    data = b"\x80\x02" + b"".join(_g("__torch__", f"C{i}") + b"0" for i in range(11)) + b"N."  # 0: POP
+    path = _archive(tmp_path / "classes.jit", data, {})
+    with pytest.raises(FormatError, match="more than 10 distinct TorchScript classes"):
+        lstm_cpu.load(path)
+    monkeypatch.setattr(ts, "MAX_ENTRIES", 5)
+    path, _ = _cell_archive(tmp_path / "entries.jit")  # 4 files + 4 records
+    with pytest.raises(FormatError, match="more than the limit 5"):
+        lstm_cpu.load(path)
