@@ -272,9 +272,11 @@ def _module(attrs: dict, cls="__torch__.Net"):
     return _g(mod, name) + b")\x81" + b"}(" + body + b"u" + b"b"
 
 
-def _archive(path, data_pkl, records: dict, constants_pkl=b"\x80\x02).", compress=()):
+def _archive(path, data_pkl, records: dict, constants_pkl=b"\x80\x02).", compress=(), byteorder=None):
     """A zip laid out as torch.jit.save writes it; ``records``: key -> bytes of data/<key>."""
     with zipfile.ZipFile(path, "w") as z:
+        if byteorder is not None:
+            z.writestr("m/byteorder", byteorder)
         z.writestr("m/data.pkl", data_pkl)
         z.writestr("m/constants.pkl", constants_pkl)
         z.writestr("m/code/__torch__.py", "class Net(Module):\n  pass\n")
@@ -285,7 +287,7 @@ def _archive(path, data_pkl, records: dict, constants_pkl=b"\x80\x02).", compres
     return path
 
 
-def _cell_archive(path, H=2, I=3, seed=0, overrides=None, **kw):
+def _cell_archive(path, H=2, I=3, seed=0, overrides=None, big_endian=False, **kw):
     """An nn.LSTMCell at "cell." written by hand: (archive path, weights by name).
     ``overrides``: name -> replacement opcodes for that tensor."""
     rng = np.random.default_rng(seed)
@@ -296,14 +298,19 @@ def _cell_archive(path, H=2, I=3, seed=0, overrides=None, **kw):
         weights[name] = w
         stride = (shp[1], 1) if len(shp) == 2 else (1,)
         attrs[name] = (overrides or {}).get(name) or _tensor(str(k), w.size, 0, shp, stride)
-        records[str(k)] = w.tobytes()
+        records[str(k)] = w.astype(">f4" if big_endian else "<f4").tobytes()
     data = b"\x80\x02" + _module({"training": b"\x89", "cell": _module(attrs, "__torch__.torch.nn.LSTMCell")}) + b"."
-    return _archive(path, data, records, **kw), weights
+    return _archive(path, data, records, byteorder="big" if big_endian else None, **kw), weights
 
 
-def test_hand_written_archive_loads(tmp_path):
-    """The writer above produces what the reader expects (the hostile cases below edit it)."""
-    path, w = _cell_archive(tmp_path / "cell.pt")
+@pytest.mark.parametrize("variant", ["plain", "parameter", "big-endian"])
+def test_hand_written_archive_loads(tmp_path, variant):
+    """The writer above produces what the reader expects (the hostile cases below edit it); a
+    tensor wrapped in _rebuild_parameter and big-endian records read the same."""
+    param = (_g("torch._utils", "_rebuild_parameter") + b"(" + _tensor("1", 16, 0, (8, 2), (2, 1))
+             + b"\x89" + _g("collections", "OrderedDict") + b")R" + b"tR")
+    path, w = _cell_archive(tmp_path / "cell.pt", overrides={"weight_hh": param} if variant == "parameter" else None,
+                            big_endian=variant == "big-endian")
     assert sniff(str(path)) == "torchscript"
     model = lstm_cpu.load(path, prefix="cell")
     ref = torch.nn.LSTMCell(3, 2)
