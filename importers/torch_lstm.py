@@ -8,8 +8,10 @@ What is read
 * the module itself, or any ``nn.Module`` holding exactly one of them (found by ``isinstance``);
 * a state dict: a mapping ``name -> tensor | ndarray`` (``module.state_dict()``, possibly from a
   ``DataParallel``/``DistributedDataParallel`` model whose keys all start with ``module.``);
-* a file: ``.pt``/``.pth`` (``torch.save``; read with ``torch.load(weights_only=True)`` only) or
-  ``.safetensors`` (read with the ``safetensors`` package; torch is not needed for it).
+* a file: ``.pt``/``.pth`` (``torch.save``; read with ``torch.load(weights_only=True)`` only),
+  ``.safetensors`` (read with the ``safetensors`` package; torch is not needed for it), or a
+  TorchScript archive (``torch.jit.save``; its weights are read by
+  :mod:`lstm_cpu.importers.torchscript`, which runs nothing and needs no torch).
 
 State-dict keys, PyTorch's names (``k`` = layer, ``_reverse`` = backward direction)::
 
@@ -56,6 +58,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -197,19 +200,26 @@ def _candidates(tensors: _Tensors) -> Dict[str, str]:
     return out
 
 
+def _group_sizes(tensors: _Tensors, prefix: str, kind: str) -> Tuple[Optional[Tuple[int, int]], int, int]:
+    """What the key names and layer-0 shapes say about a candidate, without reading values:
+    ((input_size, hidden_size) or None if weight_ih is not 2-D, num_layers, num_directions)."""
+    shp = tensors.shape(prefix + ("weight_ih_l0" if kind == "LSTM" else "weight_ih"))
+    sizes = (shp[1], shp[0] // 4) if len(shp) == 2 else None
+    if kind != "LSTM":
+        return sizes, 1, 1
+    layers = {int(m.group(2)) for n in tensors.names if n.startswith(prefix)
+              for m in [_LSTM_KEY.match(n[len(prefix):])] if m}
+    return sizes, len(layers), 2 if prefix + "weight_ih_l0_reverse" in tensors.names else 1
+
+
 def _describe(tensors: _Tensors, prefix: str, kind: str) -> str:
     """One line about a candidate: prefix, kind and sizes (for error messages)."""
-    key = prefix + ("weight_ih_l0" if kind == "LSTM" else "weight_ih")
-    shp = tensors.shape(key)
+    sizes, num_layers, num_dirs = _group_sizes(tensors, prefix, kind)
     desc = f"{prefix or '<root>'!s} ({kind}"
-    if len(shp) == 2:
-        desc += f", hidden_size={shp[0] // 4}, input_size={shp[1]}"
+    if sizes is not None:
+        desc += f", hidden_size={sizes[1]}, input_size={sizes[0]}"
     if kind == "LSTM":
-        layers = {int(m.group(2)) for n in tensors.names if n.startswith(prefix)
-                  for m in [_LSTM_KEY.match(n[len(prefix):])] if m}
-        desc += f", num_layers={len(layers)}"
-        if prefix + "weight_ih_l0_reverse" in tensors.names:
-            desc += ", bidirectional"
+        desc += f", num_layers={num_layers}" + (", bidirectional" if num_dirs == 2 else "")
     return desc + ")"
 
 
@@ -514,7 +524,7 @@ def from_torch(obj, prefix: Optional[str] = None, head=None, dtype=np.float32):
 
 
 def _sniff(path: str) -> str:
-    """"safetensors" | "pytorch" from the file's first bytes, falling back to the extension."""
+    """"safetensors" | "torchscript" | "pytorch" from the file's first bytes, falling back to the extension."""
     try:
         with open(path, "rb") as f:
             head = f.read(9)
@@ -525,7 +535,11 @@ def _sniff(path: str) -> str:
     # safetensors first: its little-endian u64 header length may well start with 0x80.
     if len(head) == 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
         return "safetensors"
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save zip / legacy pickle
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip, or torch.jit.save's
+        from lstm_cpu.loader import is_torchscript
+
+        return "torchscript" if is_torchscript(path) else "pytorch"
+    if head[:1] == b"\x80":  # legacy torch.save pickle
         return "pytorch"
     ext = os.path.splitext(path)[1].lower()
     return "safetensors" if ext == ".safetensors" else "pytorch"
@@ -547,20 +561,6 @@ def _unpickler_reason(exc: Exception) -> str:
     return keep[0] if keep else type(exc).__name__
 
 
-def _is_torchscript(path: str) -> bool:
-    """A zip whose records include ``constants.pkl`` or ``code/``: torch.jit.save's layout
-    (torch.save's zips hold ``data.pkl`` and ``data/`` only)."""
-    import zipfile
-
-    try:
-        if not zipfile.is_zipfile(path):
-            return False
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-    except Exception:  # BadZipFile, NotImplementedError (zip version), struct errors, ... (fuzzed)
-        return False  # not a readable zip: torch.load reports what is wrong with it
-
-
 def _load_pt(path: str) -> Mapping:
     """A weights-only ``torch.load``; the state dict (possibly nested under "state_dict" etc.)."""
     try:
@@ -572,11 +572,6 @@ def _load_pt(path: str) -> Mapping:
         ) from exc
     import pickle
 
-    if _is_torchscript(path):
-        raise FormatError(
-            f"{path!r} is a TorchScript archive (torch.jit.save), which lstm-cpu does not load: "
-            "it holds code, not only weights. Save the module's state_dict() with torch.save, "
-            "or export it to ONNX")
     try:
         # weights_only=True ONLY: the restricted unpickler allows tensors and plain containers,
         # so a hostile __reduce__ is refused instead of run. Never fall back to full unpickling.
@@ -606,8 +601,10 @@ def _load_pt(path: str) -> Mapping:
     return obj
 
 
-def _safetensors_model(path: str, prefix, head, dtype):
-    """Header-first reading of a .safetensors file with numpy (torch is not needed)."""
+@contextmanager
+def _safetensors_tensors(path: str):
+    """Header-first reading of a .safetensors file with numpy (torch is not needed); the tensors
+    are readable inside the ``with``."""
     try:
         from safetensors import safe_open
     except ImportError as exc:
@@ -640,8 +637,7 @@ def _safetensors_model(path: str, prefix, head, dtype):
                 ) from None
             return _to_numpy(name, arr)
 
-        tensors = _Tensors(names, shapes.__getitem__, load)
-        return _build(tensors, prefix, head, dtype, {"format": "safetensors", "path": path})
+        yield _Tensors(names, shapes.__getitem__, load)
 
 
 def _read_bf16(path: str, name: str, shape: Tuple[int, ...]) -> np.ndarray:
@@ -671,13 +667,54 @@ def _read_bf16(path: str, name: str, shape: Tuple[int, ...]) -> np.ndarray:
     return bits.view(np.float32).reshape(shape)
 
 
+@contextmanager
+def _file_tensors(path: str):
+    """(tensors, source) of a ``.pt``/``.pth``, ``.safetensors`` or TorchScript file; the tensors
+    are readable inside the ``with``."""
+    kind = _sniff(path)
+    if kind == "torchscript":
+        from lstm_cpu.importers.torchscript import tensors  # no torch needed
+
+        with tensors(path) as ts:
+            yield ts, {"format": "torchscript", "path": path}
+    elif kind == "safetensors":
+        with _safetensors_tensors(path) as ts:
+            yield ts, {"format": "safetensors", "path": path}
+    else:
+        yield _dict_tensors(_load_pt(path)), {"format": "pytorch", "path": path}
+
+
 def load_torch_file(path, prefix: Optional[str] = None, head=None, dtype=np.float32):
-    """A ``.pt``/``.pth`` (weights-only) or ``.safetensors`` file -> LSTMModel. See :func:`from_torch`."""
+    """A ``.pt``/``.pth`` (weights-only), ``.safetensors`` or TorchScript file -> LSTMModel.
+    See :func:`from_torch`."""
     path = os.fspath(path)
-    if _sniff(path) == "safetensors":
-        return _safetensors_model(path, prefix, head, dtype)
-    sd = _load_pt(path)
-    return _build(_dict_tensors(sd), prefix, head, dtype, {"format": "pytorch", "path": path})
+    with _file_tensors(path) as (tensors, source):
+        return _build(tensors, prefix, head, dtype, source)
 
 
-__all__ = ["from_torch", "load_torch_file", "MAX_TENSOR_ELEMENTS", "MAX_DIM", "TORCH_GATE_ORDER"]
+def candidates(path) -> list:
+    """Every LSTM in a ``.pt``/``.pth``, ``.safetensors`` or TorchScript file, as
+    :class:`lstm_cpu.candidates.Candidate` records (``name`` is what ``prefix=`` accepts), read
+    from key names and shapes only. Groups whose shapes are not an LSTM's (a GRU's 3H rows) are
+    left out."""
+    from lstm_cpu.candidates import Candidate
+
+    path = os.fspath(path)
+    out = []
+    with _file_tensors(path) as (tensors, _source):
+        wrapper = _strip_wrappers(tensors.names)
+        for p, kind in sorted(_candidates(tensors).items()):
+            sizes, num_layers, num_dirs = _group_sizes(tensors, p, kind)
+            if sizes is None or not _looks_like_lstm(tensors, p, kind):
+                continue
+            name = p[len(wrapper):] if wrapper and p.startswith(wrapper) else p
+            first = p + ("weight_ih_l0" if kind == "LSTM" else "weight_ih")
+            n = sum(1 for k in tensors.names if k.startswith(p) and (
+                _LSTM_KEY.match(k[len(p):]) if kind == "LSTM" else k[len(p):] in _CELL_NAMES))
+            out.append(Candidate(name=name, kind="operator", input_size=sizes[0], hidden_size=sizes[1],
+                                 num_layers=num_layers, num_directions=num_dirs,
+                                 location=f"nn.{kind} keys {first}, ... ({n} tensors)"))
+    return out
+
+
+__all__ = ["from_torch", "load_torch_file", "candidates", "MAX_TENSOR_ELEMENTS", "MAX_DIM", "TORCH_GATE_ORDER"]

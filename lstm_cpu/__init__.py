@@ -37,6 +37,7 @@ def load(path, **options) -> LSTMModel:
     """Load a model file, recognising its format from its content (then its extension).
 
     Formats: ONNX (``node=``), PyTorch ``.pt``/``.pth`` (weights-only; ``prefix=``, ``head=``),
+    TorchScript archives (weights read without running anything; ``prefix=``, ``head=``),
     ``.safetensors`` state dicts (``prefix=``, ``head=``), and lstm-cpu's packed format.
     """
     from .loader import load as _load

@@ -21,12 +21,28 @@ _OPTIONS = {
     "packed": {"kernel", "mmap"},
     "onnx": {"node", "dtype"},
     "torch": {"prefix", "head", "dtype"},
+    "torchscript": {"prefix", "head", "dtype"},
     "safetensors": {"prefix", "head", "dtype"},
 }
 
 
+def is_torchscript(path: str) -> bool:
+    """A zip whose records include ``constants.pkl`` or ``code/``: torch.jit.save's layout
+    (torch.save's zips hold ``data.pkl`` and ``data/`` only)."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except Exception:  # BadZipFile, NotImplementedError (zip version), struct errors, ... (fuzzed)
+        return False  # not a readable zip: torch.load reports what is wrong with it
+
+
 def sniff(path: str) -> str:
-    """'packed', 'safetensors', 'torch' or 'onnx', from the content, then the extension."""
+    """'packed', 'safetensors', 'torch', 'torchscript' or 'onnx', from the content, then the
+    extension."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -55,6 +71,8 @@ def sniff(path: str) -> str:
         raise FormatError(f"cannot read model file {path}: {e.strerror or e}") from None
     if size == 0:
         raise FormatError(f"{path} is empty")
+    if head.startswith(_ZIP_MAGIC) and is_torchscript(path):
+        return "torchscript"
     if head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_MAGIC:
         return "torch"
     ext = os.path.splitext(path)[1].lower()
@@ -92,6 +110,10 @@ def load(path, **options):
         from lstm_cpu.importers.onnx_lstm import load_onnx
 
         return load_onnx(path, **options)
+    if kind == "torchscript":
+        from lstm_cpu.importers.torchscript import load_torchscript
+
+        return load_torchscript(path, **options)
     from lstm_cpu.importers.torch_lstm import load_torch_file
 
     return load_torch_file(path, **options)

@@ -169,6 +169,27 @@ def _torch_bytes(sd, legacy=False) -> bytes:
     return buf.getvalue()
 
 
+def _torchscript_bytes(sd, trace=False) -> bytes:
+    """A torch.jit.save archive of an nn.LSTM / nn.LSTMCell holding ``sd`` (scripted or traced)."""
+    import warnings
+
+    import torch
+
+    cell = "weight_ih" in sd
+    w = sd["weight_ih" if cell else "weight_ih_l0"]
+    H, I = w.shape[0] // 4, w.shape[1]
+    layers = 1 + max((int(k.split("_l")[1].split("_")[0]) for k in sd if "_l" in k), default=0)
+    m = torch.nn.LSTMCell(I, H) if cell else torch.nn.LSTM(
+        I, H, num_layers=layers, bidirectional=any(k.endswith("_reverse") for k in sd))
+    m.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()})
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated; its files remain
+        x = torch.zeros(2, I) if cell else torch.zeros(2, 1, I)
+        torch.jit.save(torch.jit.trace(m, x) if trace else torch.jit.script(m), buf)
+    return buf.getvalue()
+
+
 def _safetensors_bytes(sd, metadata=None) -> bytes:
     from safetensors.numpy import save
 
@@ -308,8 +329,13 @@ def build_seeds(seed: int) -> Dict[str, List[Seed]]:
         seeds["safetensors"].append(Seed("safetensors", name, {"model.safetensors": _safetensors_bytes(sd)},
                                          opts, sd))
         seeds["pt"].append(Seed("pt", name, {"model.pt": _torch_bytes(sd)}, opts, sd))
-    sd, opts = _torch_state_dicts(rng)["lstm1"]
+    sds = _torch_state_dicts(rng)
+    sd, opts = sds["lstm1"]
     seeds["pt"].append(Seed("pt", "lstm1_legacy", {"model.pt": _torch_bytes(sd, legacy=True)}, opts, sd))
+    # TorchScript archives (torch.jit.save) share the zip layout and go through the same mutators.
+    for name, trace in (("lstm2bi", False), ("cell", False), ("lstm1", True)):
+        seeds["pt"].append(Seed("pt", f"{name}_jit", {"model.pt": _torchscript_bytes(sds[name][0], trace)},
+                                {}, sds[name][0]))
     seeds["safetensors"].append(Seed("safetensors", "lstm1_meta",
                                      {"model.safetensors": _safetensors_bytes(sd, {"format": "pt"})}, opts, sd))
     for name, (m, side) in _onnx_models(rng).items():

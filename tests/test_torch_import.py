@@ -290,18 +290,6 @@ def test_full_module_pickle_is_refused(tmp_path):
         load_torch_file(path)
 
 
-def test_torchscript_archive_is_refused_without_loading_it(tmp_path):
-    path = tmp_path / "scripted.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, files remain
-        torch.jit.save(torch.jit.script(torch_lstm(3, 4)), str(path))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch.load would warn; we must not get that far
-        with pytest.raises(FormatError, match="TorchScript") as ei:
-            load_torch_file(path)
-    assert "weights_only=False" not in str(ei.value) and "state_dict" in str(ei.value)
-
-
 def test_zip_with_unsupported_version_field_is_not_an_escape(tmp_path):
     """Fuzz case (seed 1, case 6754): a central-directory 'version needed' byte of 0x7f makes
     Python's zipfile raise NotImplementedError; the TorchScript sniff must not let it escape."""
