@@ -64,13 +64,11 @@ import numpy as np
 from lstm_cpu.errors import FormatError, InputError, InputTypeError, UnsupportedModelError
 from lstm_cpu.spec import LayerParams, reorder_gates
 
+from .limits import MAX_DIM, MAX_TENSOR_ELEMENTS, check_dims, widen_bfloat16
+
 #: PyTorch stores the gate blocks as (input, forget, cell candidate, output).
 TORCH_GATE_ORDER = "ifgo"
 
-#: Refuse any single tensor with more elements than this (4 GiB of float32) before reading it.
-MAX_TENSOR_ELEMENTS = 1 << 30
-#: Refuse any single dimension (H, I, P, O) larger than this.
-MAX_DIM = 1 << 24
 #: Refuse stacks deeper than this (a corrupt key like ``weight_ih_l99999999`` must not loop).
 MAX_LAYERS = 1024
 
@@ -260,15 +258,7 @@ def _find_prefix(tensors: _Tensors, prefix: Optional[str]) -> Tuple[str, str]:
 # Shape checking and conversion
 # ---------------------------------------------------------------------------------------------
 def _check_size(key: str, shape: Tuple[int, ...]) -> None:
-    n = 1
-    for s in shape:
-        if s < 0 or s > MAX_DIM:
-            raise FormatError(f"tensor {key!r}: dimension {s} of shape {shape} is outside [0, {MAX_DIM}]")
-        n *= s
-    if n > MAX_TENSOR_ELEMENTS:
-        raise FormatError(
-            f"tensor {key!r}: shape {shape} has {n} elements, more than the limit {MAX_TENSOR_ELEMENTS}"
-        )
+    check_dims(shape, f"tensor {key!r}")
 
 
 def _expect(tensors: _Tensors, key: str, expected: Tuple[Optional[int], ...], what: str) -> Tuple[int, ...]:
@@ -667,8 +657,7 @@ def _read_bf16(path: str, name: str, shape: Tuple[int, ...]) -> np.ndarray:
         raw = fh.read(end - begin)
     if len(raw) != 2 * count:
         raise FormatError(f"{path!r}: tensor {name!r} is truncated ({len(raw)} of {2 * count} bytes)")
-    bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16  # (count,)
-    return bits.view(np.float32).reshape(shape)
+    return widen_bfloat16(np.frombuffer(raw, dtype="<u2")).reshape(shape)  # (count,) -> shape
 
 
 def load_torch_file(path, prefix: Optional[str] = None, head=None, dtype=np.float32):
