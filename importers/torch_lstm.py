@@ -62,6 +62,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from lstm_cpu.errors import FormatError, InputError, InputTypeError, UnsupportedModelError
+from lstm_cpu.loader import sniff_checkpoint
 from lstm_cpu.spec import LayerParams, reorder_gates
 
 from .limits import MAX_DIM, MAX_TENSOR_ELEMENTS, check_dims, widen_bfloat16
@@ -503,24 +504,6 @@ def from_torch(obj, prefix: Optional[str] = None, head=None, dtype=np.float32):
     )
 
 
-def _sniff(path: str) -> str:
-    """"safetensors" | "pytorch" from the file's first bytes, falling back to the extension."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        raise  # a missing or unreadable path is not a bad file: keep FileNotFoundError & co.
-    if not head:
-        raise FormatError(f"{path!r} is empty: expected a .pt/.pth or .safetensors checkpoint")
-    # safetensors first: its little-endian u64 header length may well start with 0x80.
-    if len(head) == 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save zip / legacy pickle
-        return "pytorch"
-    ext = os.path.splitext(path)[1].lower()
-    return "safetensors" if ext == ".safetensors" else "pytorch"
-
-
 def _unpickler_reason(exc: Exception) -> str:
     """The line of torch's weights-only error that says *what* was refused.
 
@@ -663,7 +646,7 @@ def _read_bf16(path: str, name: str, shape: Tuple[int, ...]) -> np.ndarray:
 def load_torch_file(path, prefix: Optional[str] = None, head=None, dtype=np.float32):
     """A ``.pt``/``.pth`` (weights-only) or ``.safetensors`` file -> LSTMModel. See :func:`from_torch`."""
     path = os.fspath(path)
-    if _sniff(path) == "safetensors":
+    if sniff_checkpoint(path) == "safetensors":
         return _safetensors_model(path, prefix, head, dtype)
     sd = _load_pt(path)
     return _build(_dict_tensors(sd), prefix, head, dtype, {"format": "pytorch", "path": path})

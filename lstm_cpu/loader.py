@@ -1,6 +1,7 @@
 """``lstm_cpu.load``: recognise a model file's format and hand it to the right reader.
 
-Content first (magic bytes), extension second. The ONNX and PyTorch readers live in
+Content first (magic bytes), extension second. This is the only module that sniffs formats: the
+importers ask it (``sniff_checkpoint`` for a state-dict file) rather than look at bytes themselves. The ONNX and PyTorch readers live in
 ``lstm_cpu.importers`` (the repository folder ``importers/``, installed inside our namespace so a
 user's own ``importers.py`` cannot shadow it) and are imported only here, when such a file loads.
 """
@@ -69,6 +70,25 @@ def sniff(path: str) -> str:
         return "onnx"
     raise FormatError(f"{path}: unrecognised model format (expected ONNX, PyTorch .pt/.pth, "
                       f".safetensors or an lstm-cpu packed file)")
+
+
+def sniff_checkpoint(path: str) -> str:
+    """"safetensors" | "pytorch" for a file already known to be a state dict (``load_torch_file``),
+    from its first bytes, then its extension. A missing path raises OSError, not FormatError."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        raise  # a missing or unreadable path is not a bad file: keep FileNotFoundError & co.
+    if not head:
+        raise FormatError(f"{path!r} is empty: expected a .pt/.pth or .safetensors checkpoint")
+    # safetensors first: its little-endian u64 header length may well start with 0x80.
+    if len(head) == 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
+        return "safetensors"
+    if head[:4] == _ZIP_MAGIC or head[:1] == b"\x80":  # torch.save zip / legacy pickle
+        return "pytorch"
+    ext = os.path.splitext(path)[1].lower()
+    return "safetensors" if ext == ".safetensors" else "pytorch"
 
 
 def load(path, **options):
