@@ -24,6 +24,7 @@ import numpy as np
 
 from lstm_cpu.errors import FormatError, LSTMError, UnsupportedModelError
 
+from .onnx_fold import Folder
 from .onnx_graph import Graph
 from .onnx_lstm_op import NodeInfo, is_lstm, lstm_version, parse_node
 from .onnx_tensors import RuntimeValue, float_types, resolve_const
@@ -400,12 +401,13 @@ def _links(g, infos, known, opset) -> Dict[int, int]:
 def find_chains(model, graphs, opset, folder, label) -> List[List[NodeInfo]]:
     version = None
     chains = []
+    fold = Folder.of(model, folder)
     for g in graphs:
         nodes = [n for n in g.proto.node if is_lstm(n)]
         if not nodes:
             continue
         version = version or lstm_version(opset, label)
-        infos = {id(n): parse_node(g, n, version, folder, label) for n in nodes}
+        infos = {id(n): parse_node(g, n, version, fold, label) for n in nodes}
         pred = _links(g, infos, {}, opset)
         # A static export (dynamo) reshapes to constant sizes: retry with T and N from shape
         # inference when some node's X is computed but did not link symbolically.

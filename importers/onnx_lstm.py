@@ -6,6 +6,7 @@ split by job, one module each:
 * :mod:`.onnx_graph`: reading the protobuf safely; graphs, subgraphs and their scopes; opsets;
 * :mod:`.onnx_tensors`: constants (initializers, ``Constant`` nodes, external data inside the
   model's folder only), size checks and dtype widening;
+* :mod:`.onnx_fold`: weights computed from constants, evaluated with onnx's ReferenceEvaluator;
 * :mod:`.onnx_functions`: inlining model-local functions (size-capped);
 * :mod:`.onnx_lstm_op`: the ``LSTM`` operator's attributes and inputs -> ``LayerParams``;
 * :mod:`.onnx_chains`: multi-layer stacks written by ``torch.onnx.export``.

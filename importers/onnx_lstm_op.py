@@ -20,9 +20,10 @@ Gate blocks are permuted with :func:`lstm_cpu.spec.reorder_gates` (``"iofc"``) a
 (i, o, f) with :func:`lstm_cpu.spec.reorder_peepholes` (``"iof"``): the only place the ONNX order
 is mapped.
 
-Where the weights may live: see :mod:`.onnx_tensors` (initializers, ``Constant`` nodes, external
-data, in this graph or an enclosing one). Weights computed at run time (from a graph input)
-raise :class:`UnsupportedModelError` naming the node and the input. float16 / bfloat16 / float64 weights are converted; integer / bool weights are
+Where the weights may live: initializers, ``Constant`` nodes and external data, in this graph or
+an enclosing one (:mod:`.onnx_tensors`), or any operators computing only from those, evaluated at
+load time (:mod:`.onnx_fold`). Weights computed at run time (from a graph input) raise
+:class:`UnsupportedModelError` naming the node and the input. float16 / bfloat16 / float64 weights are converted; integer / bool weights are
 refused.
 
 Semantics: onnxruntime's (checked against onnxruntime 1.32, see ``tests/test_onnx_import.py``)
@@ -40,7 +41,7 @@ Semantics: onnxruntime's (checked against onnxruntime 1.32, see ``tests/test_onn
 
 Initial state
 -------------
-A constant ``initial_h`` / ``initial_c`` (initializer or ``Constant``) becomes
+A constant ``initial_h`` / ``initial_c`` (initializer, ``Constant``, or computed from those) becomes
 ``LSTMModel(initial_state=...)``. ONNX states carry a batch axis, our model's does not: a constant
 state is accepted when its batch size is 1 or when every batch row is identical (it is broadcast,
 e.g. the zeros the dynamo exporter bakes in), else :class:`UnsupportedModelError`. All-zero
@@ -262,18 +263,18 @@ def _input(node, k) -> str:
     return node.input[k] if len(node.input) > k else ""
 
 
-def _weight(g, node, k, where) -> Optional[Const]:
+def _weight(g, node, k, where, fold) -> Optional[Const]:
     """The constant behind input k (W, R, B or P) of ``node``, or None when the input is absent."""
     name = _input(node, k)
     if not name:
         return None
     what = f"{where}: input {_INPUT_NAMES[k]} ({name!r})"
     try:
-        return resolve_const(g, name, what)
+        return resolve_const(g, name, what, fold=fold)
     except RuntimeValue as rt:
         raise UnsupportedModelError(
-            f"{what} is {rt.how}; lstm-cpu needs constant weights "
-            "(an initializer, a Constant node, or external data)") from None
+            f"{what} is {rt.how}; lstm-cpu needs constant weights (initializers, Constant nodes or "
+            "external data, or any operators computing only from those)") from None
 
 
 def _expect_dims(c: Optional[Const], shape, where, tensor):
@@ -296,12 +297,12 @@ def _check_declared_x(g: Graph, node, where, I):
         return
 
 
-def _state_source(g, name, what, D, H, lay, folder):
+def _state_source(g, name, what, D, H, lay, fold):
     """initial_h / initial_c input -> (constant (D, H) or None, provenance dict)."""
     if not name:
         return None, None
     try:
-        c = resolve_const(g, name, what)
+        c = resolve_const(g, name, what, fold=fold)
     except RuntimeValue as rt:
         zero = known_zero(g, name)
         if zero:
@@ -318,7 +319,7 @@ def _state_source(g, name, what, D, H, lay, folder):
     shape_txt = "(D, N, H)" if lay == 0 else "(N, D, H)"
     if Dd != D or Hh != H:
         raise FormatError(f"{what}: shape {list(dims)} does not match {shape_txt} with D={D}, H={H}")
-    arr = read_const(c, folder)
+    arr = read_const(c, fold.folder)
     arr = arr if lay == 0 else np.transpose(arr, (1, 0, 2))  # (D, N, H)
     if N == 0:
         raise FormatError(f"{what}: constant state has batch size 0")
@@ -330,15 +331,18 @@ def _state_source(g, name, what, D, H, lay, folder):
     return h, {"name": name, "constant": True, "batch": N, "zeros": not np.any(h)}
 
 
-def parse_node(g: Graph, node, version: int, folder, label) -> NodeInfo:
+def parse_node(g: Graph, node, version: int, fold, label) -> NodeInfo:
+    """One LSTM node of graph ``g`` -> NodeInfo; ``fold`` (an :class:`.onnx_fold.Folder`) evaluates
+    weights computed from constants and reads external data from the model's folder only."""
+    folder = fold.folder
     where = f"{label}: LSTM node {node_label(node)}"
     if len(node.input) < 3 or not node.input[0] or not node.input[1] or not node.input[2]:
         raise FormatError(f"{where}: needs inputs X, W and R, got {list(node.input)}")
     if len(node.input) > 8:
         raise FormatError(f"{where}: has {len(node.input)} inputs; the LSTM operator takes at most 8")
     attrs = _attributes(node, where)
-    W, R = _weight(g, node, _W, where), _weight(g, node, _R, where)
-    B, P = _weight(g, node, _B, where), _weight(g, node, _P, where)
+    W, R = _weight(g, node, _W, where, fold), _weight(g, node, _R, where, fold)
+    B, P = _weight(g, node, _B, where, fold), _weight(g, node, _P, where, fold)
     H = hidden_size(attrs, where, R)
     dirn, D = direction(attrs, where)
     if len(W.dims) != 3:
@@ -371,8 +375,8 @@ def parse_node(g: Graph, node, version: int, folder, label) -> NodeInfo:
             peephole=None if p is None else reorder_peepholes(p[d], ONNX_PEEPHOLE_ORDER),  # (3H,) i, f, o
             activations=acts[d],
         ))
-    h0, h_info = _state_source(g, _input(node, _H0), f"{where}: input initial_h", D, H, lay, folder)
-    c0, c_info = _state_source(g, _input(node, _C0), f"{where}: input initial_c", D, H, lay, folder)
+    h0, h_info = _state_source(g, _input(node, _H0), f"{where}: input initial_h", D, H, lay, fold)
+    c0, c_info = _state_source(g, _input(node, _C0), f"{where}: input initial_c", D, H, lay, fold)
     seq = _input(node, _SEQ)
     inputs = {"X": _input(node, _X), "sequence_lens": seq or None,
               "initial_h": h_info, "initial_c": c_info}
@@ -380,7 +384,7 @@ def parse_node(g: Graph, node, version: int, folder, label) -> NodeInfo:
     if seq:
         what = f"{where}: input sequence_lens ({seq!r})"
         try:
-            seq_const = constant_lengths(resolve_const(g, seq, what), what)
+            seq_const = constant_lengths(resolve_const(g, seq, what, fold=fold), what)
         except RuntimeValue:
             pass  # the usual case: lengths given at run time, model.run(x, lengths=...)
         except UnsupportedModelError as exc:
@@ -398,10 +402,17 @@ def constant_lengths(c: Const, what) -> np.ndarray:
     from onnx import numpy_helper
 
     t = c.tensor
+    dims = c.dims
+    if c.array is not None:  # evaluated from constants
+        if c.array.dtype.kind not in "iu" or c.casts:
+            raise UnsupportedModelError(
+                f"{what}: a constant of type {c.array.dtype.name}; ONNX sequence_lens is int32")
+        if len(dims) != 1:
+            raise FormatError(f"{what}: a constant of shape {list(dims)}; sequence_lens is (batch_size,)")
+        return c.array.astype(np.int64)
     if t.data_type not in (TP.INT32, TP.INT64) or c.casts:
         raise UnsupportedModelError(
             f"{what}: a constant of type {dtype_name(t.data_type)}; ONNX sequence_lens is int32")
-    dims = c.dims
     if len(dims) != 1:
         raise FormatError(f"{what}: a constant of shape {list(dims)}; sequence_lens is (batch_size,)")
     check_dims(dims, what)

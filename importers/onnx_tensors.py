@@ -60,14 +60,19 @@ def dtype_name(data_type: int) -> str:
 
 @dataclass
 class Const:
-    """A constant tensor found for a node input, not read yet: dims can be checked first."""
+    """A constant tensor found for a node input: a TensorProto not read yet (its dims can be
+    checked first), or the value a constant-only subgraph evaluated to (:mod:`.onnx_fold`)."""
 
-    tensor: object  # TensorProto
+    tensor: object  # TensorProto, or None for an evaluated value
     what: str  # "input 'W' ('onnx::LSTM_12') of node 'lstm'"
     casts: Tuple[int, ...] = ()  # Cast targets applied on the way (TensorProto data types)
+    array: Optional[np.ndarray] = None  # the evaluated value (any shape, its own dtype)
+    computed_by: str = ""  # "Concat node 'w_cat' (12 constant node(s))" for an evaluated value
 
     @property
     def dims(self) -> Tuple[int, ...]:
+        if self.array is not None:
+            return tuple(self.array.shape)
         return tuple(int(d) for d in self.tensor.dims)
 
 
@@ -79,10 +84,12 @@ class RuntimeValue(Exception):
         self.how, self.source, self.graph_input = how, source, graph_input
 
 
-def resolve_const(g: Graph, name: str, what: str, depth: int = 0) -> Const:
+def resolve_const(g: Graph, name: str, what: str, depth: int = 0, fold=None) -> Const:
     """Find the constant tensor behind ``name`` (initializer, Constant, via Identity/Cast chains).
 
-    Raises RuntimeValue when it is computed at run time, FormatError when nothing defines it.
+    Any other node: with ``fold`` (an :class:`.onnx_fold.Folder`), its constant-only subgraph is
+    evaluated; without, or when a graph input feeds it, RuntimeValue is raised (the value is
+    computed at run time). FormatError when nothing defines ``name``.
     """
     from onnx import AttributeProto, TensorProto
 
@@ -120,15 +127,17 @@ def resolve_const(g: Graph, name: str, what: str, depth: int = 0) -> Const:
                         "float weights are needed (integer, string and bool weights are not supported)")
             raise FormatError(f"{what}: Constant node {node_label(node)} has no value attribute")
         if op == "Identity" and node.input and node.input[0]:
-            return resolve_const(scope, node.input[0], what, depth + 1)
+            return resolve_const(scope, node.input[0], what, depth + 1, fold)
         if op == "Cast" and node.input and node.input[0]:
             to = next((a.i for a in node.attribute if a.name == "to"), None)
             if to not in float_types():
                 raise UnsupportedModelError(
                     f"{what}: Cast node {node_label(node)} produces {dtype_name(to or 0)}; "
                     "float weights are needed")
-            c = resolve_const(scope, node.input[0], what, depth + 1)
-            return Const(c.tensor, c.what, c.casts + (int(to),))
+            c = resolve_const(scope, node.input[0], what, depth + 1, fold)
+            return Const(c.tensor, c.what, c.casts + (int(to),), c.array, c.computed_by)
+        if fold is not None:
+            return fold.evaluate(scope, name, what)
         raise RuntimeValue(f"computed at run time by {op} node {node_label(node)}", f"{op} {node_label(node)}")
     raise RuntimeValue(f"graph input {name!r}", name, graph_input=name)
 
@@ -182,6 +191,38 @@ def read_const(c: Const, folder) -> np.ndarray:
     """The float array of ``c`` (float32, or float64 for double tensors), after every check."""
     from onnx import TensorProto as TP
 
+    arr = _evaluated(c) if c.array is not None else _tensor_array(c, folder)
+    for to in c.casts:  # Cast chains round exactly as the runtime would
+        if to == TP.FLOAT16:
+            arr = arr.astype(np.float16).astype(np.float32)
+        elif to == TP.BFLOAT16:
+            arr = ((arr.astype(np.float32).view(np.uint32) + 0x8000) >> 16 << 16).astype(np.uint32).view(np.float32)
+        elif to == TP.FLOAT:
+            arr = arr.astype(np.float32)
+        else:
+            arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        name = c.tensor.name if c.tensor is not None else c.computed_by
+        raise FormatError(f"{c.what}: tensor {name!r} contains NaN or Inf")
+    return arr
+
+
+def _evaluated(c: Const) -> np.ndarray:
+    """An evaluated value -> float32 (float64 if it is float64); float16 / bfloat16 widen exactly."""
+    arr = c.array
+    if arr.dtype == np.float64:
+        return arr
+    if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16":
+        return arr.astype(np.float32)
+    raise UnsupportedModelError(
+        f"{c.what}: computed by {c.computed_by} as {arr.dtype.name}; float weights are needed "
+        "(float32, float16, bfloat16 or float64)")
+
+
+def _tensor_array(c: Const, folder) -> np.ndarray:
+    """A TensorProto's data -> float32 (float64 for double tensors), dims and sizes checked first."""
+    from onnx import TensorProto as TP
+
     t, what = c.tensor, c.what
     types = float_types()
     if t.data_type not in types:
@@ -218,20 +259,7 @@ def read_const(c: Const, folder) -> np.ndarray:
         arr = widen_bfloat16(arr)
     elif t.data_type == TP.FLOAT16:
         arr = arr.astype(np.float32)
-    arr = arr.astype(np.float64 if t.data_type == TP.DOUBLE else np.float32).reshape(dims)
-    for to in c.casts:  # Cast chains round exactly as the runtime would
-        if to == TP.FLOAT16:
-            arr = arr.astype(np.float16).astype(np.float32)
-        elif to == TP.BFLOAT16:
-            arr = ((arr.astype(np.float32).view(np.uint32) + 0x8000) >> 16 << 16).astype(np.uint32).view(np.float32)
-        elif to == TP.FLOAT:
-            arr = arr.astype(np.float32)
-        else:
-            arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise FormatError(f"{what}: tensor {t.name!r} contains NaN or Inf")
-    return arr
-
+    return arr.astype(np.float64 if t.data_type == TP.DOUBLE else np.float32).reshape(dims)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -719,12 +719,14 @@ def test_weights_from_graph_inputs_are_unsupported(rng):
         load_onnx(model)
 
 
-def test_weights_computed_by_a_node_are_unsupported(good_model):
+def test_weights_computed_from_a_graph_input_are_unsupported(good_model):
+    """W = W_half * scale with ``scale`` a graph input: known only at run time. (W computed from
+    constants only is evaluated at load: tests/test_onnx_constants.py.)"""
     g = good_model.graph
     g.initializer[0].name = "W_half"
-    g.initializer.append(numpy_helper.from_array(np.array(2.0, np.float32), "two"))
-    g.node.insert(0, helper.make_node("Mul", ["W_half", "two"], ["W"], name="scale_w"))
-    with pytest.raises(UnsupportedModelError, match=r"input W \('W'\) is computed at run time by Mul node 'scale_w'"):
+    g.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, []))
+    g.node.insert(0, helper.make_node("Mul", ["W_half", "scale"], ["W"], name="scale_w"))
+    with pytest.raises(UnsupportedModelError, match=r"input W \('W'\) is computed at run time by Mul node 'scale_w' from graph input 'scale'"):
         load_onnx(good_model)
 
 
