@@ -78,7 +78,6 @@ class Folder:
         root_node, _ = scope.producers[name]
         root = f"{_op(root_node)} node {node_label(root_node)}"
         stack: List[Tuple[Graph, str, bool]] = [(scope, name, False)]
-        node_of: Dict[int, Tuple[Graph, object]] = {}
         while stack:
             g, n, expanded = stack.pop()
             if expanded:  # post-order: every input of this node is placed already
@@ -118,7 +117,6 @@ class Folder:
                 if leaves[n] is not None:
                     continue
                 del leaves[n]  # value_float(s) / value_int(s) / value_string(s): tiny, evaluated
-            node_of[id(node)] = (s, node)
             stack.append((s, n, True))
             for i in node.input:
                 if i:
@@ -179,9 +177,13 @@ class Folder:
         for i in node.input:
             if i and i not in types:
                 v = values[i]
-                types[i] = helper.make_tensor_type_proto(helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-                if v.size <= _DATA_FOR_INFERENCE:
-                    data[i] = numpy_helper.from_array(v, i)
+                try:
+                    types[i] = helper.make_tensor_type_proto(helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                    if v.size <= _DATA_FOR_INFERENCE:
+                        data[i] = numpy_helper.from_array(v, i)
+                except Exception:  # a string / object tensor, a type onnx cannot describe
+                    raise UnsupportedModelError(
+                        f"{label}: input {i!r} of type {v.dtype} cannot be evaluated at load time") from None
         try:
             out = shape_inference.infer_node_outputs(
                 schema, node, types, input_data=data,
