@@ -204,12 +204,16 @@ def _describe(tensors: _Tensors, prefix: str, kind: str) -> str:
     if len(shp) == 2:
         desc += f", hidden_size={shp[0] // 4}, input_size={shp[1]}"
     if kind == "LSTM":
-        layers = {int(m.group(2)) for n in tensors.names if n.startswith(prefix)
-                  for m in [_LSTM_KEY.match(n[len(prefix):])] if m}
-        desc += f", num_layers={len(layers)}"
+        desc += f", num_layers={_num_layers(tensors, prefix)}"
         if prefix + "weight_ih_l0_reverse" in tensors.names:
             desc += ", bidirectional"
     return desc + ")"
+
+
+def _num_layers(tensors: _Tensors, prefix: str) -> int:
+    """How many layers the nn.LSTM under ``prefix`` has (distinct ``_l{k}`` indices)."""
+    return len({int(m.group(2)) for n in tensors.names if n.startswith(prefix)
+                for m in [_LSTM_KEY.match(n[len(prefix):])] if m})
 
 
 def _looks_like_lstm(tensors: _Tensors, prefix: str, kind: str) -> bool:
@@ -579,8 +583,9 @@ def _load_pt(path: str) -> Mapping:
     return obj
 
 
-def _safetensors_model(path: str, prefix, head, dtype):
-    """Header-first reading of a .safetensors file with numpy (torch is not needed)."""
+def _safetensors_model(path: str, prefix, head, dtype, use=None):
+    """Header-first reading of a .safetensors file with numpy (torch is not needed).
+    ``use(tensors)``, when given, is returned instead of the built model (``candidates``)."""
     try:
         from safetensors import safe_open
     except ImportError as exc:
@@ -614,6 +619,8 @@ def _safetensors_model(path: str, prefix, head, dtype):
             return _to_numpy(name, arr)
 
         tensors = _Tensors(names, shapes.__getitem__, load)
+        if use is not None:
+            return use(tensors)
         return _build(tensors, prefix, head, dtype, {"format": "safetensors", "path": path})
 
 
@@ -643,6 +650,35 @@ def _read_bf16(path: str, name: str, shape: Tuple[int, ...]) -> np.ndarray:
     return widen_bfloat16(np.frombuffer(raw, dtype="<u2")).reshape(shape)  # (count,) -> shape
 
 
+def candidates(path) -> list:
+    """The LSTMs of a ``.pt``/``.pth`` or ``.safetensors`` state dict, as ``lstm_cpu.inspect``
+    lists them: one :class:`lstm_cpu.candidates.Candidate` per prefix (``name`` is what
+    ``prefix=`` accepts), kind ``"operator"``. Only shapes are looked at (a .pt file is still
+    read whole by ``torch.load(weights_only=True)``)."""
+    path = os.fspath(path)
+    if sniff_checkpoint(path) == "safetensors":
+        return _safetensors_model(path, None, None, None, use=_candidate_records)
+    return _candidate_records(_dict_tensors(_load_pt(path)))
+
+
+def _candidate_records(tensors: _Tensors) -> list:
+    from lstm_cpu.candidates import Candidate
+
+    wrapper = _strip_wrappers(tensors.names)
+    found = _candidates(tensors)
+    out = []
+    for p, kind in sorted(found.items()):
+        shp = tensors.shape(p + ("weight_ih_l0" if kind == "LSTM" else "weight_ih"))
+        if len(shp) != 2 or not _looks_like_lstm(tensors, p, kind):
+            continue  # a GRU or vanilla RNN with the same key names
+        name = p[len(wrapper):] if wrapper and p.startswith(wrapper) else p
+        layers = _num_layers(tensors, p) if kind == "LSTM" else 1
+        dirs = 2 if kind == "LSTM" and p + "weight_ih_l0_reverse" in tensors.names else 1
+        out.append(Candidate(name, "operator", shp[1], shp[0] // 4, layers, dirs,
+                             f"state dict prefix {name or '<root>'}: nn.{kind}"))
+    return out
+
+
 def load_torch_file(path, prefix: Optional[str] = None, head=None, dtype=np.float32):
     """A ``.pt``/``.pth`` (weights-only) or ``.safetensors`` file -> LSTMModel. See :func:`from_torch`."""
     path = os.fspath(path)
@@ -652,4 +688,4 @@ def load_torch_file(path, prefix: Optional[str] = None, head=None, dtype=np.floa
     return _build(_dict_tensors(sd), prefix, head, dtype, {"format": "pytorch", "path": path})
 
 
-__all__ = ["from_torch", "load_torch_file", "MAX_TENSOR_ELEMENTS", "MAX_DIM", "TORCH_GATE_ORDER"]
+__all__ = ["from_torch", "load_torch_file", "candidates", "MAX_TENSOR_ELEMENTS", "MAX_DIM", "TORCH_GATE_ORDER"]
