@@ -416,6 +416,9 @@ def find_chains(model, graphs, opset, folder, label) -> List[List[NodeInfo]]:
             known = static_sizes(model, list(infos.values()))
             if known:
                 pred = _links(g, infos, known, opset)
+        # An encoder feeding a decoder of another size (or other attributes) is two LSTMs, not
+        # one stack: each stays a candidate of its own.
+        pred = {b: a for b, a in pred.items() if _stackable(infos[a], infos[b])}
         succ: Dict[int, List[int]] = {}
         for b, a in pred.items():
             succ.setdefault(a, []).append(b)
@@ -435,6 +438,14 @@ def find_chains(model, graphs, opset, folder, label) -> List[List[NodeInfo]]:
             chains.append(chain)
     return chains
 
+
+
+def _stackable(a: NodeInfo, b: NodeInfo) -> bool:
+    """Whether node b can be the layer after node a of one lstm-cpu model (a uniform stack)."""
+    def key(i):
+        return i.H, i.D, i.direction, i.clip, i.input_forget, i.inputs["sequence_lens"]
+
+    return key(a) == key(b)
 
 
 def check_chain(chain: List[NodeInfo], label):

@@ -9,12 +9,15 @@ split by job, one module each:
 * :mod:`.onnx_fold`: weights computed from constants, evaluated with onnx's ReferenceEvaluator;
 * :mod:`.onnx_functions`: inlining model-local functions (size-capped);
 * :mod:`.onnx_lstm_op`: the ``LSTM`` operator's attributes and inputs -> ``LayerParams``;
-* :mod:`.onnx_chains`: multi-layer stacks written by ``torch.onnx.export``.
+* :mod:`.onnx_chains`: multi-layer stacks written by ``torch.onnx.export``;
+* :mod:`.onnx_operators`: the finder of ``LSTM`` operators (one candidate per chain), and
+  :mod:`.onnx_found`: what a finder returns. :data:`FINDERS` lists the finders run on every file.
 
 Choosing: one chain (or lone node) in the model (main graph and, recursively, ``If``/``Loop``/
 ``Scan`` bodies) is used automatically. With several, ``node="name"`` picks the chain containing
 that node (the whole chain, never a part of it); without it :class:`InputError` lists the
-candidates with their sizes.
+candidates as :func:`onnx_candidates` (``lstm_cpu.inspect``) returns them, in
+:func:`lstm_cpu.candidates.format_table`'s table.
 
 Errors: :class:`FormatError` for corrupt / hostile / inconsistent files (naming the file, node and
 tensor, and what was expected vs found), :class:`UnsupportedModelError` for valid models using
@@ -28,48 +31,56 @@ from typing import List, Optional
 
 import numpy as np
 
+from lstm_cpu.candidates import Candidate, format_table
 from lstm_cpu.errors import FormatError, InputError, InputTypeError, LSTMError, UnsupportedModelError
 
 from .limits import MAX_DIM, MAX_TENSOR_ELEMENTS
-from .onnx_chains import check_chain, check_constant_lengths, find_chains
+from .onnx_found import Found
 from .onnx_functions import inline_local_functions
-from .onnx_graph import all_graphs, default_opset, read_model
-from .onnx_lstm_op import (ONNX_GATE_ORDER, ORT_ACTIVATION_DEFAULTS, SUPPORTED_VERSIONS, NodeInfo,
-                           is_batch_first_transpose, is_lstm)
-from .onnx_tensors import graph_input_behind
+from .onnx_graph import read_model
+from .onnx_lstm_op import ONNX_GATE_ORDER, ORT_ACTIVATION_DEFAULTS, SUPPORTED_VERSIONS, is_lstm
+from .onnx_operators import find_operators
 
 
-def _pick(chains, node, label) -> List[NodeInfo]:
-    def listing():
-        return "; ".join(
-            "[" + " -> ".join(i.describe() for i in ch) + "]" for ch in chains)
+#: The finders run on every ONNX file, in order (see :mod:`.onnx_found` for the contract).
+FINDERS = (find_operators,)
 
-    if not chains:
+
+def _find_all(model, folder, label):
+    """(every Found of every finder, whether model-local functions had to be inlined)."""
+    found = [f for finder in FINDERS for f in finder(model, folder, label)]
+    if found:
+        return found, False
+    flat = inline_local_functions(model, label, is_lstm)
+    if flat is None:
+        return found, False
+    return [f for finder in FINDERS for f in finder(flat, folder, label)], True
+
+
+def _pick(found: List[Found], node, label) -> Found:
+    def table():
+        return format_table(f.candidate for f in found)
+
+    if not found:
         raise UnsupportedModelError(f"{label}: no LSTM node found (main graph, subgraphs and model-local functions searched)")
     if node is None:
-        if len(chains) == 1:
-            return chains[0]
+        if len(found) == 1:
+            return found[0]
         raise InputError(
-            f"{label}: {len(chains)} independent LSTM nodes/stacks found; pass node='name' to choose "
-            f"one: {listing()}")
+            f"{label}: {len(found)} independent LSTMs found; pass node='name' to choose one:\n{table()}")
     if not isinstance(node, str):
         raise InputTypeError(f"node must be a node name (str), got {type(node).__name__}")
-    for ch in chains:
-        if any(i.node.name == node or i.name == node for i in ch):
-            return ch
-    raise InputError(f"{label}: no LSTM node named {node!r}; candidates: {listing()}")
+    for f in found:
+        if node == f.candidate.name or node in f.aliases:
+            return f
+    raise InputError(f"{label}: no LSTM node named {node!r}; candidates:\n{table()}")
 
 
-
-def onnx_to_params(src, node: Optional[str] = None):
-    """Read an ONNX model -> ``(layers, options)`` without building the runtime model.
-
-    ``layers[l][d]`` are canonical :class:`~lstm_cpu.spec.LayerParams`; ``options`` has ``clip``,
-    ``input_forget``, ``initial_state`` ((h0 (L*D, H), c0 (L*D, H)) or None), ``reverse`` (a lone
-    reverse-direction layer) and ``source`` (provenance for ``model.info()``).
-    """
+def _guarded(src, fn):
+    """Run ``fn()``; anything a malformed file makes the onnx package or this importer raise
+    becomes FormatError naming the file. LSTMError and OSError pass unchanged."""
     try:
-        return _onnx_to_params(src, node)
+        return fn()
     except (LSTMError, OSError):
         raise
     except RecursionError:
@@ -83,62 +94,32 @@ def _label_of(src):
     return repr(os.fspath(src)) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>"
 
 
-def _onnx_to_params(src, node):
-    model, folder, label = read_model(src)
-    opset = default_opset(model, label)
-    graphs = all_graphs(model)
-    chains = find_chains(model, graphs, opset, folder, label)
-    inlined = False
-    if not chains:
-        flat = inline_local_functions(model, label, is_lstm)
-        if flat is not None:
-            model, inlined = flat, True
-            chains = find_chains(model, all_graphs(model), opset, folder, label)
-    chain = _pick(chains, node, label)
-    check_chain(chain, label)
-    const_T = check_constant_lengths(model, chain, label)
-    first = chain[0]
-    layers = [info.params for info in chain]
-    L, D, H = len(chain), first.D, first.H
-    initial_state = None
-    if any(i.h0 is not None or i.c0 is not None for i in chain):
-        h0 = np.zeros((L * D, H), np.float64)
-        c0 = np.zeros((L * D, H), np.float64)
-        for l, info in enumerate(chain):
-            if info.h0 is not None:
-                h0[l * D : (l + 1) * D] = info.h0
-            if info.c0 is not None:
-                c0[l * D : (l + 1) * D] = info.c0
-        if np.any(h0) or np.any(c0):
-            initial_state = (h0, c0)
-    x_name = first.inputs["X"]
-    source = {
-        "format": "onnx",
-        "path": os.fspath(src) if isinstance(src, (str, os.PathLike)) else None,
-        "nodes": [i.name for i in chain],
-        "graph": first.graph.path,
-        "opset": opset,
-        "lstm_version": first.version,
-        "layout": first.layout,
-        "inlined_functions": inlined,
-        "inputs": {
-            "X": x_name,
-            "X_graph_input": graph_input_behind(first.graph, x_name),
-            "batch_first": first.layout == 1 or is_batch_first_transpose(first.graph, x_name),
-            "sequence_lens": (first.inputs["sequence_lens"] if const_T is None
-                              else f"constant {const_T} = T for every sequence (a no-op)"),
-            "initial_h": [i.inputs["initial_h"] for i in chain],
-            "initial_c": [i.inputs["initial_c"] for i in chain],
-        },
-    }
-    options = {
-        "clip": first.clip,
-        "input_forget": first.input_forget,
-        "initial_state": initial_state,
-        "reverse": first.direction == "reverse",
-        "source": source,
-    }
-    return layers, options
+def onnx_candidates(src) -> List[Candidate]:
+    """Every LSTM the finders see in an ONNX model (path, bytes or ModelProto), for
+    ``lstm_cpu.inspect``: records only, nothing is built."""
+    def run():
+        model, folder, label = read_model(src)
+        return [f.candidate for f in _find_all(model, folder, label)[0]]
+
+    return _guarded(src, run)
+
+
+def onnx_to_params(src, node: Optional[str] = None):
+    """Read an ONNX model -> ``(layers, options)`` without building the runtime model.
+
+    ``layers[l][d]`` are canonical :class:`~lstm_cpu.spec.LayerParams`; ``options`` has ``clip``,
+    ``input_forget``, ``initial_state`` ((h0 (L*D, H), c0 (L*D, H)) or None), ``reverse`` (a lone
+    reverse-direction layer) and ``source`` (provenance for ``model.info()``).
+    """
+    def run():
+        model, folder, label = read_model(src)
+        found, inlined = _find_all(model, folder, label)
+        layers, options = _pick(found, node, label).build()
+        options["source"].update(path=os.fspath(src) if isinstance(src, (str, os.PathLike)) else None,
+                                 inlined_functions=inlined)
+        return layers, options
+
+    return _guarded(src, run)
 
 
 def load_onnx(src, node: Optional[str] = None, dtype=np.float32):
@@ -157,5 +138,5 @@ def load_onnx(src, node: Optional[str] = None, dtype=np.float32):
                      reverse=options["reverse"])
 
 
-__all__ = ["load_onnx", "onnx_to_params", "ONNX_GATE_ORDER", "ORT_ACTIVATION_DEFAULTS",
+__all__ = ["load_onnx", "onnx_to_params", "onnx_candidates", "FINDERS", "ONNX_GATE_ORDER", "ORT_ACTIVATION_DEFAULTS",
            "MAX_TENSOR_ELEMENTS", "MAX_DIM", "SUPPORTED_VERSIONS"]

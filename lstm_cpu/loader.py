@@ -114,6 +114,31 @@ def load(path, **options):
     return load_torch_file(path, **options)
 
 
+def inspect(path) -> list:
+    """Every LSTM in a model file of any format, as :class:`lstm_cpu.candidates.Candidate` records,
+    without building a model. ONNX: one per LSTM node or chain (and whatever else the ONNX
+    finders recognise); ``.pt``/``.safetensors``: one per state-dict prefix; packed: the model."""
+    from .candidates import Candidate
+
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise InputError(f"path must be a file path, got {type(path).__name__}")
+    path = os.fsdecode(os.fspath(path))
+    kind = sniff(path)
+    if kind == "onnx":
+        from lstm_cpu.importers.onnx_lstm import onnx_candidates
+
+        return onnx_candidates(path)
+    if kind == "packed":
+        from .packed import load as load_packed
+
+        m = load_packed(path, mmap=True)
+        return [Candidate("", "operator", m.input_size, m.hidden_size, m.num_layers, m.num_directions,
+                          "lstm-cpu packed model (the whole file)")]
+    from lstm_cpu.importers.torch_lstm import candidates
+
+    return candidates(path)
+
+
 def warmup(verbose=False):
     """Compile every kernel specialisation a model can use (float32 and float64, serial and
     parallel, step, chunk run and whole sequence), so the first real call hits Numba's cache."""
