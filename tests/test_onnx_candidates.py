@@ -135,3 +135,61 @@ def test_cli_info_all(tmp_path, capsys):
     assert cli_main(["info", str(path), "--all", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert sorted(r["hidden_size"] for r in rows) == [4, H]
+
+
+def test_identical_lstms_in_two_branches_are_one_candidate(tmp_path):
+    """The same weights (outer-scope initializers) in both branches of an If: reported once,
+    loadable by either node's name, and equal to torch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from test_onnx_constants import _onnx_weights
+
+    m = _torch_lstm(seed=40)
+    W, R, B = _onnx_weights(m)
+    yinfo = helper.make_tensor_value_info("Y_b", TensorProto.FLOAT, None)
+
+    def branch(name):
+        node = helper.make_node("LSTM", ["X", "W", "R", "B"], ["Y_b"], name=name, hidden_size=H)
+        return helper.make_graph([node], name + "_graph", [], [yinfo])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["Y"], then_branch=branch("lstm_16k"),
+                          else_branch=branch("lstm_8k"), name="rate")],
+        "main", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", 1, I]),
+                 helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(a.astype(np.float32), n) for n, a in (("W", W), ("R", R), ("B", B))])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    proto.ir_version = 8
+    path = tmp_path / "same.onnx"
+    path.write_bytes(proto.SerializeToString())
+    (c,) = lstm_cpu.inspect(path)
+    other = ({"lstm_16k", "lstm_8k"} - {c.name}).pop()
+    assert c.name in ("lstm_16k", "lstm_8k") and f"LSTM {other!r} (same weights)" in c.location
+    for name in ("lstm_16k", "lstm_8k", None):
+        _compare_stream(m, lstm_cpu.load(path, node=name), _x(41))
+    # different weights in the two branches stay two candidates
+    next(a for a in proto.graph.node[0].attribute if a.name == "then_branch").g.node[0].input[1] = "W2"
+    proto.graph.initializer.append(numpy_helper.from_array((W * 0.5).astype(np.float32), "W2"))
+    path.write_bytes(proto.SerializeToString())
+    assert len(lstm_cpu.inspect(path)) == 2
+
+
+def test_inspect_onnx_imports_no_torch(tmp_path):
+    """inspect imports nothing heavier than the importer needs: onnx, never torch."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "two.onnx"
+    _export_two(path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, lstm_cpu\n"
+            f"c = lstm_cpu.inspect({str(path)!r})\n"
+            "assert len(c) == 2, c\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "print('OK')\n")
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip() == "OK", p.stderr[-3000:]
