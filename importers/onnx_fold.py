@@ -77,6 +77,7 @@ class Folder:
         seen_nodes, seen_names = set(), set()
         root_node, _ = scope.producers[name]
         root = f"{_op(root_node)} node {node_label(root_node)}"
+        source = f"{_op(root_node)} {node_label(root_node)}"  # as RuntimeValue.source always reads
         stack: List[Tuple[Graph, str, bool]] = [(scope, name, False)]
         while stack:
             g, n, expanded = stack.pop()
@@ -106,12 +107,13 @@ class Folder:
                 leaves[n] = t
                 continue
             if n not in s.producers:
-                raise RuntimeValue(f"computed at run time by {root} from graph input {n!r}", root,
+                raise RuntimeValue(f"computed at run time by {root} from graph input {n!r}", source,
                                    graph_input=n)
             node, _ = s.producers[n]
             op = _op(node)
             if node.domain not in ("", "ai.onnx") or op in _NONDETERMINISTIC or any(True for _ in subgraphs(node)):
-                raise RuntimeValue(f"computed at run time by {root} (through {op} node {node_label(node)})", root)
+                raise RuntimeValue(f"computed at run time by {root} (through {op} node {node_label(node)})",
+                                   source)
             if op == "Constant":
                 leaves[n] = self._constant_tensor(node, what)
                 if leaves[n] is not None:
