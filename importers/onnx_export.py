@@ -29,7 +29,9 @@ from typing import Optional
 import numpy as np
 
 from lstm_cpu.errors import InputError, InputTypeError, UnsupportedModelError
-from lstm_cpu.spec import ACTIVATIONS, LayerParams, as_activations, gate_permutation
+from lstm_cpu.spec import ACTIVATIONS, LayerParams, as_activations, gates_to, peepholes_to
+
+from .onnx_lstm_op import ONNX_GATE_ORDER, ONNX_PEEPHOLE_ORDER
 
 #: Default opset: LSTM-14 (layout attribute) and every runtime of 2023+ reads it.
 DEFAULT_OPSET = 17
@@ -44,23 +46,6 @@ def io_names(num_layers: int) -> dict:
     return {"x": "X", "y": "Y",
             "initial_h": [f"initial_h_{l}" for l in layers], "initial_c": [f"initial_c_{l}" for l in layers],
             "y_h": [f"Y_h_{l}" for l in layers], "y_c": [f"Y_c_{l}" for l in layers]}
-
-
-def _to_onnx_gates(a: np.ndarray) -> np.ndarray:
-    """Canonical gate blocks (i, f, g, o) -> ONNX (i, o, f, c) along axis 0: the inverse of
-    ``spec.reorder_gates(a, "iofc")``."""
-    perm = gate_permutation("iofc")  # canonical_block[k] = onnx_block[perm[k]]
-    blocks = np.split(np.asarray(a), 4, axis=0)
-    onnx_blocks = [None] * 4
-    for k, src in enumerate(perm):
-        onnx_blocks[src] = blocks[k]
-    return np.concatenate(onnx_blocks, axis=0)
-
-
-def _peephole_to_onnx(p: np.ndarray) -> np.ndarray:
-    """Canonical peepholes (i, f, o) -> ONNX (i, o, f)."""
-    pi, pf, po = np.split(np.asarray(p), 3)
-    return np.concatenate([pi, po, pf])
 
 
 def _activation_attrs(rows):
@@ -130,10 +115,10 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
         if len(row) != D or any(p.hidden_size != H for p in row):
             raise InputError(f"layer {l}: every layer needs {D} direction(s) of hidden size {H}")
         f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-        W = np.stack([_to_onnx_gates(f32(p.w_ih)) for p in row])  # (D, 4H, in)
-        R = np.stack([_to_onnx_gates(f32(p.w_hh)) for p in row])  # (D, 4H, H)
+        W = np.stack([gates_to(f32(p.w_ih), ONNX_GATE_ORDER) for p in row])  # (D, 4H, in)
+        R = np.stack([gates_to(f32(p.w_hh), ONNX_GATE_ORDER) for p in row])  # (D, 4H, H)
         # Folded bias goes into Wb; Rb is zero: (D, 8H).
-        B = np.stack([np.concatenate([_to_onnx_gates(f32(p.bias)) if p.bias is not None
+        B = np.stack([np.concatenate([gates_to(f32(p.bias), ONNX_GATE_ORDER) if p.bias is not None
                                       else np.zeros(4 * H, np.float32), np.zeros(4 * H, np.float32)])
                       for p in row])
         names = [f"W_{l}", f"R_{l}", f"B_{l}"]
@@ -149,7 +134,7 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
                 inits.append(numpy_helper.from_array(np.ascontiguousarray(a), s))
         ins = [x] + names + ["", h0, c0]
         if peep:
-            P = np.stack([_peephole_to_onnx(f32(p.peephole)) if p.peephole is not None
+            P = np.stack([peepholes_to(f32(p.peephole), ONNX_PEEPHOLE_ORDER) if p.peephole is not None
                           else np.zeros(3 * H, np.float32) for p in row])  # (D, 3H)
             inits.append(numpy_helper.from_array(P, f"P_{l}"))
             ins.append(f"P_{l}")

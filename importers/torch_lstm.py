@@ -65,15 +65,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from lstm_cpu.errors import FormatError, InputError, InputTypeError, UnsupportedModelError
+from lstm_cpu.loader import sniff_checkpoint
 from lstm_cpu.spec import LayerParams, reorder_gates
+
+from .limits import MAX_DIM, MAX_TENSOR_ELEMENTS, check_dims, widen_bfloat16
 
 #: PyTorch stores the gate blocks as (input, forget, cell candidate, output).
 TORCH_GATE_ORDER = "ifgo"
 
-#: Refuse any single tensor with more elements than this (4 GiB of float32) before reading it.
-MAX_TENSOR_ELEMENTS = 1 << 30
-#: Refuse any single dimension (H, I, P, O) larger than this.
-MAX_DIM = 1 << 24
 #: Refuse stacks deeper than this (a corrupt key like ``weight_ih_l99999999`` must not loop).
 MAX_LAYERS = 1024
 
@@ -223,6 +222,12 @@ def _describe(tensors: _Tensors, prefix: str, kind: str) -> str:
     return desc + ")"
 
 
+def _num_layers(tensors: _Tensors, prefix: str) -> int:
+    """How many layers the nn.LSTM under ``prefix`` has (distinct ``_l{k}`` indices)."""
+    return len({int(m.group(2)) for n in tensors.names if n.startswith(prefix)
+                for m in [_LSTM_KEY.match(n[len(prefix):])] if m})
+
+
 def _looks_like_lstm(tensors: _Tensors, prefix: str, kind: str) -> bool:
     """True if the group's recurrent weights have LSTM shapes: (4H, H), or (4H, P) with weight_hr."""
     hh = prefix + ("weight_hh_l0" if kind == "LSTM" else "weight_hh")
@@ -270,15 +275,7 @@ def _find_prefix(tensors: _Tensors, prefix: Optional[str]) -> Tuple[str, str]:
 # Shape checking and conversion
 # ---------------------------------------------------------------------------------------------
 def _check_size(key: str, shape: Tuple[int, ...]) -> None:
-    n = 1
-    for s in shape:
-        if s < 0 or s > MAX_DIM:
-            raise FormatError(f"tensor {key!r}: dimension {s} of shape {shape} is outside [0, {MAX_DIM}]")
-        n *= s
-    if n > MAX_TENSOR_ELEMENTS:
-        raise FormatError(
-            f"tensor {key!r}: shape {shape} has {n} elements, more than the limit {MAX_TENSOR_ELEMENTS}"
-        )
+    check_dims(shape, f"tensor {key!r}")
 
 
 def _expect(tensors: _Tensors, key: str, expected: Tuple[Optional[int], ...], what: str) -> Tuple[int, ...]:
@@ -523,28 +520,6 @@ def from_torch(obj, prefix: Optional[str] = None, head=None, dtype=np.float32):
     )
 
 
-def _sniff(path: str) -> str:
-    """"safetensors" | "torchscript" | "pytorch" from the file's first bytes, falling back to the extension."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        raise  # a missing or unreadable path is not a bad file: keep FileNotFoundError & co.
-    if not head:
-        raise FormatError(f"{path!r} is empty: expected a .pt/.pth or .safetensors checkpoint")
-    # safetensors first: its little-endian u64 header length may well start with 0x80.
-    if len(head) == 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04":  # torch.save's zip, or torch.jit.save's
-        from lstm_cpu.loader import is_torchscript
-
-        return "torchscript" if is_torchscript(path) else "pytorch"
-    if head[:1] == b"\x80":  # legacy torch.save pickle
-        return "pytorch"
-    ext = os.path.splitext(path)[1].lower()
-    return "safetensors" if ext == ".safetensors" else "pytorch"
-
-
 def _unpickler_reason(exc: Exception) -> str:
     """The line of torch's weights-only error that says *what* was refused.
 
@@ -663,15 +638,14 @@ def _read_bf16(path: str, name: str, shape: Tuple[int, ...]) -> np.ndarray:
         raw = fh.read(end - begin)
     if len(raw) != 2 * count:
         raise FormatError(f"{path!r}: tensor {name!r} is truncated ({len(raw)} of {2 * count} bytes)")
-    bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16  # (count,)
-    return bits.view(np.float32).reshape(shape)
+    return widen_bfloat16(np.frombuffer(raw, dtype="<u2")).reshape(shape)  # (count,) -> shape
 
 
 @contextmanager
 def _file_tensors(path: str):
     """(tensors, source) of a ``.pt``/``.pth``, ``.safetensors`` or TorchScript file; the tensors
     are readable inside the ``with``."""
-    kind = _sniff(path)
+    kind = sniff_checkpoint(path)
     if kind == "torchscript":
         from lstm_cpu.importers.torchscript import tensors  # no torch needed
 

@@ -18,7 +18,7 @@ from .spec import GATE_ORDER, Activation, LayerParams
 __version__ = "0.1.0"
 
 __all__ = [
-    "LSTMModel", "Stream", "LayerParams", "Activation", "GATE_ORDER", "load", "from_torch",
+    "LSTMModel", "Stream", "LayerParams", "Activation", "GATE_ORDER", "load", "inspect", "from_torch",
     "warmup", "threading_layer", "LSTMError", "FormatError", "UnsupportedModelError",
     "InputError", "InputTypeError", "__version__",
 ]
@@ -43,6 +43,17 @@ def load(path, **options) -> LSTMModel:
     from .loader import load as _load
 
     return _load(path, **options)
+
+
+def inspect(path) -> list:
+    """Every LSTM found in a model file of any format: a list of
+    :class:`lstm_cpu.candidates.Candidate` (``name``, ``kind``, ``input_size``, ``hidden_size``,
+    ``num_layers``, ``num_directions``, ``location``). ``load(path, node=c.name)`` (ONNX) or
+    ``load(path, prefix=c.name)`` (PyTorch) loads one; ``candidates.format_table`` prints them.
+    """
+    from .loader import inspect as _inspect
+
+    return _inspect(path)
 
 
 def warmup(verbose: bool = False) -> list:

@@ -188,6 +188,8 @@ def build_parser() -> _Parser:
                     "sizes, layers, directions, activations, parameter count and weight bytes.")
     i.add_argument("model", metavar="MODEL", help="model file")
     i.add_argument("--json", action="store_true", help="print model.info() as JSON")
+    i.add_argument("--all", action="store_true",
+                   help="list every LSTM found in MODEL (lstm_cpu.inspect) instead of loading one")
     _load_options(i)
     i.set_defaults(func=cmd_info)
 
@@ -389,6 +391,19 @@ def format_info(info: Dict[str, object]) -> str:
 # Commands
 # =============================================================================================
 def cmd_info(args) -> int:
+    if args.all:
+        _check_file(args.model, "model file")
+        import dataclasses
+
+        import lstm_cpu  # noqa: PLC0415 - import numba only when a command needs it
+        from lstm_cpu.candidates import format_table
+
+        cands = lstm_cpu.inspect(args.model)
+        if args.json:
+            _emit_json([dataclasses.asdict(c) for c in cands])
+        else:
+            print(format_table(cands))
+        return EXIT_OK
     info = _model_info(_load_model(args.model, args))
     if args.json:
         _emit_json(info)

@@ -1,6 +1,7 @@
 """``lstm_cpu.load``: recognise a model file's format and hand it to the right reader.
 
-Content first (magic bytes), extension second. The ONNX and PyTorch readers live in
+Content first (magic bytes), extension second. This is the only module that sniffs formats: the
+importers ask it (``sniff_checkpoint`` for a state-dict file) rather than look at bytes themselves. The ONNX and PyTorch readers live in
 ``lstm_cpu.importers`` (the repository folder ``importers/``, installed inside our namespace so a
 user's own ``importers.py`` cannot shadow it) and are imported only here, when such a file loads.
 """
@@ -89,6 +90,28 @@ def sniff(path: str) -> str:
                       f".safetensors or an lstm-cpu packed file)")
 
 
+def sniff_checkpoint(path: str) -> str:
+    """"safetensors" | "torchscript" | "pytorch" for a file already known to be a PyTorch
+    checkpoint (``load_torch_file``), from its first bytes, then its extension. A missing path
+    raises OSError, not FormatError."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        raise  # a missing or unreadable path is not a bad file: keep FileNotFoundError & co.
+    if not head:
+        raise FormatError(f"{path!r} is empty: expected a .pt/.pth or .safetensors checkpoint")
+    # safetensors first: its little-endian u64 header length may well start with 0x80.
+    if len(head) == 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
+        return "safetensors"
+    if head[:4] == _ZIP_MAGIC:  # torch.save's zip, or torch.jit.save's
+        return "torchscript" if is_torchscript(path) else "pytorch"
+    if head[:1] == b"\x80":  # legacy torch.save pickle
+        return "pytorch"
+    ext = os.path.splitext(path)[1].lower()
+    return "safetensors" if ext == ".safetensors" else "pytorch"
+
+
 def load(path, **options):
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise InputError(f"path must be a file path, got {type(path).__name__}")
@@ -117,6 +140,31 @@ def load(path, **options):
     from lstm_cpu.importers.torch_lstm import load_torch_file
 
     return load_torch_file(path, **options)
+
+
+def inspect(path) -> list:
+    """Every LSTM in a model file of any format, as :class:`lstm_cpu.candidates.Candidate` records,
+    without building a model. ONNX: one per LSTM node or chain (and whatever else the ONNX
+    finders recognise); ``.pt``/``.safetensors``: one per state-dict prefix; packed: the model."""
+    from .candidates import Candidate
+
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise InputError(f"path must be a file path, got {type(path).__name__}")
+    path = os.fsdecode(os.fspath(path))
+    kind = sniff(path)
+    if kind == "onnx":
+        from lstm_cpu.importers.onnx_lstm import onnx_candidates
+
+        return onnx_candidates(path)
+    if kind == "packed":
+        from .packed import load as load_packed
+
+        plan = load_packed(path, mmap=True).plan
+        return [Candidate("", "operator", plan.I, plan.H, plan.L, plan.D,
+                          "lstm-cpu packed model (the whole file)")]
+    from lstm_cpu.importers.torch_lstm import candidates
+
+    return candidates(path)
 
 
 def warmup(verbose=False):

@@ -68,6 +68,41 @@ def reorder_gates(a: np.ndarray, source_order: Sequence[str], axis: int = 0) -> 
     return np.concatenate([blocks[k] for k in gate_permutation(source_order)], axis=axis)
 
 
+def gates_to(a: np.ndarray, target_order: Sequence[str], axis: int = 0) -> np.ndarray:
+    """The inverse of :func:`reorder_gates`: canonical gate blocks of ``a`` -> ``target_order``."""
+    a = np.asarray(a)
+    if a.shape[axis] % 4:
+        raise ValueError(f"gate axis must have length 4*H, got {a.shape[axis]}")
+    blocks = np.split(a, 4, axis=axis)
+    perm = gate_permutation(target_order)  # canonical_block[k] = target_block[perm[k]]
+    out = [None] * 4
+    for k, src in enumerate(perm):
+        out[src] = blocks[k]
+    return np.concatenate(out, axis=axis)
+
+
+def _peephole_permutation(source_order: Sequence[str]) -> list:
+    src = list(source_order)
+    if sorted(src) != sorted(PEEPHOLE_ORDER):
+        raise ValueError(f"peephole order must name i, f, o once each, got {source_order!r}")
+    return [src.index(g) for g in PEEPHOLE_ORDER]
+
+
+def reorder_peepholes(p: np.ndarray, source_order: Sequence[str]) -> np.ndarray:
+    """Peepholes ``p (3H,)`` from ``source_order`` (ONNX: ``"iof"``) to PEEPHOLE_ORDER (i, f, o)."""
+    blocks = np.split(np.asarray(p), 3)
+    return np.concatenate([blocks[k] for k in _peephole_permutation(source_order)])
+
+
+def peepholes_to(p: np.ndarray, target_order: Sequence[str]) -> np.ndarray:
+    """The inverse of :func:`reorder_peepholes`: canonical (i, f, o) -> ``target_order``."""
+    blocks = np.split(np.asarray(p), 3)
+    out = [None] * 3
+    for k, src in enumerate(_peephole_permutation(target_order)):
+        out[src] = blocks[k]
+    return np.concatenate(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Activations (the ONNX set)
 # ---------------------------------------------------------------------------------------------

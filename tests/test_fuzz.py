@@ -291,7 +291,17 @@ def _onnx_models(rng):
     lens.graph.initializer.append(numpy_helper.from_array(np.full(2, 4, np.int32), "lens"))
     dims = lens.graph.input[0].type.tensor_type.shape.dim
     dims[0].dim_value, dims[1].dim_value = 4, 2
-    out = {"fwd": (fwd, {}), "bi_peep_state": (bi, {}), "acts_clip": (acts, {}), "constants": (const, {}),
+    # W computed from constants (torch.onnx.export without constant folding, an fp16-converted
+    # model): Concat of an fp16 initializer Cast to float and a float32 one; R through Transpose.
+    # Exercises the load-time evaluation of constant subgraphs (onnx's ReferenceEvaluator).
+    folded = model([helper.make_node("Cast", ["Wa16"], ["Wa"], to=TensorProto.FLOAT),
+                    helper.make_node("Concat", ["Wa", "Wb"], ["W"], axis=1, name="w_cat"),
+                    helper.make_node("Transpose", ["Rt"], ["R"], perm=[0, 2, 1], name="r_t"),
+                    helper.make_node("LSTM", ["X", "W", "R", "B"], ["Y", "Y_h", "Y_c"], name="lstm_folded",
+                                     hidden_size=H)],
+                   {"Wa16": u(1, 2 * H, I).astype(np.float16), "Wb": u(1, 2 * H, I), "Rt": u(1, H, 4 * H),
+                    "B": u(1, 8 * H)}, I, ["Y"])
+    out = {"folded": (folded, {}), "fwd": (fwd, {}), "bi_peep_state": (bi, {}), "acts_clip": (acts, {}), "constants": (const, {}),
            "two_layer": (two, {}), "external": (ext, {"weights.bin": blob}), "local_function": (func, {}),
            "const_lens": (lens, {})}
     # What importers/onnx_export.py writes (torch.onnx.export's layout): a 2-layer bidirectional
