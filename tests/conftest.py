@@ -21,6 +21,33 @@ for _p in (_HERE,):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+# A skip or xfail not on tests/skip_allowlist.py's explicit list fails the run (no silent passes).
+import skip_allowlist  # noqa: E402
+from skip_allowlist import (  # noqa: E402,F401 - pytest finds these hooks by name in this module
+    pytest_collectreport,
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+)
+
+_MEASURED = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def measured(request):
+    """``measured(line)`` records a figure a test measured (not a check: the test asserts its own
+    bound); ``pytest -v`` lists them after the run, grouped by module."""
+    rows = request.config.stash.setdefault(_MEASURED, [])
+    return lambda line: rows.append((request.node.module.__name__, line))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    skip_allowlist.pytest_terminal_summary(terminalreporter)
+    rows = config.stash.get(_MEASURED, [])
+    if rows and config.getoption("verbose") > 0:
+        terminalreporter.section("measured")
+        for module, line in rows:
+            terminalreporter.line(f"{module}: {line}")
+
 try:
     from hypothesis import HealthCheck, settings
 
