@@ -12,6 +12,10 @@ import sys
 import numpy as np
 import pytest
 
+# The one place tests read the batch size from which batched products go through numpy's BLAS
+# (and stop being bit-identical to a lone stream): the README's promise is stated against it.
+from lstm_cpu.model import BLAS_MIN_BATCH  # noqa: F401 - re-exported for the tests
+
 # tests/ on sys.path so `import naive` (tests/naive.py) works. lstm_cpu and lstm_cpu.importers
 # (the repository folder importers/, mapped by pyproject's package-dir) come from the installed
 # package: `pip install -e ".[test]"`, as .ci/run does.

@@ -30,7 +30,7 @@ import pytest
 
 import lstm_cpu
 from lstm_cpu import FormatError, LayerParams, LSTMError, LSTMModel
-from lstm_cpu.model import BLAS_MIN_BATCH
+from conftest import BLAS_MIN_BATCH
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
