@@ -158,6 +158,7 @@ def torch_run(module, x, double=False):
 
 @pytest.fixture
 def make_torch_lstm():
-    """The :func:`torch_lstm` factory as a fixture (skips the test when torch is missing)."""
+    """The :func:`torch_lstm` factory as a fixture (a missing torch skips the test, which fails
+    the run: tests/skip_allowlist.py)."""
     pytest.importorskip("torch")
     return torch_lstm
