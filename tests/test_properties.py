@@ -7,10 +7,11 @@
 Models are random canonical LayerParams (no torch needed), with the serial or the parallel kernel
 (``LSTMModel(kernel=...)``, the default for the model's streams and runs). What the README promises
 bit for bit is asserted with array_equal: the step and chunk paths share one kernel; a stream in a
-batch below the BLAS crossover (``BLAS_MIN_BATCH``) computes exactly what it computes alone, and
-so does a sequence in a batched ``model.run``. ``model.run`` against stepping is not bit-identical
-(it computes the input projection for the whole sequence as one matrix product, a different
-summation order): a relative 1e-6 tolerance in float32 and 1e-12 in float64.
+batch below the BLAS crossover (``BLAS_MIN_BATCH``) computes exactly what it computes alone.
+``model.run`` is not bit-identical to stepping, nor to itself over another batch: it computes the
+input projection for all T*B rows as one BLAS product, whose rounding depends on the shape (a
+single row takes numpy's matrix-vector path): a relative 1e-6 tolerance in float32 and 1e-12 in
+float64.
 """
 
 from __future__ import annotations
@@ -117,12 +118,13 @@ def test_batch_of_streams_equals_single_streams(data):
         np.testing.assert_array_equal(yb[:, n], yn, err_msg=f"batch item {n} y")
         np.testing.assert_array_equal(hb[:, n], hn, err_msg=f"batch item {n} h")
         np.testing.assert_array_equal(cb[:, n], cn, err_msg=f"batch item {n} c")
-    # A sequence in a batched model.run: exactly what it gives alone.
+    # A sequence in a batched model.run: what it gives alone, up to the rounding of the input
+    # projection (one BLAS product over all T*B rows; numpy's single-row path rounds apart).
     yr, (hr, cr) = model.run(x)
     for n in range(N):
         yn, (hn, cn) = model.run(x[:, n])
-        np.testing.assert_array_equal(yr[:, n], yn, err_msg=f"run: batch item {n} y")
-        np.testing.assert_array_equal(cr[:, n], cn, err_msg=f"run: batch item {n} c")
+        _close(yr[:, n], yn, dtype, f"run: batch item {n} y")
+        _close(cr[:, n], cn, dtype, f"run: batch item {n} c")
     # And the batched whole-sequence run agrees with the batched stream (not bit for bit).
     _close(yb, yr, dtype, "batch stream vs run: y")
     _close(hb, hr, dtype, "batch stream vs run: h")
