@@ -113,7 +113,6 @@ def test_legacy_exporter_modules_as_functions(tmp_path, num_layers, bidirectiona
 
 
 def test_legacy_exporter_through_lstm_cpu_load(tmp_path):
-    pytest.importorskip("lstm_cpu.loader", reason="lstm_cpu/loader.py (the lead's lstm_cpu.load) not there yet")
     import lstm_cpu
 
     m = _lstm(2, True, False)

@@ -113,12 +113,15 @@ def test_threads_batched_streams_bit_identical(model, kernel):
 
 
 def test_serial_and_parallel_kernels_agree(model):
-    """Not bit-identity (the kernels may split work differently) but the same numbers."""
+    """Bit for bit: each output element is one thread's, summed in the serial kernel's order."""
     a = _work(model, "serial", [0, 1])
     b = _work(model, "parallel", [0, 1])
-    for k in a:
-        for x, y in zip(a[k], b[k]):
-            np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+    _assert_identical(b, a)
+    x = np.stack([_inputs(0), _inputs(1)], axis=1)  # (STEPS, 2, I)
+    ys, (hs, cs) = model.run(x, kernel="serial")
+    yp, (hp, cp) = model.run(x, kernel="parallel")
+    for a_, b_ in ((ys, yp), (hs, hp), (cs, cp)):
+        np.testing.assert_array_equal(a_, b_)
 
 
 @pytest.mark.parametrize("kernel", ["serial", "parallel"])
@@ -149,7 +152,7 @@ def test_streams_created_and_dropped_from_many_threads(model):
 
     for res in _run_threads(churn, N_THREADS):
         for k, kernel, ys in res:
-            np.testing.assert_allclose(ys, want[k], rtol=0, atol=1e-5, err_msg=f"{kernel} stream {k}")
+            np.testing.assert_array_equal(ys, want[k], err_msg=f"{kernel} stream {k}")
     # Per kernel, the churned results are exactly the sequential ones.
     for kernel in ("serial", "parallel"):
         ref = _work_short(model, 0, steps, kernel)
