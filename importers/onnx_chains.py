@@ -27,7 +27,7 @@ from lstm_cpu.errors import FormatError, LSTMError, UnsupportedModelError
 from .onnx_fold import Folder
 from .onnx_graph import Graph
 from .onnx_lstm_op import NodeInfo, is_lstm, lstm_version, parse_node
-from .onnx_tensors import RuntimeValue, float_types, resolve_const
+from .onnx_tensors import RuntimeValue, float_types, read_const, resolve_const
 
 
 def check_constant_lengths(model, chain: List[NodeInfo], label) -> Optional[int]:
@@ -357,6 +357,56 @@ class _Chains:
             return None
         want = (("T",), ("B",), ("D", "H")) if info.layout == 0 else (("B",), ("T",), ("D", "H"))
         return v.src if v == self.norm(v.src, want) else None
+
+
+def trailing_head(last: NodeInfo, opset: int, fold, label):
+    """A linear layer applied to the chain's output and nothing after it, or None.
+
+    Recognised: ``MatMul(Y', W)`` with Y' the last node's Y laid out (T, N, D*H) (what
+    ``to_onnx`` and ``torch.onnx.export`` write for ``nn.Linear`` on an LSTM's output), W a
+    constant (D*H, O), optionally ``Add`` of a constant (O,), whose result is a graph output
+    (directly or through Identity) while Y itself is not. Returns ``(weight (O, D*H), bias (O,)
+    or None, output name)``. Anything else after the chain is left to the caller, as before.
+    """
+    g = last.graph
+    y = last.node.output[0] if last.node.output else ""
+    outputs = {o.name for o in g.proto.output}
+    if not y or y in outputs:
+        return None
+    ev = _Chains(g, {id(last.node): last}, {}, opset)
+    want = ev.norm(id(last.node), (("T",), ("B",), ("D", "H")))
+    DH = last.D * last.H
+    for node in g.proto.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        if ev.value(node.input[0]) != want:
+            continue
+        w = _head_const(g, node.input[1], fold, label, node)
+        if w is None or w.ndim != 2 or w.shape[0] != DH:
+            return None
+        out, bias = node.output[0], None
+        users = g.consumers.get(out, [])
+        if len(users) == 1 and users[0].op_type == "Add" and out not in outputs:
+            add = users[0]
+            other = add.input[1] if add.input[0] == out else add.input[0]
+            b = _head_const(g, other, fold, label, add)
+            if b is not None and b.shape == (w.shape[1],):
+                out, bias = add.output[0], b
+        while out not in outputs:
+            users = g.consumers.get(out, [])
+            if len(users) != 1 or users[0].op_type != "Identity":
+                return None
+            out = users[0].output[0]
+        return w.T.copy(), bias, out
+    return None
+
+
+def _head_const(g, name, fold, label, node) -> Optional[np.ndarray]:
+    try:
+        c = resolve_const(g, name, f"{label}: {node.op_type} node {node.name!r} input {name!r}", fold=fold)
+    except RuntimeValue:
+        return None
+    return np.asarray(read_const(c, fold.folder), np.float64)
 
 
 def static_sizes(model, infos: List[NodeInfo]) -> Dict[str, int]:

@@ -109,7 +109,9 @@ def onnx_to_params(src, node: Optional[str] = None):
 
     ``layers[l][d]`` are canonical :class:`~lstm_cpu.spec.LayerParams`; ``options`` has ``clip``,
     ``input_forget``, ``initial_state`` ((h0 (L*D, H), c0 (L*D, H)) or None), ``reverse`` (a lone
-    reverse-direction layer) and ``source`` (provenance for ``model.info()``).
+    reverse-direction layer), ``head`` (a linear layer ending the graph right after the LSTM:
+    (weight (O, D*H), bias (O,) or None), or None) and ``source`` (provenance for ``model.info()``):
+    the keywords of :class:`~lstm_cpu.model.LSTMModel`.
     """
     def run():
         model, folder, label = read_model(src)
@@ -133,9 +135,7 @@ def load_onnx(src, node: Optional[str] = None, dtype=np.float32):
     from lstm_cpu.model import LSTMModel  # the runtime: numpy + numba only
 
     layers, options = onnx_to_params(src, node)
-    return LSTMModel(layers, clip=options["clip"], input_forget=options["input_forget"], dtype=dtype,
-                     initial_state=options["initial_state"], source=options["source"],
-                     reverse=options["reverse"])
+    return LSTMModel(layers, dtype=dtype, **options)  # a finder's options are LSTMModel keywords
 
 
 __all__ = ["load_onnx", "onnx_to_params", "onnx_candidates", "FINDERS", "ONNX_GATE_ORDER", "ORT_ACTIVATION_DEFAULTS",

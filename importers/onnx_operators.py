@@ -21,7 +21,8 @@ import numpy as np
 
 from lstm_cpu.candidates import Candidate
 
-from .onnx_chains import check_chain, check_constant_lengths, find_chains
+from .onnx_chains import check_chain, check_constant_lengths, find_chains, trailing_head
+from .onnx_fold import Folder
 from .onnx_found import Found
 from .onnx_graph import all_graphs, default_opset
 from .onnx_lstm_op import NodeInfo, is_batch_first_transpose
@@ -51,7 +52,7 @@ def find_operators(model, folder, label) -> List[Found]:
             location=(f"{first.graph.path}: LSTM {' -> '.join(repr(i.name) for i in chain)}, "
                       f"{first.direction}; reads {first.inputs['X']!r}, writes {y!r}"))
         aliases = tuple(n for n in names if n != first.name)
-        found.append(Found(cand, partial(_params, model, chain, opset, label), aliases))
+        found.append(Found(cand, partial(_params, model, chain, opset, label, folder), aliases))
     return found
 
 
@@ -67,8 +68,9 @@ def _digest(chain: List[NodeInfo]) -> bytes:
     return h.digest()
 
 
-def _params(model, chain: List[NodeInfo], opset: int, label):
-    """One chain -> (layers, options): checked as a uniform stack, initial states gathered."""
+def _params(model, chain: List[NodeInfo], opset: int, label, folder):
+    """One chain -> (layers, options): checked as a uniform stack, initial states gathered, and a
+    linear layer that ends the graph right after the chain taken as the model's head."""
     check_chain(chain, label)
     const_T = check_constant_lengths(model, chain, label)
     first = chain[0]
@@ -85,6 +87,7 @@ def _params(model, chain: List[NodeInfo], opset: int, label):
                 c0[l * D : (l + 1) * D] = info.c0
         if np.any(h0) or np.any(c0):
             initial_state = (h0, c0)
+    head = trailing_head(chain[-1], opset, Folder.of(model, folder), label)
     x_name = first.inputs["X"]
     source = {
         "format": "onnx",
@@ -104,12 +107,14 @@ def _params(model, chain: List[NodeInfo], opset: int, label):
             "initial_h": [i.inputs["initial_h"] for i in chain],
             "initial_c": [i.inputs["initial_c"] for i in chain],
         },
+        "head": None if head is None else {"output": head[2], "size": int(head[0].shape[0])},
     }
     options = {
         "clip": first.clip,
         "input_forget": first.input_forget,
         "initial_state": initial_state,
         "reverse": first.direction == "reverse",
+        "head": None if head is None else head[:2],
         "source": source,
     }
     return layers, options

@@ -32,7 +32,8 @@ CASES = {
     "reverse-initial-state": dict(L=1, D=1, reverse=True, init=True),
     "bidirectional-initial-state": dict(L=2, D=2, init=True),
     "clip-coupled-peepholes": dict(L=1, D=1, clip=0.7, input_forget=True, peep=True),
-    "activations": dict(L=1, D=2,
+    "head": dict(L=2, D=1, head=True),
+    "activations-head": dict(L=1, D=2, head=True,
                              acts=(Activation("HardSigmoid", 0.3, 0.4), Activation("Tanh"),
                                    Activation("Softsign"))),
 }
@@ -83,3 +84,49 @@ def test_projection_cannot_be_written_and_says_so():
                            rng.normal(size=4 * H), rng.normal(size=(P, H)))]]
     with pytest.raises(UnsupportedModelError, match="projection"):
         to_onnx(LSTMModel(layers))
+
+
+def _torch_lstm_linear(tmp_path, tail):
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(I, H, num_layers=2)
+            self.fc = torch.nn.Linear(H, 3)
+
+        def forward(self, x):
+            y = self.fc(self.lstm(x)[0])
+            return torch.softmax(y, -1) if tail else y
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(T, 1, I)
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "T", 1: "N"}})
+    with torch.no_grad():
+        want = net(x)[:, 0].numpy(), net.lstm(x)[0][:, 0].numpy()
+    return path, x[:, 0].numpy(), want
+
+
+def test_a_linear_layer_ending_the_graph_is_the_head(tmp_path):
+    """torch.onnx.export of LSTM + nn.Linear as the graph's last op: the head is part of the
+    model, and the loaded model's output is the file's output."""
+    import lstm_cpu
+
+    path, x, (want, _) = _torch_lstm_linear(tmp_path, tail=False)
+    m = lstm_cpu.load(path)
+    assert m.output_size == 3 and m.info()["source"]["head"]["size"] == 3
+    np.testing.assert_allclose(m.run(x)[0], want, atol=2e-6, rtol=0)
+    s = m.stream()
+    np.testing.assert_allclose(np.stack([s.step(v) for v in x]), want, atol=2e-6, rtol=0)
+
+
+def test_a_linear_layer_followed_by_more_ops_is_not_taken(tmp_path):
+    import lstm_cpu
+
+    path, x, (_, lstm_out) = _torch_lstm_linear(tmp_path, tail=True)
+    m = lstm_cpu.load(path)
+    assert m.output_size == H and m.info()["source"]["head"] is None
+    np.testing.assert_allclose(m.run(x)[0], lstm_out, atol=2e-6, rtol=0)
