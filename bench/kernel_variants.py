@@ -10,7 +10,7 @@ is it timed (best of several repeats, compiled entry points, so Numba's dispatch
 Variants of acc (C,) += W (K, C)^T z (K,), the matrix-vector product of one step:
 
     v1  axpy, one row per pass            strict float order
-    v2  axpy, four rows per pass          strict order per column   <- lstm_cpu.kernels._axpy_rows
+    v2  axpy, four rows per pass          strict order per column   <- lstm_cpu.kernels._axpy_cols
     v3  axpy, eight rows per pass         strict order per column
     v4  dot per output over W^T (C, K)    needs reassociation (fastmath) to vectorise
     v5  dot per output, fastmath          reassociates
@@ -20,7 +20,7 @@ Variants of acc (C,) += W (K, C)^T z (K,), the matrix-vector product of one step
 of the batched product A (N, C) += Z (N, K) @ W (K, C), N streams at one step:
 
     g1  v2 once per stream                W read N times
-    g2  four streams per pass             W read N/4 times      <- lstm_cpu.kernels._gemm_rows
+    g2  four streams per pass             W read N/4 times      <- lstm_cpu.kernels._gemm_cols
     blas numpy's sgemm                    above model.BLAS_MIN_BATCH streams
 
 and of the cell update for Uc units (float32, Sigmoid/Tanh/Tanh):
@@ -36,7 +36,7 @@ import timeit
 import numpy as np
 from numba import njit
 
-from lstm_cpu.kernels import _axpy_rows, _gemm_rows, _tanh_f32
+from lstm_cpu.kernels import _axpy_cols, _gemm_cols, _tanh_f32
 
 _F = dict(nogil=True, fastmath={"contract"}, error_model="numpy")
 
@@ -49,7 +49,9 @@ def v1(W, z, acc):
             acc[j] += W[k, j] * zk
 
 
-v2 = _axpy_rows
+@njit(**_F)
+def v2(W, z, acc):
+    _axpy_cols(W, z, acc, 0, W.shape[1])  # the kernels' product over every column
 
 
 @njit(**_F)
@@ -101,10 +103,12 @@ def r0(W, z, acc):
 @njit(**_F)
 def g1(Z, W, A):
     for s in range(Z.shape[0]):
-        _axpy_rows(W, Z[s], A[s])
+        _axpy_cols(W, Z[s], A[s], 0, W.shape[1])
 
 
-g2 = _gemm_rows
+@njit(**_F)
+def g2(Z, W, A):
+    _gemm_cols(Z, W, A, 0, W.shape[1])  # the kernels' four-streams-per-pass product
 
 
 @njit(**_F)
