@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from ray import serve
@@ -10,11 +11,11 @@ from ray.serve.config import RequestRouterConfig
 import lstm_cpu
 from lstm_cpu.errors import InputError
 
-from .deployments import StreamDirectory, StreamIngress, StreamReplica
+from .deployments import StreamDirectory, StreamReplica
 from .snapshot import fingerprint
 
 #: Deployment names inside the application.
-REPLICA_NAME, DIRECTORY_NAME, INGRESS_NAME = "LSTMStreams", "LSTMStreamDirectory", "LSTMStreamIngress"
+REPLICA_NAME, DIRECTORY_NAME = "LSTMStreams", "LSTMStreamDirectory"
 
 
 def _positive(name, v, kind=float, zero=False):
@@ -56,24 +57,32 @@ def app(model_path, *, replicas: int = 2, max_batch: int = 64, batch_wait_ms: fl
     model_path = os.path.abspath(os.fspath(model_path))
     model = lstm_cpu.load(model_path, **load_options)  # fail here, not in every replica
     model.stream()  # raises UnsupportedModelError for a model that cannot stream
-    fp = fingerprint(model)
     settings = {"max_batch": max_batch, "batch_wait_ms": batch_wait_ms,
                 "idle_timeout_s": idle_timeout_s, "checkpoint_every": checkpoint_every}
-    info = {"input_size": model.input_size, "output_size": model.output_size,
-            "dtype": str(model.dtype), "fingerprint": fp.hex(), **settings}
-    # Serve versions a deployment by its code and arguments: calling serve.run again with only
-    # `replicas` changed scales without restarting replicas, and the directory (which holds the
-    # checkpoints) keeps its arguments, so it survives a redeploy of the replicas.
-    directory = serve.deployment(StreamDirectory, name=DIRECTORY_NAME, num_replicas=1,
-                                 ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000).bind(idle_timeout_s)
-    streams = serve.deployment(
-        StreamReplica, name=REPLICA_NAME, num_replicas=replicas,
+    # Fixed versions: Serve would otherwise give every deployment a random version on each
+    # serve.run and restart all replicas, the directory with its checkpoints included. With them,
+    # serve.run with another `replicas` only scales, another setting (user_config) only
+    # reconfigures, and a new model or lstm-cpu version rolls the replicas (which park their
+    # streams for their successors) while the directory stays.
+    version = hashlib.sha256(repr((fingerprint(model), model_path, sorted(load_options.items()),
+                                   lstm_cpu.__version__)).encode()).hexdigest()[:16]
+    directory = _versioned(serve.deployment(
+        StreamDirectory, name=DIRECTORY_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=100_000), "directory-1").bind()
+    return _versioned(serve.deployment(
+        StreamReplica, name=REPLICA_NAME, num_replicas=replicas, user_config=settings,
         ray_actor_options={"num_cpus": replica_cpus}, max_ongoing_requests=100_000,
         health_check_period_s=1.0, health_check_timeout_s=10.0,
         graceful_shutdown_wait_loop_s=0.2, graceful_shutdown_timeout_s=30.0,
         request_router_config=RequestRouterConfig(
             request_router_class="lstm_cpu.serve.router.StreamRouter"),
-    ).bind(model_path, load_options, directory, settings)
-    return serve.deployment(StreamIngress, name=INGRESS_NAME, num_replicas=1,
-                            ray_actor_options={"num_cpus": 0},
-                            max_ongoing_requests=100_000).bind(streams, info)
+    ), version).bind(model_path, load_options, directory, settings)
+
+
+def _versioned(deployment, version: str):
+    """``deployment`` with a fixed version. Ray 2.60 removed the public ``version=`` option and
+    keeps it for its own callers (``_internal=True``); without it, redeploys restart everything."""
+    try:
+        return deployment.options(version=version, _internal=True)
+    except (TypeError, ValueError):  # pragma: no cover - a Ray without the internal option
+        return deployment

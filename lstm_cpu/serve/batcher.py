@@ -51,15 +51,16 @@ class StepBatcher:
         model: the replica's LSTMModel (forward, unidirectional).
         max_batch: at most this many streams per round.
         wait_s: a round waits at most this long after its first request for more.
-        after_round: optional ``async f(records)`` run after a round's steps and before its
-            callers get their outputs (the replica checkpoints there).
+        before_round: optional ``async f(records)`` awaited before a round's steps (the replica
+            checkpoints there: a state whose outputs the client has all received, since it
+            asked for the next step).
     """
 
-    def __init__(self, model, max_batch: int = 64, wait_s: float = 0.001, after_round=None,
+    def __init__(self, model, max_batch: int = 64, wait_s: float = 0.001, before_round=None,
                  group_max: int = GROUP_MAX):
         self.model, self.max_batch, self.wait_s = model, int(max_batch), float(wait_s)
         self.group_max = max(1, min(int(group_max), GROUP_MAX))
-        self.after_round = after_round
+        self.before_round = before_round
         self._queue: deque = deque()  # (record, x (I,), future)
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
@@ -110,9 +111,9 @@ class StepBatcher:
                     batch.append(item)
             self._queue.extendleft(reversed(later))
             try:
+                if self.before_round is not None:
+                    await self.before_round([r for r, _, _ in batch])
                 ys = await asyncio.to_thread(self._step_round, [(r, x) for r, x, _ in batch])
-                if self.after_round is not None:
-                    await self.after_round([r for r, _, _ in batch])
             except Exception as e:  # noqa: BLE001 - delivered to every caller of the round
                 for _, _, fut in batch:
                     if not fut.done():

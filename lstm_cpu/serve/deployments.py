@@ -1,4 +1,4 @@
-"""The three Ray Serve deployments of a stream service.
+"""The two Ray Serve deployments of a stream service.
 
 ``StreamDirectory`` (one replica, no CPU)
     Who owns each stream, its latest checkpoint (an object in Ray's object store owned by the
@@ -7,7 +7,11 @@
     does not hold, plus one call per ``checkpoint_every`` steps of a stream.
 
 ``StreamReplica`` (``replicas`` of them, routed by :class:`~lstm_cpu.serve.router.StreamRouter`)
-    Loads the model once, holds the state of its streams and steps concurrent streams together
+    The application's entry: the handle methods (``step``, ``end``, ``snapshot``, ``restore``,
+    ``where``, ``checkpoint``, ``info``) and the FastAPI routes (HTTP steps by stream id, a
+    WebSocket carrying one stream per connection) are its own, so a handle call or an HTTP step
+    reaches the stream's replica in one hop (the router reads the stream id from the call's first
+    argument, or from the URL of an HTTP request). Loads the model once, holds the state of its streams and steps concurrent streams together
     (:class:`~lstm_cpu.serve.batcher.StepBatcher`). A stream id it does not hold is *claimed*
     from the directory:
 
@@ -18,14 +22,7 @@
     - held by a dead replica: its last checkpoint, and the client gets ``StreamLost`` with the
       step to resend from, unless the ``seq`` it sent is exactly that step;
     - expired: ``StreamExpired``.
-
-``StreamIngress`` (stateless, no CPU)
-    The application's entry: the handle methods (``step``, ``end``, ``snapshot``, ``restore``,
-    ``where``, ``checkpoint``, ``info``) and the FastAPI routes (HTTP steps by stream id, a
-    WebSocket carrying one stream per connection).
 """
-
-from __future__ import annotations
 
 import asyncio
 import json
@@ -92,8 +89,7 @@ class _Entry:
 class StreamDirectory:
     """Stream ownership, checkpoints, parked streams and tombstones (see the module docstring)."""
 
-    def __init__(self, idle_timeout_s: float):
-        self.idle_timeout_s = idle_timeout_s
+    def __init__(self):
         self._entries: dict = {}  # stream id -> _Entry
         self._expired: OrderedDict = OrderedDict()  # stream id -> None
         self._replicas: dict = {}  # replica id -> its actor handle (for liveness)
@@ -200,20 +196,44 @@ class StreamDirectory:
 
 
 # ================================================================================================
+# HTTP and WebSocket errors
+# ================================================================================================
+api = FastAPI(title="lstm-cpu streams")
+
+
+def _error_body(e: BaseException) -> tuple:
+    """(HTTP status, JSON body) for an error of a stream call."""
+    c = _cause(e)
+    body = {"error": type(c).__name__ if isinstance(c, LSTMError) else "ServiceError",
+            "message": str(c).splitlines()[0][:1000] if str(c) else type(c).__name__}
+    if isinstance(c, StreamLost):
+        return 409, dict(body, error="StreamLost", resume_from=c.resume_from)
+    if isinstance(c, StreamExpired):
+        return 410, dict(body, error="StreamExpired")
+    if isinstance(c, StreamNotFound):
+        return 404, dict(body, error="StreamNotFound")
+    if isinstance(c, SnapshotError):
+        return 422, body
+    if isinstance(c, (InputError, InputTypeError)):
+        return 400, body
+    return 503, body
+
+
+# ================================================================================================
 # Replica
 # ================================================================================================
+@serve.ingress(api)
 class StreamReplica:
     """Holds and steps the streams routed to it (see the module docstring)."""
 
     def __init__(self, model_path: str, load_options: dict, directory, settings: dict):
+        # ``settings`` are the defaults; Serve then calls reconfigure() with the user_config
+        # (the same keys), which can change them later without restarting the replica.
         self.model = lstm_cpu.load(model_path, **load_options)
         self.model.stream()  # a bidirectional/reverse model raises UnsupportedModelError here
         self.fp = fingerprint(self.model)
         self.dir = directory
-        self.idle_timeout_s = float(settings["idle_timeout_s"])
-        self.checkpoint_every = int(settings["checkpoint_every"])
-        self.batcher = StepBatcher(self.model, settings["max_batch"],
-                                   settings["batch_wait_ms"] / 1000.0, self._checkpoint_round)
+        self.batcher = StepBatcher(self.model, before_round=self._checkpoint_round)
         m = self.model
         h0, c0 = m.stream().state  # (L, out), (L, H): where every stream starts
         self._h0, self._c0 = h0, c0
@@ -231,6 +251,19 @@ class StreamReplica:
         self._peer = None
         self._reaper: Optional[asyncio.Task] = None
         self._closing = False
+        self._I, self._O = m.input_size, m.output_size
+        self._frame = 4 * m.input_size  # bytes of one float32 input frame
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: dict) -> None:
+        """Apply ``max_batch``, ``batch_wait_ms``, ``idle_timeout_s`` and ``checkpoint_every``."""
+        m = self.model
+        self.idle_timeout_s = float(settings["idle_timeout_s"])
+        self.checkpoint_every = int(settings["checkpoint_every"])
+        self.batcher.max_batch = int(settings["max_batch"])
+        self.batcher.wait_s = float(settings["batch_wait_ms"]) / 1000.0
+        self._info = {"input_size": m.input_size, "output_size": m.output_size,
+                      "dtype": str(m.dtype), "fingerprint": self.fp.hex(), **settings}
 
     # -- setup ----------------------------------------------------------------------------------
     async def _setup(self):
@@ -343,7 +376,10 @@ class StreamReplica:
 
     # -- the handle methods -----------------------------------------------------------------------
     async def step(self, stream_id, x, seq: Optional[int] = None, _hops: int = 0):
-        """One sample of stream ``stream_id``: x (I,) -> y (out,). See StreamIngress.step."""
+        """One sample of stream ``stream_id``: x (I,) -> y (out,); the first step of an unknown id
+        starts a stream at the model's initial state. ``seq``, if given, is the number of steps
+        the client has had answered: a mismatch raises StreamLost (never a value computed from
+        another state)."""
         sid = check_stream_id(stream_id)
         xa = self._check_x(x)
         if seq is not None and (isinstance(seq, bool) or not isinstance(seq, (int, np.integer))
@@ -424,17 +460,25 @@ class StreamReplica:
             return self.me
         return await self.dir.owner.remote(sid)
 
+    async def info(self, _to: Optional[str] = None) -> dict:
+        """Model sizes, fingerprint and the service settings (``checkpoint_every``...)."""
+        return dict(self._info)
+
     async def stats(self, _to: Optional[str] = None) -> dict:
         return {"replica": self.me, "streams": len(self._streams), "rounds": self.batcher.rounds,
                 "stepped": self.batcher.stepped}
 
     # -- checkpoints, expiry, shutdown ----------------------------------------------------------
     async def _checkpoint_round(self, records) -> None:
+        """Before a round: checkpoint the streams whose step count is a multiple of N.
+
+        Taken before the step, so a checkpoint is never ahead of what the client has received:
+        after a replica death the client resends at most N inputs and never misses an output."""
         n = self.checkpoint_every
         if n <= 0:
             return
         blobs = {r.sid: (r.steps, pack(self.fp, r.steps, r.h, r.c)) for r in records
-                 if r.steps % n == 0 and self._streams.get(r.sid) is r}
+                 if r.steps and r.steps % n == 0 and self._streams.get(r.sid) is r}
         if blobs:
             try:
                 await self.dir.checkpoint.remote(self.me, blobs)
@@ -442,9 +486,8 @@ class StreamReplica:
                 log.exception("checkpoint of %d streams failed", len(blobs))
 
     async def _reap(self):
-        period = min(1.0, max(0.05, self.idle_timeout_s / 4))
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(min(1.0, max(0.05, self.idle_timeout_s / 4)))
             now = time.monotonic()
             idle = [sid for sid, r in self._streams.items()
                     if now - r.last > self.idle_timeout_s
@@ -470,65 +513,6 @@ class StreamReplica:
         if self._ready is not None and self._ready.done():
             blobs = {r.sid: (r.steps, pack(self.fp, r.steps, r.h, r.c)) for r in recs}
             await self.dir.park.remote(self.me, blobs)
-
-
-# ================================================================================================
-# Ingress: handle methods, HTTP and WebSocket
-# ================================================================================================
-api = FastAPI(title="lstm-cpu streams")
-
-
-def _error_body(e: BaseException) -> tuple:
-    """(HTTP status, JSON body) for an error of a stream call."""
-    c = _cause(e)
-    body = {"error": type(c).__name__ if isinstance(c, LSTMError) else "ServiceError",
-            "message": str(c).splitlines()[0][:1000] if str(c) else type(c).__name__}
-    if isinstance(c, StreamLost):
-        return 409, dict(body, error="StreamLost", resume_from=c.resume_from)
-    if isinstance(c, StreamExpired):
-        return 410, dict(body, error="StreamExpired")
-    if isinstance(c, StreamNotFound):
-        return 404, dict(body, error="StreamNotFound")
-    if isinstance(c, SnapshotError):
-        return 422, body
-    if isinstance(c, (InputError, InputTypeError)):
-        return 400, body
-    return 503, body
-
-
-@serve.ingress(api)
-class StreamIngress:
-    """Entry of the application: handle methods and the HTTP/WebSocket routes."""
-
-    def __init__(self, streams, info: dict):
-        self._h = streams
-        self._info = info
-        self._I, self._O = info["input_size"], info["output_size"]
-        self._frame = 4 * self._I  # bytes of one float32 input frame
-
-    # -- handle methods ---------------------------------------------------------------------------
-    async def step(self, stream_id, x, seq: Optional[int] = None):
-        """x (I,) -> y (out,); the first step of an unknown id starts a stream. ``seq``, if given,
-        is the number of steps the client has had answered: a mismatch raises StreamLost."""
-        return await self._h.step.remote(stream_id, x, seq=seq)
-
-    async def end(self, stream_id) -> bool:
-        return await self._h.end.remote(stream_id)
-
-    async def snapshot(self, stream_id) -> bytes:
-        return await self._h.snapshot.remote(stream_id)
-
-    async def restore(self, stream_id, blob) -> int:
-        return await self._h.restore.remote(stream_id, blob)
-
-    async def checkpoint(self, stream_id) -> int:
-        return await self._h.checkpoint.remote(stream_id)
-
-    async def where(self, stream_id) -> Optional[str]:
-        return await self._h.where.remote(stream_id)
-
-    async def info(self) -> dict:
-        return dict(self._info)
 
     # -- frames -----------------------------------------------------------------------------------
     def _decode(self, data: bytes) -> np.ndarray:
@@ -568,7 +552,7 @@ class StreamIngress:
                         isinstance(v, (int, float)) and not isinstance(v, bool) for v in x):
                     raise InputTypeError("request body: \"x\" must be a list of numbers")
                 x = np.asarray(x, np.float64)
-            y = await self._h.step.remote(stream_id, x, seq=seq)
+            y = await self.step(stream_id, x, seq=seq)
         except Exception as e:  # noqa: BLE001 - every error becomes a typed HTTP answer
             status, err = _error_body(e)
             return Response(json.dumps(err), status_code=status, media_type="application/json")
@@ -580,7 +564,7 @@ class StreamIngress:
     @api.delete("/streams/{stream_id}")
     async def http_end(self, stream_id: str):
         try:
-            return {"ended": await self._h.end.remote(stream_id)}
+            return {"ended": await self.end(stream_id)}
         except Exception as e:  # noqa: BLE001
             status, err = _error_body(e)
             return Response(json.dumps(err), status_code=status, media_type="application/json")
@@ -588,14 +572,14 @@ class StreamIngress:
     @api.get("/streams/{stream_id}/where")
     async def http_where(self, stream_id: str):
         try:
-            return {"replica": await self._h.where.remote(stream_id)}
+            return {"replica": await self.where(stream_id)}
         except Exception as e:  # noqa: BLE001
             status, err = _error_body(e)
             return Response(json.dumps(err), status_code=status, media_type="application/json")
 
     @api.get("/info")
     async def http_info(self):
-        return self._info
+        return await self.info()
 
     # -- WebSocket --------------------------------------------------------------------------------
     @api.websocket("/streams/ws")
@@ -625,7 +609,7 @@ class StreamIngress:
                     if msg.get("bytes") is None:
                         raise InputTypeError("frame: expected a binary frame of float32, got a "
                                              "text frame")
-                    y = await self._h.step.remote(sid, self._decode(msg["bytes"]), seq=seq)
+                    y = await self.step(sid, self._decode(msg["bytes"]), seq=seq)
                 except Exception as e:  # noqa: BLE001
                     err = _error_body(e)[1]
                     if err["error"] == "StreamLost":
@@ -639,6 +623,6 @@ class StreamIngress:
         finally:
             if not keep:
                 try:
-                    await self._h.end.remote(sid)
+                    await self.end(sid)
                 except Exception:  # noqa: BLE001
                     log.exception("ending stream %s", sid)

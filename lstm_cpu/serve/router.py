@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from typing import Iterable, Optional
+from urllib.parse import parse_qs, unquote
 
 from ray.serve.request_router import RequestRouter
 
@@ -38,9 +39,27 @@ class HashRing:
 
 
 def stream_key(args, kwargs) -> Optional[str]:
-    """The stream id of a handle call ``method(stream_id, ...)``, or None."""
+    """The stream id of a handle call ``method(stream_id, ...)`` or of an HTTP/WebSocket request
+    from Serve's proxy (``/streams/{id}/...``, ``/streams/ws?stream_id=``), or None."""
     sid = kwargs.get("stream_id", args[0] if args else None)
-    return sid if isinstance(sid, str) else None
+    if isinstance(sid, str):
+        return sid
+    # The proxy's request object carries its ASGI scope; a private attribute, so anything
+    # unexpected just means "any replica" (the replica then claims the stream: still correct).
+    scope = getattr(sid, "_asgi_scope", None)
+    if not isinstance(scope, dict):
+        return None
+    parts = str(scope.get("path", "")).split("/")
+    try:
+        i = parts.index("streams")
+    except ValueError:
+        return None
+    if i + 1 >= len(parts):
+        return None
+    if parts[i + 1] == "ws" and i + 2 == len(parts):
+        q = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
+        return q.get("stream_id", [None])[0]
+    return unquote(parts[i + 1]) or None
 
 
 class StreamRouter(RequestRouter):
