@@ -52,6 +52,8 @@ MAX_ID_LEN = 256
 #: How long a replica keeps trying to take over a stream whose owner is alive but unreachable
 #: (e.g. shutting down and about to park it) before it treats the owner as gone.
 CLAIM_DEADLINE_S = 30.0
+#: How long a replica shutting down waits for the directory to take its streams' states.
+PARK_TIMEOUT_S = 10.0
 #: Tombstones of expired streams kept (oldest dropped first).
 MAX_TOMBSTONES = 1_000_000
 
@@ -510,9 +512,12 @@ class StreamReplica:
         for r in recs:
             await r.idle()
         self.batcher.close()
-        if self._ready is not None and self._ready.done():
+        if self._ready is not None and self._ready.done() and recs:
             blobs = {r.sid: (r.steps, pack(self.fp, r.steps, r.h, r.c)) for r in recs}
-            await self.dir.park.remote(self.me, blobs)
+            try:  # bounded: when the whole app is deleted, the directory may be gone already
+                await asyncio.wait_for(self.dir.park.remote(self.me, blobs), PARK_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - the streams then resume from their checkpoints
+                log.exception("parking %d streams failed", len(blobs))
 
     # -- frames -----------------------------------------------------------------------------------
     def _decode(self, data: bytes) -> np.ndarray:
