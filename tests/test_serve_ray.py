@@ -121,6 +121,58 @@ def _run(coro):
     return asyncio.new_event_loop().run_until_complete(coro)
 
 
+def _raise_any(outs):
+    for o in outs:
+        if isinstance(o, BaseException):
+            raise o
+    return np.stack(outs)
+
+
+# ------------------------------------------------------------------------------------------------
+# the pieces, without a cluster: batching rounds and the hash ring
+# ------------------------------------------------------------------------------------------------
+@needs_ray
+def test_a_round_of_64_streams_is_bit_identical_to_each_alone():
+    """64 concurrent steps go through one round, split below the engine's BLAS threshold."""
+    from lstm_cpu.serve.batcher import GROUP_MAX, StepBatcher, StreamRecord
+
+    model = _model()
+    S, T = 64, 12
+    xs = np.random.default_rng(11).standard_normal((S, T, I)).astype(np.float32)
+    h0, c0 = model.stream().state
+    recs = [StreamRecord(f"s{s}", h0.copy(), c0.copy()) for s in range(S)]
+    b = StepBatcher(model, max_batch=S, wait_s=0.05)
+
+    async def go():
+        out = []
+        for t in range(T):
+            out.append(await asyncio.gather(*[b.submit(r, xs[s, t]) for s, r in enumerate(recs)]))
+        b.close()
+        return np.stack(out, axis=1)  # (S, T, out)
+
+    np.testing.assert_array_equal(_run(go()), _reference(model, xs))
+    assert b.rounds == T and b.stepped == S * T  # every round held all 64 streams
+    assert S > GROUP_MAX  # so the round was split into groups
+    assert all(r.steps == T for r in recs)
+
+
+@needs_ray
+def test_hash_ring_spreads_and_moves_only_the_new_nodes_share():
+    from lstm_cpu.serve.router import HashRing
+
+    keys = [f"stream-{k}" for k in range(4000)]
+    two = HashRing(["a", "b"])
+    three = HashRing(["a", "b", "c"])
+    before = [two.node(k) for k in keys]
+    after = [three.node(k) for k in keys]
+    share = before.count("a") / len(keys)
+    assert 0.35 < share < 0.65
+    moved = [(x, y) for x, y in zip(before, after) if x != y]
+    assert all(y == "c" for _, y in moved)  # nothing moves between the old nodes
+    assert 0.2 < len(moved) / len(keys) < 0.45  # ~1/3 moves to the new node
+    assert HashRing(["b", "a"]).node("x") == two.node("x")  # a function of the set, not the order
+
+
 # ------------------------------------------------------------------------------------------------
 # equality and routing
 # ------------------------------------------------------------------------------------------------
@@ -133,11 +185,8 @@ def test_64_streams_bit_identical_and_spread(cluster, model_file):
     S, T = 64, 200
     xs = np.random.default_rng(2).standard_normal((S, T, I)).astype(np.float32)
     clients = [StreamClient(h, f"eq-{s}", keep=CKPT) for s in range(S)]
-    outs = _run(_drive(clients, xs))
-    for o in outs:
-        if isinstance(o, BaseException):
-            raise o
-    np.testing.assert_array_equal(np.stack(outs), _reference(model, xs))
+    outs = _raise_any(_run(_drive(clients, xs)))
+    np.testing.assert_array_equal(outs, _reference(model, xs))
     assert all(c.replayed == 0 for c in clients)
     where = {h.where.remote(f"eq-{s}").result() for s in range(S)}
     assert len(where) == 2 and None not in where  # both replicas hold streams
@@ -432,11 +481,9 @@ def test_scale_2_1_2_migrates_every_stream_exactly(cluster, model_file):
                       route_prefix="/")
         return act
 
-    outs = _run(_drive(clients, xs, _Phases(S, {15: scale(1, "two"), 30: scale(2, "one")})))
-    for o in outs:
-        if isinstance(o, BaseException):
-            raise o
-    np.testing.assert_array_equal(np.stack(outs), _reference(model, xs))
+    outs = _raise_any(_run(_drive(clients, xs, _Phases(S, {15: scale(1, "two"),
+                                                           30: scale(2, "one")}))))
+    np.testing.assert_array_equal(outs, _reference(model, xs))
     assert [c.replayed for c in clients] == [0] * S  # exact migration, not checkpoint replay
     assert len(set(where["two"])) == 2 and len(set(where["one"])) == 1
     after = [h.where.remote(f"scale-{s}").result() for s in range(S)]

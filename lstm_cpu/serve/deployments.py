@@ -95,7 +95,7 @@ class StreamDirectory:
         self._entries: dict = {}  # stream id -> _Entry
         self._expired: OrderedDict = OrderedDict()  # stream id -> None
         self._replicas: dict = {}  # replica id -> its actor handle (for liveness)
-        self._locks: dict = {}  # stream id -> asyncio.Lock while a claim runs
+        self._locks: dict = {}  # stream id -> [asyncio.Lock, users] while claims run
 
     async def register(self, replica_id: str, actor) -> None:
         self._replicas[replica_id] = actor
@@ -118,8 +118,9 @@ class StreamDirectory:
 
     async def claim(self, sid: str, me: str, create: bool = True, force: bool = False) -> tuple:
         """Replica ``me`` asks for stream ``sid``; returns what it must do (module docstring)."""
-        lock = self._locks.setdefault(sid, asyncio.Lock())
-        async with lock:
+        slot = self._locks.setdefault(sid, [asyncio.Lock(), 0])  # [lock, claims waiting or in]
+        slot[1] += 1
+        async with slot[0]:
             try:
                 e = self._entries.get(sid)
                 if e is None:
@@ -142,7 +143,8 @@ class StreamDirectory:
                 return ("checkpoint", blob, reason + (f"; checkpoint at step {e.ckpt_steps}"
                                                       if blob else "; no checkpoint"))
             finally:
-                if not lock._waiters:
+                slot[1] -= 1
+                if not slot[1]:
                     self._locks.pop(sid, None)
 
     async def moved(self, sid: str, frm: str, to: str) -> None:
@@ -374,6 +376,8 @@ class StreamReplica:
         if _hops > 50:
             raise StreamError(f"stream {stream_id!r}: no replica took the request (shutting down)")
         await asyncio.sleep(0.1)
+        if self._peer is None:
+            self._peer = serve.get_deployment_handle(self._deployment, self._app)
         return await getattr(self._peer, method).remote(stream_id, *args, _hops=_hops + 1, **kwargs)
 
     # -- the handle methods -----------------------------------------------------------------------
@@ -495,12 +499,20 @@ class StreamReplica:
                     if now - r.last > self.idle_timeout_s
                     and (r.pending is None or r.pending.done()) and sid not in self._acquiring]
             if idle:
+                # Until the directory has the tombstones, a step on these ids waits (as for a
+                # claim in progress): it must get StreamExpired, not a claim of a "lost" stream.
+                fut = asyncio.get_running_loop().create_future()
                 for sid in idle:
                     del self._streams[sid]
+                    self._acquiring[sid] = fut
                 try:
                     await self.dir.expire.remote(self.me, idle)
                 except Exception:  # noqa: BLE001
                     log.exception("expiring %d streams failed", len(idle))
+                finally:
+                    for sid in idle:
+                        del self._acquiring[sid]
+                    fut.set_result(None)
 
     async def __del__(self):
         """Graceful shutdown (scale-down, redeploy): park every stream's exact state."""
