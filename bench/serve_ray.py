@@ -125,8 +125,8 @@ def ws_target(port):
     async def make(n):
         steppers, closers = [], []
         for k in range(n):
-            ws = await connect(f"ws://127.0.0.1:{port}/streams/ws?stream_id=bench-ws-{k}-{time.time_ns()}",
-                               max_queue=None)
+            sid = f"bench-ws-{k}-{time.time_ns()}"
+            ws = await connect(f"ws://127.0.0.1:{port}/streams/ws?stream_id={sid}", max_queue=None)
             json.loads(await ws.recv())  # hello
 
             async def step(x, ws=ws):

@@ -226,7 +226,8 @@ def build_parser() -> _Parser:
     s.add_argument("--address", metavar="ADDR",
                    help="Ray cluster to join: ray://HOST:10001, HOST:6379 or 'auto' "
                         "(default: start a local Ray instance)")
-    s.add_argument("--port", type=_nonneg_int, default=8000, metavar="P", help="HTTP port (default: 8000)")
+    s.add_argument("--port", type=_nonneg_int, default=8000, metavar="P",
+                   help="HTTP port (default: 8000)")
     s.add_argument("--host", default="127.0.0.1",
                    help="HTTP host (default: 127.0.0.1; the service has no authentication)")
     s.add_argument("--checkpoint-every", type=_nonneg_int, default=100, metavar="N",

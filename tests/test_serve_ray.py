@@ -9,6 +9,7 @@ a missing ray is a failure: the test extra installs it.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import socket
@@ -358,6 +359,12 @@ def test_http_steps_by_stream_id(cluster, model_file):
     assert status == 400 and json.loads(body)["error"] == "InputTypeError"
     status, body = _http(port, "POST", "/streams/http-a/step", b"\0" * (1 << 20))
     assert status == 400 and "oversized" in json.loads(body)["message"]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # no length: chunked, endless
+    conn.request("POST", "/streams/http-a/step", body=iter([b"\0" * 65536] * 64), encode_chunked=True,
+                 headers={"Content-Type": "application/octet-stream"})
+    r = conn.getresponse()
+    assert r.status == 400 and "oversized" in json.loads(r.read())["message"]
+    conn.close()
     status, body = _http(port, "POST", "/streams/http-a/step?seq=9", xs[4].astype("<f4").tobytes())
     assert status == 409 and json.loads(body)["resume_from"] == 4
     status, body = _http(port, "POST", "/streams/http-a/step?seq=4", xs[4].astype("<f4").tobytes())

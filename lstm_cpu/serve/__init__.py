@@ -13,8 +13,8 @@ the step to resend from), and an id whose state is gone raises instead of starti
 
 Design decisions
 ----------------
-Routing: Ray Serve's request router API (``ray.serve.request_router.RequestRouter``, public alpha
-since Ray 2.45; this was written against 2.60). :class:`~lstm_cpu.serve.router.StreamRouter`
+Routing: Ray Serve's request router API (``ray.serve.request_router.RequestRouter``, a public
+alpha API; written and tested against Ray 2.60). :class:`~lstm_cpu.serve.router.StreamRouter`
 hashes the stream id onto a consistent hash ring of the live replicas (64 points each), so every
 handle in every process sends a stream to the same replica without asking anyone, and a replica
 joining or leaving moves only ~1/n of the streams. A router deployment or per-replica named

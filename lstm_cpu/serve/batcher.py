@@ -70,7 +70,7 @@ class StepBatcher:
         self.stepped = 0
 
     def submit(self, rec: StreamRecord, x: np.ndarray) -> asyncio.Future:
-        """Queue one step of ``rec`` with input x (I,) of the model's dtype; the future gives y (out,)."""
+        """Queue a step of ``rec``: x (I,) of the model's dtype; the future gives y (out,)."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
@@ -126,14 +126,14 @@ class StepBatcher:
                     fut.set_result(y)
 
     def _step_round(self, items) -> list:
-        """Step every (record, x) once; returns the outputs, each (out,). Runs in a worker thread."""
+        """Step every (record, x) once; returns the outputs, each (out,). In a worker thread."""
         ys = []
         for g in range(0, len(items), self.group_max):
             ys.extend(self.step_group(items[g : g + self.group_max]))
         return ys
 
     def step_group(self, items) -> list:
-        """Step up to ``group_max`` streams together: load their states, one batched step, copy back."""
+        """Step up to ``group_max`` streams together: load states, one batched step, copy back."""
         k = len(items)
         if k == 1:
             rec, x = items[0]

@@ -11,9 +11,9 @@
     ``where``, ``checkpoint``, ``info``) and the FastAPI routes (HTTP steps by stream id, a
     WebSocket carrying one stream per connection) are its own, so a handle call or an HTTP step
     reaches the stream's replica in one hop (the router reads the stream id from the call's first
-    argument, or from the URL of an HTTP request). Loads the model once, holds the state of its streams and steps concurrent streams together
-    (:class:`~lstm_cpu.serve.batcher.StepBatcher`). A stream id it does not hold is *claimed*
-    from the directory:
+    argument, or from the URL of an HTTP request). Loads the model once, holds the state of its
+    streams and steps concurrent streams together (:class:`~lstm_cpu.serve.batcher.StepBatcher`).
+    A stream id it does not hold is *claimed* from the directory:
 
     - unknown: a new stream at the model's initial state;
     - held by a live replica (the ring moved: a replica joined, or a router's view was stale):
@@ -372,7 +372,7 @@ class StreamReplica:
         return blob
 
     async def _reroute(self, method: str, stream_id, *args, _hops: int = 0, **kwargs):
-        """A request reached this replica while it shuts down: send it on to the stream's new home."""
+        """A request reached this replica while it shuts down: send it on to the stream's home."""
         if _hops > 50:
             raise StreamError(f"stream {stream_id!r}: no replica took the request (shutting down)")
         await asyncio.sleep(0.1)
@@ -456,7 +456,8 @@ class StreamReplica:
         await self._setup()
         rec = await self._acquire(sid, False)
         await rec.idle()
-        await self.dir.checkpoint.remote(self.me, {sid: (rec.steps, pack(self.fp, rec.steps, rec.h, rec.c))})
+        blob = pack(self.fp, rec.steps, rec.h, rec.c)
+        await self.dir.checkpoint.remote(self.me, {sid: (rec.steps, blob)})
         return rec.steps
 
     async def where(self, stream_id, _hops: int = 0) -> Optional[str]:
@@ -552,10 +553,7 @@ class StreamReplica:
         -> {"y": [...], "steps": n}."""
         binary = request.headers.get("content-type", "").startswith("application/octet-stream")
         try:
-            n = int(request.headers.get("content-length") or 0)
-            if n > max(1 << 16, 64 * self._frame):
-                raise InputError(f"request body: oversized, {n} bytes")
-            body = await request.body()
+            body = await self._read_capped(request)
             if binary:
                 x = self._decode(body)
             else:
@@ -577,6 +575,21 @@ class StreamReplica:
             return Response(self._encode(y), media_type="application/octet-stream")
         return Response(json.dumps({"y": [float(v) for v in np.asarray(y)]}),
                         media_type="application/json")
+
+    async def _read_capped(self, request: Request) -> bytes:
+        """The request body, refused once it exceeds what any valid step needs (a JSON list of I
+        numbers fits 64 bytes per number): a huge or endless body is never read in full."""
+        cap = max(1 << 16, 64 * self._I)
+        n = request.headers.get("content-length")
+        if n is not None and n.isdigit() and int(n) > cap:
+            raise InputError(f"request body: oversized, {n} bytes (at most {cap})")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise InputError(f"request body: oversized, more than {cap} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     @api.delete("/streams/{stream_id}")
     async def http_end(self, stream_id: str):

@@ -34,7 +34,7 @@ class StreamLost(StreamError):
 
 
 class StreamExpired(StreamError):
-    """The stream was idle longer than ``idle_timeout_s`` and was freed; ``end`` it to reuse the id."""
+    """The stream was idle past ``idle_timeout_s`` and was freed; ``end`` it to reuse the id."""
 
     def __init__(self, stream_id, idle_timeout_s: float):
         self.stream_id, self.idle_timeout_s = stream_id, float(idle_timeout_s)
@@ -46,7 +46,7 @@ class StreamExpired(StreamError):
 
 
 class StreamNotFound(StreamError, LookupError):
-    """``snapshot``/``checkpoint`` of a stream id the service does not know (never stepped, or ended)."""
+    """``snapshot``/``checkpoint`` of a stream id the service does not know (or that ended)."""
 
     def __init__(self, stream_id):
         self.stream_id = stream_id
