@@ -360,8 +360,8 @@ def test_http_steps_by_stream_id(cluster, model_file):
     status, body = _http(port, "POST", "/streams/http-a/step", b"\0" * (1 << 20))
     assert status == 400 and "oversized" in json.loads(body)["message"]
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # no length: chunked, endless
-    conn.request("POST", "/streams/http-a/step", body=iter([b"\0" * 65536] * 64), encode_chunked=True,
-                 headers={"Content-Type": "application/octet-stream"})
+    conn.request("POST", "/streams/http-a/step", body=iter([b"\0" * 65536] * 64),
+                 encode_chunked=True, headers={"Content-Type": "application/octet-stream"})
     r = conn.getresponse()
     assert r.status == 400 and "oversized" in json.loads(r.read())["message"]
     conn.close()
@@ -495,6 +495,42 @@ def test_scale_2_1_2_migrates_every_stream_exactly(cluster, model_file):
     assert len(set(where["two"])) == 2 and len(set(where["one"])) == 1
     after = [h.where.remote(f"scale-{s}").result() for s in range(S)]
     assert len(set(after)) == 2  # spread again over the new pair
+    for c in clients:
+        _run(c.end())
+
+
+@needs_ray
+def test_directory_restart_keeps_live_streams_exact(cluster, model_file):
+    """The directory (ownership, checkpoints) dies: streams on live replicas go on exactly."""
+    from lstm_cpu.serve import StreamClient
+
+    _, model = model_file
+    h = cluster["handle"]
+    S, T = 8, 24
+    xs = np.random.default_rng(12).standard_normal((S, T, I)).astype(np.float32)
+    clients = [StreamClient(h, f"dir-{s}", keep=CKPT) for s in range(S)]
+
+    def kill_directory():
+        name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if "#LSTMStreamDirectory#" in a["name"])
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+    outs = _raise_any(_run(_drive(clients, xs, _Phases(S, {12: kill_directory}))))
+    np.testing.assert_array_equal(outs, _reference(model, xs))
+    assert [c.replayed for c in clients] == [0] * S
+    # the new directory learnt from the replicas who holds what (so a moved stream is not "new")
+    dh = serve.get_deployment_handle("LSTMStreamDirectory", APP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        owners = [dh.owner.remote(f"dir-{s}").result() for s in range(S)]
+        if None not in owners:
+            break
+        time.sleep(0.2)
+    assert owners == [h.where.remote(f"dir-{s}").result() for s in range(S)]
+    # a new stream after the restart starts at the initial state
+    y = h.step.remote("dir-new", xs[0, 0]).result()
+    np.testing.assert_array_equal(y, model.stream().step(xs[0, 0]))
+    h.end.remote("dir-new").result()
     for c in clients:
         _run(c.end())
 

@@ -39,8 +39,10 @@ traffic), so after a replica death the stream comes back at checkpoint step ``k`
 gets ``StreamLost(resume_from=k)``. :class:`~lstm_cpu.serve.client.StreamClient` keeps the inputs
 since the last checkpoint, replays them and counts them in ``replayed``. Every step may carry
 ``seq`` (the client's step count); a mismatch raises ``StreamLost`` rather than return a value
-computed from a different state. The directory itself is a single replica: if it dies, its
-checkpoints go with it, and streams on dead replicas then raise ``StreamLost(resume_from=0)``.
+computed from a different state. The directory itself is a single replica: if it dies, Serve
+replaces it, the live replicas re-announce the streams they hold (it answers "wait" to claims
+until they had the time), and its checkpoints are gone until the next ones: a stream whose
+replica dies in that interval raises ``StreamLost(resume_from=0)``.
 
 Batching: :mod:`~lstm_cpu.serve.batcher` steps the concurrent streams of a replica together in
 groups below the engine's BLAS threshold, where the batched kernel is bit-identical to a single

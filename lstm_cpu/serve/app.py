@@ -68,7 +68,7 @@ def app(model_path, *, replicas: int = 2, max_batch: int = 64, batch_wait_ms: fl
                                    lstm_cpu.__version__)).encode()).hexdigest()[:16]
     directory = _versioned(serve.deployment(
         StreamDirectory, name=DIRECTORY_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=100_000), "directory-1").bind()
+        max_ongoing_requests=100_000, health_check_period_s=1.0), "directory-1").bind()
     return _versioned(serve.deployment(
         StreamReplica, name=REPLICA_NAME, num_replicas=replicas, user_config=settings,
         ray_actor_options={"num_cpus": replica_cpus}, max_ongoing_requests=100_000,

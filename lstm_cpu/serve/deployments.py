@@ -52,6 +52,11 @@ MAX_ID_LEN = 256
 #: How long a replica keeps trying to take over a stream whose owner is alive but unreachable
 #: (e.g. shutting down and about to park it) before it treats the owner as gone.
 CLAIM_DEADLINE_S = 30.0
+#: A new directory answers "wait" instead of "new/unknown" this long: after a restart, live
+#: replicas re-announce the streams they hold within one reaper period (<= 1 s).
+REGISTER_GRACE_S = 2.5
+#: How long a round waits for the directory to take its checkpoints before stepping anyway.
+CHECKPOINT_TIMEOUT_S = 2.0
 #: How long a replica shutting down waits for the directory to take its streams' states.
 PARK_TIMEOUT_S = 10.0
 #: Tombstones of expired streams kept (oldest dropped first).
@@ -92,13 +97,26 @@ class StreamDirectory:
     """Stream ownership, checkpoints, parked streams and tombstones (see the module docstring)."""
 
     def __init__(self):
+        self.incarnation = uuid.uuid4().hex  # a restarted directory has a new one (and no state)
+        self._born = time.monotonic()
         self._entries: dict = {}  # stream id -> _Entry
         self._expired: OrderedDict = OrderedDict()  # stream id -> None
         self._replicas: dict = {}  # replica id -> its actor handle (for liveness)
         self._locks: dict = {}  # stream id -> [asyncio.Lock, users] while claims run
 
-    async def register(self, replica_id: str, actor) -> None:
+    async def register(self, replica_id: str, actor, sids=()) -> str:
+        """A replica announces itself, and the streams it holds (after a directory restart)."""
         self._replicas[replica_id] = actor
+        for sid in sids:
+            e = self._entries.get(sid)
+            if e is None:
+                self._entries[sid] = _Entry(replica_id)
+            elif e.owner is None or not await self._alive(e.owner):
+                e.owner = replica_id
+        return self.incarnation
+
+    async def get_incarnation(self) -> str:
+        return self.incarnation
 
     async def deregister(self, replica_id: str) -> None:
         self._replicas.pop(replica_id, None)
@@ -126,6 +144,8 @@ class StreamDirectory:
                 if e is None:
                     if sid in self._expired:
                         return ("expired",)
+                    if time.monotonic() - self._born < REGISTER_GRACE_S:
+                        return ("wait",)  # live replicas may not have re-announced their streams
                     if not create:
                         return ("unknown",)
                     self._entries[sid] = _Entry(me)
@@ -255,6 +275,7 @@ class StreamReplica:
         self._peer = None
         self._reaper: Optional[asyncio.Task] = None
         self._closing = False
+        self._dir_incarnation: Optional[str] = None
         self._I, self._O = m.input_size, m.output_size
         self._frame = 4 * m.input_size  # bytes of one float32 input frame
         self.reconfigure(settings)
@@ -274,7 +295,8 @@ class StreamReplica:
         if self._ready is None:
             self._ready = asyncio.get_running_loop().create_future()
             try:
-                await self.dir.register.remote(self.me, ray.get_runtime_context().current_actor)
+                self._dir_incarnation = await self.dir.register.remote(
+                    self.me, ray.get_runtime_context().current_actor)
                 self._peer = serve.get_deployment_handle(self._deployment, self._app)
                 self._reaper = asyncio.get_running_loop().create_task(self._reap())
                 self._ready.set_result(True)
@@ -326,6 +348,9 @@ class StreamReplica:
             force = time.monotonic() > deadline
             res = await self.dir.claim.remote(sid, self.me, create, force)
             kind = res[0]
+            if kind == "wait":
+                await asyncio.sleep(0.1)
+                continue
             if kind == "new":
                 return self._install(sid, 0, self._h0.copy(), self._c0.copy())
             if kind == "unknown":
@@ -487,14 +512,23 @@ class StreamReplica:
         blobs = {r.sid: (r.steps, pack(self.fp, r.steps, r.h, r.c)) for r in records
                  if r.steps and r.steps % n == 0 and self._streams.get(r.sid) is r}
         if blobs:
-            try:
-                await self.dir.checkpoint.remote(self.me, blobs)
+            try:  # bounded: steps must not stall while the directory is being replaced
+                await asyncio.wait_for(self.dir.checkpoint.remote(self.me, blobs),
+                                       CHECKPOINT_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - a missed checkpoint only widens a later replay
-                log.exception("checkpoint of %d streams failed", len(blobs))
+                log.warning("checkpoint of %d streams failed or timed out", len(blobs))
 
     async def _reap(self):
+        """Every period: expire idle streams, and re-announce our streams to a restarted
+        directory (it lost who owns what: a stream that moved would otherwise look new)."""
         while True:
             await asyncio.sleep(min(1.0, max(0.05, self.idle_timeout_s / 4)))
+            try:
+                if await self.dir.get_incarnation.remote() != self._dir_incarnation:
+                    self._dir_incarnation = await self.dir.register.remote(
+                        self.me, ray.get_runtime_context().current_actor, list(self._streams))
+            except Exception:  # noqa: BLE001 - the directory is being replaced; next period
+                log.warning("stream directory unreachable; retrying")
             now = time.monotonic()
             idle = [sid for sid, r in self._streams.items()
                     if now - r.last > self.idle_timeout_s
