@@ -122,6 +122,14 @@ def _run(coro):
     return asyncio.new_event_loop().run_until_complete(coro)
 
 
+def _clients(handle, prefix, S, T, seed):
+    """Inputs xs (S, T, I) and S StreamClients named prefix-0..S-1."""
+    from lstm_cpu.serve import StreamClient
+
+    xs = np.random.default_rng(seed).standard_normal((S, T, I)).astype(np.float32)
+    return xs, [StreamClient(handle, f"{prefix}-{s}", keep=CKPT) for s in range(S)]
+
+
 def _raise_any(outs):
     for o in outs:
         if isinstance(o, BaseException):
@@ -179,13 +187,10 @@ def test_hash_ring_spreads_and_moves_only_the_new_nodes_share():
 # ------------------------------------------------------------------------------------------------
 @needs_ray
 def test_64_streams_bit_identical_and_spread(cluster, model_file):
-    from lstm_cpu.serve import StreamClient
-
     _, model = model_file
     h = cluster["handle"]
     S, T = 64, 200
-    xs = np.random.default_rng(2).standard_normal((S, T, I)).astype(np.float32)
-    clients = [StreamClient(h, f"eq-{s}", keep=CKPT) for s in range(S)]
+    xs, clients = _clients(h, "eq", S, T, seed=2)
     outs = _raise_any(_run(_drive(clients, xs)))
     np.testing.assert_array_equal(outs, _reference(model, xs))
     assert all(c.replayed == 0 for c in clients)
@@ -472,13 +477,12 @@ class _Phases:
 
 @needs_ray
 def test_scale_2_1_2_migrates_every_stream_exactly(cluster, model_file):
-    from lstm_cpu.serve import StreamClient, app
+    from lstm_cpu.serve import app
 
     _, model = model_file
     h = cluster["handle"]
     S, T = 16, 45
-    xs = np.random.default_rng(8).standard_normal((S, T, I)).astype(np.float32)
-    clients = [StreamClient(h, f"scale-{s}", keep=CKPT) for s in range(S)]
+    xs, clients = _clients(h, "scale", S, T, seed=8)
     where = {}
 
     def scale(n, tag):
@@ -502,13 +506,10 @@ def test_scale_2_1_2_migrates_every_stream_exactly(cluster, model_file):
 @needs_ray
 def test_directory_restart_keeps_live_streams_exact(cluster, model_file):
     """The directory (ownership, checkpoints) dies: streams on live replicas go on exactly."""
-    from lstm_cpu.serve import StreamClient
-
     _, model = model_file
     h = cluster["handle"]
     S, T = 8, 24
-    xs = np.random.default_rng(12).standard_normal((S, T, I)).astype(np.float32)
-    clients = [StreamClient(h, f"dir-{s}", keep=CKPT) for s in range(S)]
+    xs, clients = _clients(h, "dir", S, T, seed=12)
 
     def kill_directory():
         name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
@@ -537,13 +538,12 @@ def test_directory_restart_keeps_live_streams_exact(cluster, model_file):
 
 @needs_ray
 def test_killed_replica_continues_exactly_or_raises_stream_lost(cluster, model_file):
-    from lstm_cpu.serve import StreamClient, StreamLost
+    from lstm_cpu.serve import StreamLost
 
     _, model = model_file
     h = cluster["handle"]
     S, T = 16, 40
-    xs = np.random.default_rng(10).standard_normal((S, T, I)).astype(np.float32)
-    clients = [StreamClient(h, f"kill-{s}", keep=CKPT) for s in range(S)]
+    xs, clients = _clients(h, "kill", S, T, seed=10)
     victims = {}
 
     def kill():
