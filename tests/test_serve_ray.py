@@ -545,10 +545,18 @@ def test_killed_replica_continues_exactly_or_raises_stream_lost(cluster, model_f
     S, T = 16, 40
     xs, clients = _clients(h, "kill", S, T, seed=10)
     victims = {}
+    # Raw handle streams (no seq, no client help) stepped 7 times: checkpoint at step 5.
+    R = 6
+    xr = np.random.default_rng(13).standard_normal((R, 12, I)).astype(np.float32)
+    ref_raw = _reference(model, xr)
+    for t in range(7):
+        for r in range(R):
+            h.step.remote(f"raw-{r}", xr[r, t]).result()
+    raw_where = [h.where.remote(f"raw-{r}").result() for r in range(R)]
 
     def kill():
         where = [h.where.remote(f"kill-{s}").result() for s in range(S)]
-        victim = where[0]
+        victim = raw_where[0]
         victims.update({s: w == victim for s, w in enumerate(where)})
         actor = ray.get_actor(f"SERVE_REPLICA::{APP}#LSTMStreams#{victim}", namespace="serve")
         ray.kill(actor, no_restart=True)
@@ -576,3 +584,15 @@ def test_killed_replica_continues_exactly_or_raises_stream_lost(cluster, model_f
     # with the client's inputs kept, every stream continued exactly
     assert exact == S, (exact, hit, [str(o) for o in outs if isinstance(o, BaseException)])
     assert [clients[s].replayed for s in range(S) if not victims[s]] == [0] * (S - len(hit))
+    # A raw stream of the dead replica is back at its checkpoint: StreamLost says from where to
+    # resend, and from there every output is exact; the others just go on.
+    for r in range(R):
+        t = 7
+        if raw_where[r] == raw_where[0]:
+            with pytest.raises(StreamLost) as e:
+                h.step.remote(f"raw-{r}", xr[r, 7]).result()
+            assert e.value.resume_from == 5
+            t = 5
+        for t in range(t, 12):
+            np.testing.assert_array_equal(h.step.remote(f"raw-{r}", xr[r, t]).result(),
+                                          ref_raw[r, t])
