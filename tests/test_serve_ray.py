@@ -276,7 +276,7 @@ def test_bad_input_typed_and_isolated(cluster, model_file, tmp_path):
     cases = [(np.zeros(I + 1, np.float32), lstm_cpu.InputError, "shape"),
              (np.zeros((1, I), np.float32), lstm_cpu.InputError, "shape"),
              (np.array(["a"] * I), lstm_cpu.InputTypeError, "numeric"),
-             ({"x": 1}, lstm_cpu.InputTypeError, ""),
+             ({"x": 1}, lstm_cpu.InputTypeError, "numeric"),
              (np.zeros(1 << 16, np.float32), lstm_cpu.InputError, "shape")]  # oversized
     for x, err, words in cases:
         with pytest.raises(err, match=words):
