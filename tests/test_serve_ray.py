@@ -561,9 +561,11 @@ def test_killed_replica_continues_exactly_or_raises_stream_lost(cluster, model_f
         actor = ray.get_actor(f"SERVE_REPLICA::{APP}#LSTMStreams#{victim}", namespace="serve")
         ray.kill(actor, no_restart=True)
 
-    async def mid_run(t):  # at step 17 the kill starts, and the clients go on stepping
-        if t == 17 and not victims:
+    async def mid_run(t):  # at step 17 the kill starts, and the clients go on stepping;
+        if t == 17 and not victims:  # from step 22 on they wait until it has happened
             victims["task"] = asyncio.ensure_future(asyncio.to_thread(kill))
+        if t == 22:
+            await asyncio.shield(victims["task"])
 
     outs = _run(_drive(clients, xs, mid_run))
     victims.pop("task")
