@@ -570,8 +570,10 @@ def cmd_warmup(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve.cli import serve_command  # noqa: PLC0415 - imports ray; the serve extra
-
+    try:
+        from .serve.cli import serve_command  # noqa: PLC0415 - imports ray; the serve extra
+    except ImportError as e:
+        raise _Failure(f"serve needs Ray Serve: pip install 'lstm-cpu[serve]' ({e})") from None
     return serve_command(args)
 
 

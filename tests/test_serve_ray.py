@@ -50,6 +50,17 @@ def test_import_lstm_cpu_does_not_import_ray():
     assert r.returncode == 0, r.stderr
 
 
+def test_cli_serve_fails_cleanly_without_starting_ray(tmp_path, capsys):
+    from lstm_cpu.cli import main
+
+    assert main(["serve", str(tmp_path / "missing.lstm"), "--replicas", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "missing.lstm" in err or "pip install 'lstm-cpu[serve]'" in err, err
+    assert main(["serve", "m.lstm", "--replicas", "0"]) == 2  # bad usage
+    if HAVE_RAY:
+        assert not ray.is_initialized()
+
+
 def test_ray_present_in_ci():
     """CI installs the test extra, which includes ray[serve]: its absence there is a failure."""
     if os.environ.get("CI"):
