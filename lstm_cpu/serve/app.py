@@ -11,7 +11,8 @@ from ray.serve.config import RequestRouterConfig
 import lstm_cpu
 from lstm_cpu.errors import InputError
 
-from .deployments import StreamDirectory, StreamReplica
+from .directory import StreamDirectory
+from .replica import StreamReplica
 from .snapshot import fingerprint
 
 #: Deployment names inside the application.

@@ -3,7 +3,7 @@
 :class:`StreamRouter` is a Ray Serve ``RequestRouter``: every handle (the driver's, the HTTP
 ingress's, a replica's own) builds one, and all of them map a stream id to the same replica
 because the ring is a pure function of the replica set. When a replica comes or goes, only the
-streams on its arcs move (~1/n of them), and the replicas hand those over (see ``deployments``).
+streams on its arcs move (~1/n of them), and the replicas hand those over (see ``replica``).
 """
 
 from __future__ import annotations
