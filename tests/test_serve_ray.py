@@ -58,6 +58,15 @@ def test_cli_serve_fails_cleanly_without_starting_ray(tmp_path, capsys):
     assert "missing.lstm" in err or "pip install 'lstm-cpu[serve]'" in err, err
     assert main(["serve", "m.lstm", "--replicas", "0"]) == 2  # bad usage
     if HAVE_RAY:
+        from lstm_cpu.serve import app
+
+        path = str(tmp_path / "m.lstm")
+        _model().save(path)
+        for bad in [{"replicas": 0}, {"idle_timeout_s": float("nan")}, {"max_batch": 2.5},
+                    {"checkpoint_every": -1}, {"batch_wait_ms": "1"}]:
+            with pytest.raises(lstm_cpu.InputError, match=next(iter(bad))):
+                app(path, **bad)
+    if HAVE_RAY:
         assert not ray.is_initialized()
 
 

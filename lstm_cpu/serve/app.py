@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 
 from ray import serve
@@ -20,8 +21,8 @@ REPLICA_NAME, DIRECTORY_NAME = "LSTMStreams", "LSTMStreamDirectory"
 
 
 def _positive(name, v, kind=float, zero=False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) \
-            or (v < 0 if zero else v <= 0):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or (kind is int and v != int(v)) or (v < 0 if zero else v <= 0):
         raise InputError(f"{name}: expected a {'non-negative' if zero else 'positive'} "
                          f"{kind.__name__}, got {v!r}")
     return kind(v)
