@@ -414,7 +414,7 @@ def test_websocket_one_stream_per_connection(cluster, model_file):
         async with connect(url) as ws:
             hello = json.loads(await ws.recv())
             assert hello == {"stream_id": f"ws-{k}", "input_size": I,
-                             "output_size": model.output_size, "dtype": "float32"}
+                             "output_size": model.output_size, "dtype": "float32", "steps": 0}
             out = []
             for t in range(8):
                 if t == 3:  # bad frames between good ones: typed errors, stream untouched
@@ -430,8 +430,21 @@ def test_websocket_one_stream_per_connection(cluster, model_file):
     async def both():
         return await asyncio.gather(client(0), client(1))
 
+    async def resumed():  # keep=1: the stream outlives its connection and a new one resumes it
+        url = f"ws://127.0.0.1:{cluster['port']}/streams/ws?stream_id=ws-keep&keep=1"
+        out = []
+        for part in (range(0, 3), range(3, 8)):
+            async with connect(url) as ws:
+                assert json.loads(await ws.recv())["steps"] == part[0]
+                for t in part:
+                    await ws.send(xs[0, t].astype("<f4").tobytes())
+                    out.append(np.frombuffer(await ws.recv(), "<f4"))
+        return np.stack(out)
+
     outs = _run(both())
     np.testing.assert_array_equal(np.stack(outs), ref)
+    np.testing.assert_array_equal(_run(resumed()), ref[0])
+    assert cluster["handle"].end.remote("ws-keep").result() is True
     h = cluster["handle"]
     deadline = time.monotonic() + 10  # the stream ends with its connection
     while h.where.remote("ws-0").result() is not None and time.monotonic() < deadline:

@@ -501,18 +501,26 @@ class StreamReplica:
 
         Bad frames (text, wrong size, oversized) get a JSON text frame ``{"error", "message"}``
         and leave the stream untouched; ``StreamLost`` adds ``resume_from``. The stream ends when
-        the connection closes, unless ``keep=1``."""
+        the connection closes, unless ``keep=1``; reconnecting with its ``stream_id`` resumes it
+        (the hello's ``steps`` says where it stands)."""
         await websocket.accept()
         sid = stream_id or f"ws-{uuid.uuid4().hex}"
         try:
             check_stream_id(sid)
-        except LSTMError as e:
+            await self._setup()
+            try:
+                seq = (await self._acquire(sid, False)).steps  # an existing stream resumes
+            except StreamNotFound:
+                seq = 0
+            except StreamLost as e:  # back at its checkpoint: the hello says from where
+                seq = e.resume_from
+        except Exception as e:  # noqa: BLE001 - e.g. StreamExpired: say so, then close
             await websocket.send_text(json.dumps(_error_body(e)[1]))
             await websocket.close(code=1008)
             return
         await websocket.send_text(json.dumps({"stream_id": sid, "input_size": self._I,
-                                              "output_size": self._O, "dtype": "float32"}))
-        seq = 0
+                                              "output_size": self._O, "dtype": "float32",
+                                              "steps": seq}))
         try:
             while True:
                 msg = await websocket.receive()
