@@ -215,6 +215,29 @@ def build_parser() -> _Parser:
                     "call of a later process loads instead of compiling; print where the cache is.")
     w.add_argument("--json", action="store_true", help="print the result as JSON")
     w.set_defaults(func=cmd_warmup)
+
+    # --- serve ----------------------------------------------------------------------------------
+    s = sub.add_parser(
+        "serve", parents=common, help="serve streams on Ray Serve (pip install 'lstm-cpu[serve]')",
+        description="Deploy MODEL as a stateful stream service on Ray Serve (lstm_cpu.serve): "
+                    "WebSocket /streams/ws, HTTP POST /streams/{id}/step. Starts a local Ray "
+                    "instance, or joins the cluster at --address; runs until interrupted.")
+    s.add_argument("model", metavar="MODEL", help="model file, readable at this path on every node")
+    s.add_argument("--replicas", type=_positive_int, default=2, metavar="N",
+                   help="stream replicas (default: 2)")
+    s.add_argument("--address", metavar="ADDR",
+                   help="Ray cluster to join: ray://HOST:10001, HOST:6379 or 'auto' "
+                        "(default: start a local Ray instance)")
+    s.add_argument("--port", type=_nonneg_int, default=8000, metavar="P",
+                   help="HTTP port (default: 8000)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="HTTP host (default: 127.0.0.1; the service has no authentication)")
+    s.add_argument("--checkpoint-every", type=_nonneg_int, default=100, metavar="N",
+                   help="checkpoint each stream every N steps (0: on demand only; default: 100)")
+    s.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
+                   help="free streams idle for S seconds (default: 300)")
+    _load_options(s)
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -561,6 +584,14 @@ def cmd_warmup(args) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .serve.cli import serve_command  # noqa: PLC0415 - imports ray; the serve extra
+    except ImportError as e:
+        raise _Failure(f"serve needs Ray Serve: pip install 'lstm-cpu[serve]' ({e})") from None
+    return serve_command(args)
+
+
 def cmd_bench(args) -> int:
     from . import bench  # noqa: PLC0415
 
@@ -634,7 +665,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{PROG} (not installed; running from source)")
             return EXIT_OK
         if not args.command:
-            raise UsageError(f"a command is required: bench, convert, info, run or warmup "
+            raise UsageError(f"a command is required: bench, convert, info, run, serve or warmup "
                              f"(see '{PROG} --help')")
         args._argv = argv
         return args.func(args)
