@@ -1,0 +1,168 @@
+"""Register-blocked gate products over packed panels (a probe for issue 12; not wired in yet).
+
+The batched gate product is ``A (N, C) += Z (N, K) @ W (K, C)``: N streams (or sequences of a
+batch), K = I + H inputs (or H for the recurrent part of ``run``), C = 4H gate columns.
+``kernels._gemm_rows`` computes every element as::
+
+    a += w0*z0 + w1*z1 + w2*z2 + w3*z3        over k-quads, ascending k (fastmath: contract only)
+
+and reads and writes ``a`` in memory once per k-quad. The kernels here compute exactly the same
+expression in the same k order, so their results are **bit-identical** to ``_gemm_rows`` (and so
+to a stream stepped alone), but they hold a block of R streams x P columns of ``a`` in vector
+registers across all of K and write it back once.
+
+Packed panels
+-------------
+``Wp (n_panels, K, P)``: panel p holds columns ``p*P .. p*P+P`` of W, K rows of P contiguous
+floats (:func:`pack_panels`). Choose the column order at packing time so that a panel holds whole
+units of all four gates, ``[i(U) | f(U) | g(U) | o(U)]`` of U = P/4 units (:func:`pack_gate_panels`):
+the cell update of those U units can then run right after the panel's product, while its
+pre-activations are still in L1.
+
+Register blocking
+-----------------
+The R x P accumulator block is a stack array (:func:`_stack_f32`, an ``alloca`` of a
+compile-time size) copied in from ``A`` before the k loop and out after it. Numba passes arrays
+that may alias, so accumulating straight into ``A`` keeps a load and a store of every accumulator
+in each k-quad; a stack array cannot alias ``Z`` or ``Wp``, and once the column loop is
+vectorised and unrolled LLVM promotes it to registers (check: ``inspect_asm`` shows the k loop
+with only ``Wp`` loads and ``Z`` broadcasts, see bench/gemm_probe.py). The block must fit the
+register file with room for the four W rows of a quad: R*P/16 + 4*P/16 zmm of 32 on AVX-512
+(P=32, R=4: 8 + 8), R*P/8 + 4*P/8 ymm of 16 on AVX2 (P=16, R=4: 8 + 8).
+
+Every kernel here trusts its caller: C-contiguous float32 arrays (the stack block is float32), ``Wp.shape[2] ==
+P``, ``A.shape[1] == n_panels * P``, ``Z.shape[1] == Wp.shape[1]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_FLAGS = dict(nogil=True, fastmath={"contract"}, error_model="numpy")
+
+
+@intrinsic
+def _stack_f32(typingctx, n):
+    """A pointer to ``n`` float32 (``n`` a compile-time constant) in the caller's stack frame.
+
+    The ``alloca`` goes in the entry block of the function it is inlined into, so a loop may call
+    the function holding it without growing the stack."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    size = n.literal_value
+
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, context.get_value_type(types.float32),
+                                   size=context.get_constant(types.intp, size))
+
+    return types.CPointer(types.float32)(n), codegen
+
+
+def _make_gemm(P, R):
+    """``gemm(Z, Wp, A)``: A (N, n*P) += Z (N, K) @ W, with W packed as Wp (n, K, P), for a
+    register block of R streams x P columns (compile-time constants, so the column and stream
+    loops unroll). Streams past the last full block of R go one at a time, with the same
+    per-element expression."""
+    RP = R * P
+
+    @njit(inline="always", **_FLAGS)
+    def block(Z, s, Wp, A, c0):
+        """A[s:s+R, c0:c0+P] += Z[s:s+R] @ Wp (K, P), accumulators in registers across K."""
+        K = Wp.shape[0]
+        acc = carray(_stack_f32(RP), (R, P))  # (R, P) register block; float32 stack storage
+        for r in range(R):
+            for j in range(P):
+                acc[r, j] = A[s + r, c0 + j]
+        k = 0
+        while k + 4 <= K:
+            for j in range(P):
+                w0 = Wp[k, j]
+                w1 = Wp[k + 1, j]
+                w2 = Wp[k + 2, j]
+                w3 = Wp[k + 3, j]
+                for r in range(R):
+                    acc[r, j] += (w0 * Z[s + r, k] + w1 * Z[s + r, k + 1] + w2 * Z[s + r, k + 2]
+                                  + w3 * Z[s + r, k + 3])
+            k += 4
+        while k < K:
+            for j in range(P):
+                w0 = Wp[k, j]
+                for r in range(R):
+                    acc[r, j] += w0 * Z[s + r, k]
+            k += 1
+        for r in range(R):
+            for j in range(P):
+                A[s + r, c0 + j] = acc[r, j]
+
+    @njit(inline="always", **_FLAGS)
+    def single(Z, s, Wp, A, c0):
+        """A[s, c0:c0+P] += Z[s] @ Wp (K, P): a stream past the last full block."""
+        K = Wp.shape[0]
+        acc = carray(_stack_f32(P), (P,))  # (P,) accumulators
+        for j in range(P):
+            acc[j] = A[s, c0 + j]
+        k = 0
+        while k + 4 <= K:
+            z0, z1, z2, z3 = Z[s, k], Z[s, k + 1], Z[s, k + 2], Z[s, k + 3]
+            for j in range(P):
+                acc[j] += Wp[k, j] * z0 + Wp[k + 1, j] * z1 + Wp[k + 2, j] * z2 + Wp[k + 3, j] * z3
+            k += 4
+        while k < K:
+            z0 = Z[s, k]
+            for j in range(P):
+                acc[j] += Wp[k, j] * z0
+            k += 1
+        for j in range(P):
+            A[s, c0 + j] = acc[j]
+
+    @njit(**_FLAGS)
+    def gemm(Z, Wp, A):
+        N = Z.shape[0]
+        for p in range(Wp.shape[0]):  # panel outer: its K*P floats stay in L1/L2 for all streams
+            W = Wp[p]  # (K, P)
+            s = 0
+            while s + R <= N:
+                block(Z, s, W, A, p * P)
+                s += R
+            while s < N:
+                single(Z, s, W, A, p * P)
+                s += 1
+
+    gemm.__doc__ = f"A (N, n*{P}) += Z (N, K) @ W, W packed as Wp (n, K, {P}); blocks of {R} streams."
+    gemm.__name__ = gemm.__qualname__ = f"gemm_p{P}_r{R}"
+    return gemm
+
+
+#: Candidates, named by panel width P and stream block R. AVX-512 (32 zmm): p32_r4, p64_r2,
+#: p16_r8. AVX2 (16 ymm): p16_r4, p32_r2, p8_r8 (the same code, compiled for that target).
+KERNELS = {f"p{P}_r{R}": _make_gemm(P, R)
+           for P, R in ((64, 2), (64, 4), (32, 2), (32, 4), (32, 6), (16, 4), (16, 8), (8, 8))}
+
+
+def pack_panels(W: np.ndarray, P: int) -> np.ndarray:
+    """W (K, C) -> Wp (C // P, K, P), C-contiguous: panel p is W[:, p*P:(p+1)*P]."""
+    K, C = W.shape
+    if C % P:
+        raise ValueError(f"C={C} is not a multiple of the panel width P={P}")
+    return np.ascontiguousarray(W.reshape(K, C // P, P).transpose(1, 0, 2))
+
+
+def gate_panel_order(H: int, U: int) -> np.ndarray:
+    """Column order (4H,) putting U whole units of all four gates in each panel of P = 4U columns.
+
+    W's columns are [i(H) | f(H) | g(H) | o(H)]; panel q gets ``[i | f | g | o]`` of units
+    q*U .. q*U+U, so its epilogue reads gate g of unit u at column g*U + u of the panel."""
+    if H % U:
+        raise ValueError(f"H={H} is not a multiple of U={U} units per panel")
+    q = np.arange(H // U)[:, None, None]  # (panels, 1, 1)
+    g = np.arange(4)[None, :, None]  # (1, 4, 1) gate
+    u = np.arange(U)[None, None, :]  # (1, 1, U) unit within the panel
+    return (g * H + q * U + u).reshape(-1)  # (4H,) source column of each packed column
+
+
+def pack_gate_panels(W: np.ndarray, U: int) -> np.ndarray:
+    """W (K, 4H) in [i|f|g|o] column order -> Wp (H // U, K, 4U): whole units per panel."""
+    return pack_panels(W[:, gate_panel_order(W.shape[1] // 4, U)], 4 * U)
