@@ -4,7 +4,7 @@
     OPENBLAS_CORETYPE=Haswell python bench/gemm_probe.py         # as some of our machines force
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/gemm_probe.py
     NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+sse4.2 \\
-        python bench/gemm_probe.py --kernels p16_r4,p32_r2,p8_r8,p32_r4,p64_r2   # AVX2 code
+        python bench/gemm_probe.py --kernels p32_r2,p16_r4,p8_r8,p32_r2_g2,p64_r2   # AVX2 code
 
 Shapes: A (N, C) += Z (N, K) @ W (K, C) with K = I + H, C = 4H of the models in bench/results.md
 (32,64,1): (96, 256); (128,256,2): (384, 1024) and (512, 1024); (512,1024,1): (1536, 4096); for N
@@ -13,8 +13,9 @@ in 1, 4, 16, 64 streams (a batched step; ``run`` has the same shapes with K = H)
 Contenders, each validated before it is timed (llm.c style):
 * ``blas``: ``np.matmul(Z, W, out=T)`` (no accumulate: the cheaper job; OpenBLAS pinned to 1 thread);
 * ``rows``: ``kernels._gemm_rows``, today's kernel (four streams per pass, acc in memory);
-* ``pP_rR``: ``lstm_cpu.gemm`` register-blocked kernels on panels of P columns, R streams,
-  checked ``array_equal`` against ``rows`` (the bit-identity the README promises).
+* ``pP_rR[_gG]``: ``lstm_cpu.gemm`` register-blocked kernels on panels of P columns, R streams
+  (G panels at once), checked ``array_equal`` against ``rows`` (the bit-identity the README
+  promises).
 The peak is a register-only FMA loop in Numba (vector width of the compile target). Timings are
 the best of interleaved rounds (every contender once per round), in GFLOP/s = 2*N*K*C / time.
 """
@@ -123,7 +124,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="fewer rounds and shapes")
-    ap.add_argument("--kernels", default="p32_r4,p64_r2,p16_r4,p16_r8,p32_r2,p64_r4")
+    ap.add_argument("--kernels", default="p64_r2,p32_r2_g2,p32_r4,p16_r4_g2,p32_r2,p64_r4")
     args = ap.parse_args()
     rounds = 5 if args.quick else args.rounds
     names = args.kernels.split(",")

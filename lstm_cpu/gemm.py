@@ -17,21 +17,24 @@ Packed panels
 floats (:func:`pack_panels`). Choose the column order at packing time so that a panel holds whole
 units of all four gates, ``[i(U) | f(U) | g(U) | o(U)]`` of U = P/4 units (:func:`pack_gate_panels`):
 the cell update of those U units can then run right after the panel's product, while its
-pre-activations are still in L1.
+pre-activations are still in L1. A kernel may also take G adjacent panels as one block of G*P
+columns (``_g2``): one packed layout (P = 32, U = 8 units) serves 256-bit vectors with G = 1
+and 512-bit vectors with G = 2, at the speed of a P = 64 layout (measured in the probe).
 
 Register blocking
 -----------------
-The R x P accumulator block is a stack array (:func:`_stack_f32`, an ``alloca`` of a
+The R x G*P accumulator block is a stack array (:func:`_stack_f32`, an ``alloca`` of a
 compile-time size) copied in from ``A`` before the k loop and out after it. Numba passes arrays
 that may alias, so accumulating straight into ``A`` keeps a load and a store of every accumulator
 in each k-quad; a stack array cannot alias ``Z`` or ``Wp``, and once the column loop is
 vectorised and unrolled LLVM promotes it to registers (check: ``inspect_asm`` shows the k loop
 with only ``Wp`` loads and ``Z`` broadcasts, see bench/gemm_probe.py). The block must fit the
-register file with room for the four W rows of a quad: R*P/16 + 4*P/16 zmm of 32 on AVX-512
-(P=32, R=4: 8 + 8), R*P/8 + 4*P/8 ymm of 16 on AVX2 (P=16, R=4: 8 + 8).
+register file with room for the four W rows of a quad and the Z broadcasts: on AVX-512 (32 zmm)
+p64_r2, p32_r2_g2 and p32_r4 keep everything in registers; on AVX2 (16 ymm) every candidate
+spills some (bench/gemm_probe.py reports the stack moves in the k loop).
 
-Every kernel here trusts its caller: C-contiguous float32 arrays (the stack block is float32), ``Wp.shape[2] ==
-P``, ``A.shape[1] == n_panels * P``, ``Z.shape[1] == Wp.shape[1]``.
+Every kernel here trusts its caller: C-contiguous float32 arrays (the stack block is
+float32), ``Wp.shape[2] == P``, ``A.shape[1] == n_panels * P``, ``Z.shape[1] == Wp.shape[1]``.
 """
 
 from __future__ import annotations
@@ -61,85 +64,86 @@ def _stack_f32(typingctx, n):
     return types.CPointer(types.float32)(n), codegen
 
 
-def _make_gemm(P, R):
-    """``gemm(Z, Wp, A)``: A (N, n*P) += Z (N, K) @ W, with W packed as Wp (n, K, P), for a
-    register block of R streams x P columns (compile-time constants, so the column and stream
-    loops unroll). Streams past the last full block of R go one at a time, with the same
-    per-element expression."""
-    RP = R * P
+def _make_block(P, R, G):
+    """``block(Z, s, Wp, p, A)``: A[s:s+R, p*P:(p+G)*P] += Z[s:s+R] @ panels p..p+G-1 of Wp
+    (n, K, P), the R x G*P accumulators held in registers across all of K (R, P, G compile-time
+    constants, so the loops over them unroll)."""
+    RGP = R * G * P
 
     @njit(inline="always", **_FLAGS)
-    def block(Z, s, Wp, A, c0):
-        """A[s:s+R, c0:c0+P] += Z[s:s+R] @ Wp (K, P), accumulators in registers across K."""
-        K = Wp.shape[0]
-        acc = carray(_stack_f32(RP), (R, P))  # (R, P) register block; float32 stack storage
+    def block(Z, s, Wp, p, A):
+        K = Wp.shape[1]
+        c0 = p * P
+        acc = carray(_stack_f32(RGP), (R, G * P))  # (R, G*P) register block; stack storage
         for r in range(R):
-            for j in range(P):
+            for j in range(G * P):
                 acc[r, j] = A[s + r, c0 + j]
         k = 0
         while k + 4 <= K:
-            for j in range(P):
-                w0 = Wp[k, j]
-                w1 = Wp[k + 1, j]
-                w2 = Wp[k + 2, j]
-                w3 = Wp[k + 3, j]
-                for r in range(R):
-                    acc[r, j] += (w0 * Z[s + r, k] + w1 * Z[s + r, k + 1] + w2 * Z[s + r, k + 2]
-                                  + w3 * Z[s + r, k + 3])
+            for g in range(G):
+                for j in range(P):
+                    w0 = Wp[p + g, k, j]
+                    w1 = Wp[p + g, k + 1, j]
+                    w2 = Wp[p + g, k + 2, j]
+                    w3 = Wp[p + g, k + 3, j]
+                    for r in range(R):
+                        acc[r, g * P + j] += (w0 * Z[s + r, k] + w1 * Z[s + r, k + 1]
+                                              + w2 * Z[s + r, k + 2] + w3 * Z[s + r, k + 3])
             k += 4
         while k < K:
-            for j in range(P):
-                w0 = Wp[k, j]
-                for r in range(R):
-                    acc[r, j] += w0 * Z[s + r, k]
+            for g in range(G):
+                for j in range(P):
+                    w0 = Wp[p + g, k, j]
+                    for r in range(R):
+                        acc[r, g * P + j] += w0 * Z[s + r, k]
             k += 1
         for r in range(R):
-            for j in range(P):
+            for j in range(G * P):
                 A[s + r, c0 + j] = acc[r, j]
 
-    @njit(inline="always", **_FLAGS)
-    def single(Z, s, Wp, A, c0):
-        """A[s, c0:c0+P] += Z[s] @ Wp (K, P): a stream past the last full block."""
-        K = Wp.shape[0]
-        acc = carray(_stack_f32(P), (P,))  # (P,) accumulators
-        for j in range(P):
-            acc[j] = A[s, c0 + j]
-        k = 0
-        while k + 4 <= K:
-            z0, z1, z2, z3 = Z[s, k], Z[s, k + 1], Z[s, k + 2], Z[s, k + 3]
-            for j in range(P):
-                acc[j] += Wp[k, j] * z0 + Wp[k + 1, j] * z1 + Wp[k + 2, j] * z2 + Wp[k + 3, j] * z3
-            k += 4
-        while k < K:
-            z0 = Z[s, k]
-            for j in range(P):
-                acc[j] += Wp[k, j] * z0
-            k += 1
-        for j in range(P):
-            A[s, c0 + j] = acc[j]
+    return block
+
+
+def _make_gemm(P, R, G=1):
+    """``gemm(Z, Wp, A)``: A (N, n*P) += Z (N, K) @ W, with W packed as Wp (n, K, P), in register
+    blocks of R streams x G panels. Streams past the last full block of R go one at a time and a
+    panel past the last group of G alone, with the same per-element expression."""
+    wide, one_panel = _make_block(P, R, G), _make_block(P, R, 1)
+    single, single_panel = _make_block(P, 1, G), _make_block(P, 1, 1)
 
     @njit(**_FLAGS)
     def gemm(Z, Wp, A):
         N = Z.shape[0]
-        for p in range(Wp.shape[0]):  # panel outer: its K*P floats stay in L1/L2 for all streams
-            W = Wp[p]  # (K, P)
+        n = Wp.shape[0]
+        p = 0
+        while p < n:  # panels outer: their K*G*P floats stay in L1/L2 for all streams
+            g = G if p + G <= n else 1
             s = 0
             while s + R <= N:
-                block(Z, s, W, A, p * P)
+                if g == G:
+                    wide(Z, s, Wp, p, A)
+                else:
+                    one_panel(Z, s, Wp, p, A)
                 s += R
             while s < N:
-                single(Z, s, W, A, p * P)
+                if g == G:
+                    single(Z, s, Wp, p, A)
+                else:
+                    single_panel(Z, s, Wp, p, A)
                 s += 1
+            p += g
 
-    gemm.__doc__ = f"A (N, n*{P}) += Z (N, K) @ W, W packed as Wp (n, K, {P}); blocks of {R} streams."
-    gemm.__name__ = gemm.__qualname__ = f"gemm_p{P}_r{R}"
-    return gemm
+    name = f"p{P}_r{R}" + (f"_g{G}" if G > 1 else "")
+    gemm.__doc__ = (f"A (N, n*{P}) += Z (N, K) @ W, W packed as Wp (n, K, {P}); blocks of {R} "
+                    f"streams x {G} panel(s).")
+    gemm.__name__ = gemm.__qualname__ = f"gemm_{name}"
+    return name, gemm
 
 
-#: Candidates, named by panel width P and stream block R. AVX-512 (32 zmm): p32_r4, p64_r2,
-#: p16_r8. AVX2 (16 ymm): p16_r4, p32_r2, p8_r8 (the same code, compiled for that target).
-KERNELS = {f"p{P}_r{R}": _make_gemm(P, R)
-           for P, R in ((64, 2), (64, 4), (32, 2), (32, 4), (32, 6), (16, 4), (16, 8), (8, 8))}
+#: Candidates, named by panel width P, stream block R and panels per block G (when > 1).
+KERNELS = dict(_make_gemm(P, R, G) for P, R, G in (
+    (64, 2, 1), (64, 4, 1), (32, 2, 1), (32, 4, 1), (32, 6, 1), (16, 4, 1), (16, 8, 1), (8, 8, 1),
+    (32, 2, 2), (16, 4, 2)))
 
 
 def pack_panels(W: np.ndarray, P: int) -> np.ndarray:
