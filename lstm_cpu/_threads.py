@@ -71,7 +71,7 @@ def _omp_levels_api():
         try:
             lib = ctypes.CDLL(handle)
             get, put = lib.omp_get_max_active_levels, lib.omp_set_max_active_levels
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) off POSIX
             continue
         get.restype, get.argtypes = ctypes.c_int, []
         put.restype, put.argtypes = None, [ctypes.c_int]
