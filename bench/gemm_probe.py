@@ -3,6 +3,7 @@
     python bench/gemm_probe.py                                   # OpenBLAS picks its own kernels
     OPENBLAS_CORETYPE=Haswell python bench/gemm_probe.py         # as some of our machines force
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/gemm_probe.py
+    python bench/gemm_probe.py --cells                           # fused product + cell update
     NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+sse4.2 \\
         python bench/gemm_probe.py --kernels p32_r2,p16_r4,p8_r8,p32_r2_g2,p64_r2   # AVX2 code
 
@@ -120,11 +121,72 @@ def hot_loop_report(fn, top=1):
 
 
 # ---------------------------------------------------------------------------------------------
+# Fused product + cell update per gate panel vs lstm-cpu's batched step
+# ---------------------------------------------------------------------------------------------
+def cells_section(rounds):
+    """One layer, N streams: ``lstm_cpu.gemm.CELLS`` (c, m checked bit for bit against each stream
+    stepped alone, the README's promise) against ``stream.step`` of a batched stream (serial
+    kernel: today's _gemm_rows and epilogue plus the copies into z and out of h; from
+    BLAS_MIN_BATCH = 40 streams, OpenBLAS products)."""
+    from lstm_cpu import LayerParams, LSTMModel
+
+    rng = np.random.default_rng(1)
+    print("| I, H | N | step() us | " + " | ".join(f"{k} us" for k in G.CELLS) + " | bit-identical |")
+    print("|---|---|---|" + "---|" * len(G.CELLS) + "---|")
+    for I, H in ((32, 64), (128, 256), (512, 1024)):
+        p = LayerParams(rng.uniform(-.3, .3, (4 * H, I)), rng.uniform(-.3, .3, (4 * H, H)),
+                        rng.uniform(-.3, .3, 4 * H))
+        model = LSTMModel([[p]], kernel="serial")
+        lp = model.layer_params()[0][0]
+        W = np.concatenate([lp.w_ih, lp.w_hh], axis=1).T.astype(np.float32)  # (K, 4H) [i|f|g|o]
+        b = lp.bias.astype(np.float32)  # (4H,) folded
+        for N in (4, 16, 64):
+            s = model.stream(batch=N, kernel="serial")
+            x = rng.standard_normal((N, I)).astype(np.float32)  # (N, I)
+            h = rng.standard_normal((N, H)).astype(np.float32)  # (N, H)
+            c = rng.standard_normal((N, H)).astype(np.float32)  # (N, H)
+            s.state = (h[None], c[None])
+            s.step(x)
+            y, c1 = np.empty((N, H), np.float32), np.empty((N, H), np.float32)  # each stream alone
+            for j in range(N):
+                one = model.stream()
+                one.state = (h[None, j], c[None, j])
+                y[j] = one.step(x[j])
+                c1[j] = one.state[1][0]
+            Z = np.concatenate([x, h], axis=1)  # (N, K)
+            runs = {"step": (lambda s=s, x=x: s.step(x))}
+            same = {}
+            for name, fn in G.CELLS.items():
+                U = int(name[1:].split("_")[0])
+                Wp = G.pack_gate_panels(W, U)  # (H/U, K, 4U)
+                bp = np.ascontiguousarray(b[G.gate_panel_order(H, U)].reshape(H // U, 4 * U))
+                cc, m = c.copy(), np.empty((N, H), np.float32)
+                fn(Z, Wp, bp, cc, m)
+                same[name] = np.array_equal(m, y) and np.array_equal(cc, c1)
+                runs[name] = (lambda fn=fn, Wp=Wp, bp=bp, cc=cc, m=m: fn(Z, Wp, bp, cc, m))
+            reps = max(1, int(4e6 / (2 * N * (I + H) * 4 * H)))
+            best = {k: np.inf for k in runs}
+            for _ in range(rounds):
+                for k, fn in runs.items():
+                    t = time.perf_counter()
+                    for _ in range(reps):
+                        fn()
+                    best[k] = min(best[k], (time.perf_counter() - t) / reps)
+            print(f"| {I}, {H} | {N} | {best['step'] * 1e6:.1f} | "
+                  + " | ".join(f"{best[k] * 1e6:.1f}" for k in G.CELLS) + " | "
+                  + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items()) + " |", flush=True)
+    print("# assembly of the k loop:")
+    for name, fn in G.CELLS.items():
+        print(f"#   {name:7s} {hot_loop_report(fn)}")
+
+
+# ---------------------------------------------------------------------------------------------
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="fewer rounds and shapes")
     ap.add_argument("--kernels", default="p64_r2,p32_r2_g2,p32_r4,p16_r4_g2,p32_r2,p64_r4")
+    ap.add_argument("--cells", action="store_true", help="only the fused product + cell update")
     args = ap.parse_args()
     rounds = 5 if args.quick else args.rounds
     names = args.kernels.split(",")
@@ -136,6 +198,9 @@ def main():
     print(f"# gemm probe: {platform.processor() or platform.machine()}, numba target {target}, "
           f"OpenBLAS core {corename}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}, 1 thread")
+    if args.cells:
+        cells_section(rounds)
+        return
     peak = peak_gflops(rounds=3 * rounds)
     print(f"# FMA peak, one core, Numba register loop: {peak:.1f} GFLOP/s ({hot_loop_report(_fma_loop)})")
     rng = np.random.default_rng(0)

@@ -64,20 +64,13 @@ def _stack_f32(typingctx, n):
     return types.CPointer(types.float32)(n), codegen
 
 
-def _make_block(P, R, G):
-    """``block(Z, s, Wp, p, A)``: A[s:s+R, p*P:(p+G)*P] += Z[s:s+R] @ panels p..p+G-1 of Wp
-    (n, K, P), the R x G*P accumulators held in registers across all of K (R, P, G compile-time
-    constants, so the loops over them unroll)."""
-    RGP = R * G * P
+def _make_product(P, R, G):
+    """``product(Z, s, Wp, p, acc)``: acc (R, G*P) += Z[s:s+R] @ panels p..p+G-1 of Wp (n, K, P),
+    in ``_gemm_rows``' per-element order (R, P, G compile-time constants: the loops unroll)."""
 
     @njit(inline="always", **_FLAGS)
-    def block(Z, s, Wp, p, A):
+    def product(Z, s, Wp, p, acc):
         K = Wp.shape[1]
-        c0 = p * P
-        acc = carray(_stack_f32(RGP), (R, G * P))  # (R, G*P) register block; stack storage
-        for r in range(R):
-            for j in range(G * P):
-                acc[r, j] = A[s + r, c0 + j]
         k = 0
         while k + 4 <= K:
             for g in range(G):
@@ -97,6 +90,24 @@ def _make_block(P, R, G):
                     for r in range(R):
                         acc[r, g * P + j] += w0 * Z[s + r, k]
             k += 1
+
+    return product
+
+
+def _make_block(P, R, G):
+    """``block(Z, s, Wp, p, A)``: A[s:s+R, p*P:(p+G)*P] += Z[s:s+R] @ panels p..p+G-1 of Wp
+    (n, K, P), the R x G*P accumulators held in registers across all of K."""
+    RGP = R * G * P
+    product = _make_product(P, R, G)
+
+    @njit(inline="always", **_FLAGS)
+    def block(Z, s, Wp, p, A):
+        c0 = p * P
+        acc = carray(_stack_f32(RGP), (R, G * P))  # (R, G*P) register block; stack storage
+        for r in range(R):
+            for j in range(G * P):
+                acc[r, j] = A[s + r, c0 + j]
+        product(Z, s, Wp, p, acc)
         for r in range(R):
             for j in range(G * P):
                 A[s + r, c0 + j] = acc[r, j]
@@ -170,3 +181,64 @@ def gate_panel_order(H: int, U: int) -> np.ndarray:
 def pack_gate_panels(W: np.ndarray, U: int) -> np.ndarray:
     """W (K, 4H) in [i|f|g|o] column order -> Wp (H // U, K, 4U): whole units per panel."""
     return pack_panels(W[:, gate_panel_order(W.shape[1] // 4, U)], 4 * U)
+
+
+# ---------------------------------------------------------------------------------------------
+# Product and cell update fused per panel
+# ---------------------------------------------------------------------------------------------
+def _make_cells(U, R):
+    """``cells(Z, Wp, bias, c, m)``: one LSTM step of N streams over gate panels of U units.
+
+    Z (N, K) [input | h_prev] per stream; Wp (H/U, K, 4U) gate panels (:func:`pack_gate_panels`);
+    bias (H/U, 4U) the folded bias in the same order; c (N, H) cell state, updated in place;
+    m (N, H) <- o * tanh(c_new). Sigmoid/Tanh/Tanh in float32 with the rational tanh of
+    ``kernels._tanh_f32`` and the formulas of ``kernels._epilogue``'s fast path, so c and m are
+    bit-identical to lstm-cpu's step; the epilogue of a panel's U units runs while its
+    R x 4U pre-activations are still in registers."""
+    from .kernels import _tanh_f32
+
+    P = 4 * U
+
+    def make(RR):
+        RRP = RR * P
+        product = _make_product(P, RR, 1)
+
+        @njit(inline="always", **_FLAGS)
+        def block(Z, s, Wp, p, bias, c, m):
+            half = np.float32(0.5)
+            acc = carray(_stack_f32(RRP), (RR, P))  # (RR, 4U) gate pre-activations [i|f|g|o]
+            for r in range(RR):
+                for j in range(P):
+                    acc[r, j] = bias[p, j]
+            product(Z, s, Wp, p, acc)
+            u0 = p * U
+            for r in range(RR):
+                for u in range(U):
+                    f = half * _tanh_f32(half * acc[r, U + u]) + half
+                    i = half * _tanh_f32(half * acc[r, u]) + half
+                    cn = f * c[s + r, u0 + u] + i * _tanh_f32(acc[r, 2 * U + u])
+                    c[s + r, u0 + u] = cn
+                    m[s + r, u0 + u] = (half * _tanh_f32(half * acc[r, 3 * U + u]) + half) * _tanh_f32(cn)
+
+        return block
+
+    wide, single = make(R), make(1)
+
+    @njit(**_FLAGS)
+    def cells(Z, Wp, bias, c, m):
+        N = Z.shape[0]
+        for p in range(Wp.shape[0]):
+            s = 0
+            while s + R <= N:
+                wide(Z, s, Wp, p, bias, c, m)
+                s += R
+            while s < N:
+                single(Z, s, Wp, p, bias, c, m)
+                s += 1
+
+    cells.__name__ = cells.__qualname__ = f"lstm_cells_u{U}_r{R}"
+    return cells
+
+
+#: Fused product + cell update: U units (4U columns) per panel, R streams per register block.
+CELLS = {f"u{U}_r{R}": _make_cells(U, R) for U, R in ((16, 2), (8, 4), (8, 2))}
