@@ -175,7 +175,7 @@ def cells_section(rounds):
             print(f"| {I}, {H} | {N} | {best['step'] * 1e6:.1f} | "
                   + " | ".join(f"{best[k] * 1e6:.1f}" for k in G.CELLS) + " | "
                   + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items()) + " |", flush=True)
-    print("# assembly of the k loop:")
+    print("# assembly, the loop with the most FMAs (u16: its epilogue's tanh polynomials):")
     for name, fn in G.CELLS.items():
         print(f"#   {name:7s} {hot_loop_report(fn)}")
 
