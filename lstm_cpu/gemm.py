@@ -241,4 +241,8 @@ def _make_cells(U, R):
 
 
 #: Fused product + cell update: U units (4U columns) per panel, R streams per register block.
+#: All are batch-invariant (a stream's bits do not depend on N). u16_* also matches today's
+#: ``kernels._epilogue`` bit for bit on AVX-512; u8_* rounds up to 1 ulp differently there (its
+#: epilogue vectorises at another width, and LLVM's FMA contraction follows the code shape), so
+#: whichever U is chosen must serve every path, single streams included.
 CELLS = {f"u{U}_r{R}": _make_cells(U, R) for U, R in ((16, 2), (8, 4), (8, 2))}
