@@ -38,10 +38,16 @@ import os
 
 import numba
 
+from . import _threads
+
 FASTMATH = {"contract"}
 CACHE = os.environ.get("LSTM_CPU_NO_CACHE", "") not in ("1", "true", "yes")
 
 
 def num_threads() -> int:
-    """Numba's thread count for parallel kernels (``numba.set_num_threads`` / NUMBA_NUM_THREADS)."""
+    """Numba's thread count for parallel kernels (``numba.set_num_threads`` / NUMBA_NUM_THREADS).
+
+    Asking starts Numba's threading layer; ``_threads.launch`` does that first, on a helper
+    thread, so that the host's OpenMP settings stay as the application set them."""
+    _threads.launch()
     return numba.get_num_threads()

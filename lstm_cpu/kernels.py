@@ -29,7 +29,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import _config
+from . import _config, _threads
 from .layout import (
     F_LD,
     F_STRIDE,
@@ -492,6 +492,14 @@ def stack_step_parallel(x, R, wbuf, meta, fpar, sbuf, y):
 
 
 @njit(**_FLAGS)
+def stream_step(x, wbuf, meta, fpar, sbuf, y):
+    """One step for the user's own ``@numba.njit`` code: ``stream.numba_args()`` gives
+    ``(wbuf, meta, fpar, sbuf)``; x (N*I,) and y (N*O,) flat, stream-major, of the model's dtype.
+    The serial kernel with one unit range: the bits of ``stream.step``."""
+    stack_step_serial(x, 1, wbuf, meta, fpar, sbuf, y)
+
+
+@njit(**_FLAGS)
 def stack_run_serial(xs, R, wbuf, meta, fpar, sbuf, ys):
     """T steps in one call: xs (T, N*I) -> ys (T, N*O); the state carries over."""
     for t in range(xs.shape[0]):
@@ -645,17 +653,8 @@ def sequence_cells_serial(t, xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, 
 
 
 # ---------------------------------------------------------------------------------------------
-# The threading layer (the parallel kernels above are what loads it)
+# The threading layer (started by _threads.launch, never by a kernel call in the host's threads)
 # ---------------------------------------------------------------------------------------------
-@njit(parallel=True, **_FLAGS)
-def _touch_parallel():
-    """A trivial parallel function: calling it makes Numba load its threading layer."""
-    acc = np.zeros(2)
-    for i in prange(2):
-        acc[i] = i
-    return acc.sum()
-
-
 _layer_lock = threading.Lock()
 _workqueue_lock = threading.Lock()
 _layer = None
@@ -664,14 +663,11 @@ _layer = None
 def threading_layer() -> str:
     """The threading layer Numba loaded ("omp", "tbb" or "workqueue"); loads it if needed."""
     global _layer
+    _threads.launch()  # starts the layer, if needed, without touching the host's OpenMP settings
     if _layer is None:
         with _layer_lock:
             if _layer is None:
-                try:
-                    _layer = numba.threading_layer()
-                except ValueError:  # not initialised yet: run a trivial parallel function
-                    _touch_parallel()
-                    _layer = numba.threading_layer()
+                _layer = numba.threading_layer()
     return _layer
 
 

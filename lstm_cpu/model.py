@@ -568,6 +568,13 @@ class Stream:
             cells(l, N, wbuf, meta, fpar, sbuf)
         emit(N, wbuf, meta, sbuf, y)
 
+    def numba_args(self):
+        """``(wbuf, meta, fpar, sbuf)`` for ``lstm_cpu.kernels.stream_step(x, wbuf, meta, fpar,
+        sbuf, y)`` called from your own ``@numba.njit`` code: the model's packed arrays and this
+        stream's live state (updated in place by each step, exactly as :meth:`step` does).
+        x (N*I,) and y (N*O,) are flat, stream-major, of the model's dtype."""
+        return self._wargs[1:]
+
     def run(self, xs):
         """A chunk of samples: xs (T, I) -> (T, out), or (T, N, I) -> (T, N, out); state carries."""
         m = self.model
