@@ -1,0 +1,172 @@
+"""The recovery self-check: a recovered LSTM must reproduce the subgraph it was read from.
+
+The matched subgraph (every node between the step inputs / states and the cells' ``h`` and ``c``
+outputs) is extracted into a small model, evaluated with onnxruntime (onnx's
+``ReferenceEvaluator`` when onnxruntime is missing or cannot run it) on random inputs and
+states, and compared with a float64 numpy LSTM of the *recovered* weights, every step, every
+layer and direction. A mismatch raises :class:`UnsupportedModelError` naming the node, the
+tensor and the size of the difference: a model that cannot be proven equivalent is never
+returned.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from lstm_cpu.errors import FormatError, UnsupportedModelError
+
+#: |graph - recovered| <= ATOL + RTOL * |recovered|, per element type of the graph's tensors.
+_TOL = {1: 1e-4, 11: 1e-9, 10: 3e-2, 16: 3e-2}  # FLOAT, DOUBLE, FLOAT16, BFLOAT16
+_NP = {1: np.float32, 11: np.float64, 10: np.float16}
+
+
+def _sigmoid(v):
+    return 0.5 * np.tanh(0.5 * v) + 0.5
+
+
+def _cell(p, x, h, c):
+    """One float64 step of canonical LayerParams ``p`` (gates i, f, g, o). x (N, I), h, c (N, H)."""
+    H = p.hidden_size
+    a = x @ np.asarray(p.w_ih, np.float64).T + h @ np.asarray(p.w_hh, np.float64).T \
+        + np.asarray(p.bias, np.float64)  # (N, 4H)
+    i, f, g, o = _sigmoid(a[:, :H]), _sigmoid(a[:, H:2 * H]), np.tanh(a[:, 2 * H:3 * H]), _sigmoid(a[:, 3 * H:])
+    c = f * c + i * g
+    return o * np.tanh(c), c
+
+
+def _subgraph(gi, label, name, inputs: Sequence[str], outputs: Sequence[str]):
+    """A ModelProto computing ``outputs`` from ``inputs`` with the graph's own nodes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .onnx_cells_affine import _const_value
+
+    given, need, inits, stack, seen = set(inputs), {}, {}, list(outputs), set()
+    while stack:
+        t = stack.pop()
+        if not t or t in seen or t in given:
+            continue
+        seen.add(t)
+        if t in gi.init:
+            tp = gi.init[t]
+            if tp.data_location == TensorProto.EXTERNAL:  # read through the checked reader
+                tp = numpy_helper.from_array(np.asarray(_const_value(gi, t)), t)
+            inits[t] = tp
+            continue
+        if t not in gi.producers:
+            if t in gi.inputs:
+                raise UnsupportedModelError(
+                    f"{label}: LSTM at node {name!r}: its outputs also depend on graph input {t!r}, "
+                    "beyond its inputs and states")
+            raise FormatError(f"{label}: tensor {t!r} is used but never defined")
+        node, _ = gi.producers[t]
+        if id(node) not in need:
+            need[id(node)] = node
+            stack.extend(node.input)
+    nodes = sorted(need.values(), key=lambda n: gi.order[id(n)])
+    vi = lambda n: helper.make_tensor_value_info(n, gi.elem.get(n, TensorProto.FLOAT), None)  # noqa: E731
+    graph = helper.make_graph(nodes, "lstm_cell_check", [vi(n) for n in inputs], [vi(n) for n in outputs],
+                              initializer=list(inits.values()))
+    m = helper.make_model(graph, opset_imports=list(gi.model.opset_import))
+    m.ir_version = gi.model.ir_version or m.ir_version
+    m.functions.extend(gi.model.functions)
+    return m
+
+
+def _evaluate(m, feeds, outputs):
+    try:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return sess.run(list(outputs), feeds)
+    except Exception:  # not installed, or it cannot run this graph: onnx's own evaluator
+        from onnx.reference import ReferenceEvaluator
+
+        return ReferenceEvaluator(m).run(list(outputs), feeds)
+
+
+def self_check(gi, label, name, layers, *, steps, x_groups, state_inputs, const_state,
+               reverse=False, directions: Optional[List[str]] = None, seed: int = 0):
+    """Raise UnsupportedModelError unless the graph computes the LSTM ``layers``.
+
+    layers[l][d]: recovered LayerParams. steps[j][k]: {"h_new", "c_new"} tensors of chain
+    j = l*D + d at its step k. x_groups[t]: the tensors that carry the input at time t.
+    state_inputs[j] / const_state[j]: (h0, c0) of chain j as tensor names, or constants (H,)
+    (None: zeros). directions[j]: "fwd" or "bwd" (reverse: the one direction runs backwards).
+    """
+    L, D = len(layers), len(layers[0])
+    T, H = len(x_groups), layers[0][0].hidden_size
+    I = layers[0][0].input_size
+    directions = directions or ["bwd" if reverse else "fwd"] * (L * D)
+    rng = np.random.default_rng(seed)
+    x0 = x_groups[0][0]
+    shape = gi.shapes.get(x0) or (None, I)
+    N = 1 if len(shape) == 1 else (shape[0] or 2)
+
+    def feed(name_, arr):  # arr (N, K) float64 -> the declared rank and element type
+        s = gi.shapes.get(name_)
+        a = arr[0] if s is not None and len(s) == 1 else arr
+        return np.ascontiguousarray(a, _NP.get(gi.elem.get(name_, 1), np.float32))
+
+    feeds = {}  # graph tensor -> array; the reference reads back the rounded values fed
+    for group in x_groups:
+        x = rng.standard_normal((N, I))
+        for n_ in group:
+            feeds[n_] = feed(n_, x)
+    X = [feeds[g[0]].astype(np.float64).reshape(N, I) for g in x_groups]  # T x (N, I)
+    init = []  # per chain [h0 (N, H), c0 (N, H)]
+    for names, consts in zip(state_inputs, const_state):
+        hc = []
+        for nm, cv in zip(names, consts):
+            if nm is not None:
+                feeds[nm] = feed(nm, rng.standard_normal((N, H)))
+                v = feeds[nm].astype(np.float64).reshape(N, H)
+            else:
+                v = np.zeros((N, H)) if cv is None else np.broadcast_to(np.asarray(cv, np.float64), (N, H))
+            hc.append(v)
+        init.append(hc)
+    # float64 reference of the recovered weights
+    ref = {}
+    inp = X
+    for l in range(L):
+        ys = []
+        for d in range(D):
+            j = l * D + d
+            h, c = init[j]
+            order = range(T - 1, -1, -1) if directions[j] == "bwd" else range(T)
+            y = [None] * T
+            for k, t in enumerate(order):
+                h, c = _cell(layers[l][d], inp[t], h, c)
+                y[t] = h
+                ref[steps[j][k]["h_new"]] = h
+                ref[steps[j][k]["c_new"]] = c
+            ys.append(y)
+        inp = [np.concatenate([y[t] for y in ys], axis=1) for t in range(T)]
+    outputs = list(ref)
+    m = _subgraph(gi, label, name, list(feeds), outputs)
+    try:
+        got = _evaluate(m, feeds, outputs)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"{label}: LSTM at node {name!r}: the matched subgraph could not be evaluated for the "
+            f"recovery check: {type(exc).__name__}: {exc}") from None
+    for out, g in zip(outputs, got):
+        want = ref[out]
+        g = np.asarray(g, np.float64).reshape(want.shape) if np.size(g) == want.size else None
+        tol = _TOL.get(gi.elem.get(out, 1), 1e-4)
+        if g is None:
+            raise UnsupportedModelError(
+                f"{label}: LSTM at node {name!r}: output {out!r} has the wrong size for the recovered LSTM")
+        err = np.abs(g - want)
+        if not np.all(err <= tol + tol * np.abs(want)):
+            raise UnsupportedModelError(
+                f"{label}: LSTM at node {name!r}: the recovered LSTM does not reproduce the graph: "
+                f"{out!r} differs by up to {float(np.nanmax(err)):.3g} (tolerance {tol:g}) on random "
+                "inputs and states")
+
+
+__all__ = ["self_check"]
