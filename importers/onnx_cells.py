@@ -50,7 +50,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from lstm_cpu.candidates import Candidate
-from lstm_cpu.errors import FormatError, UnsupportedModelError
+from lstm_cpu.errors import FormatError, LSTMError, UnsupportedModelError
 from lstm_cpu.spec import GATE_ORDER, LayerParams
 
 from .onnx_cells_affine import Aff, AffineWalk, GraphIndex, _const_value, affine, attrs_of
@@ -70,6 +70,7 @@ class _Cell:
     pre: Dict[str, str]  # gate letter -> pre-activation tensor
     forms: Dict[str, Aff] = field(default_factory=dict)
     pred: Optional["_Cell"] = None
+    acts: tuple = ()  # (g activation node, h activation node)
 
     @property
     def name(self) -> str:
@@ -100,58 +101,76 @@ class _Cell:
         return np.concatenate([self.forms[g].bias for g in GATE_ORDER])  # (4H,)
 
 
-def _producer(gi: GraphIndex, name: str, op: str):
+#: Unary operators accepted where a cell has its two tanh, so that a cell with another function
+#: there is recognised, and refused with a reason, instead of silently not found.
+_ACTS = frozenset({"Tanh", "Sigmoid", "Relu", "HardSigmoid", "Softsign", "Softplus", "Elu",
+                   "LeakyRelu", "Selu", "ThresholdedRelu", "HardSwish", "Gelu", "Abs", "Sin", "Erf"})
+
+
+def _producer(gi: GraphIndex, name: str, ops) -> Optional[object]:
     p = gi.producers.get(name)
-    if p is None or p[0].op_type != op or p[0].domain not in ("", "ai.onnx") or not p[0].input:
+    if p is None or p[0].op_type not in ops or p[0].domain not in ("", "ai.onnx") or not p[0].input:
         return None
     return p[0]
 
 
-def _skeleton(gi: GraphIndex, tanh_c) -> Optional[_Cell]:
-    """The cell whose ``Tanh(c_new)`` is ``tanh_c``, or None when the skeleton does not match."""
-    c_new = tanh_c.input[0] if tanh_c.input else ""
-    add = _producer(gi, c_new, "Add")
+def _skeleton(gi: GraphIndex, act_c) -> Optional[_Cell]:
+    """The cell whose ``h_act(c_new)`` is node ``act_c`` (a Tanh in an LSTM), or None when the
+    skeleton does not match. The two tanh positions accept any unary activation here;
+    :func:`_check_acts` refuses anything but Tanh."""
+    c_new = act_c.input[0] if act_c.input else ""
+    add = _producer(gi, c_new, ("Add",))
     if add is None or len(add.input) != 2:
         return None
-    muls = [_producer(gi, i, "Mul") for i in add.input]
+    muls = [_producer(gi, i, ("Mul",)) for i in add.input]
     if any(m is None or len(m.input) != 2 for m in muls):
         return None
+    sig = lambda t: _producer(gi, t, ("Sigmoid",))  # noqa: E731
+    act = lambda t: _producer(gi, t, _ACTS)  # noqa: E731
 
-    def split(m):
-        """(sigmoid pre-activations, tanh pre-activations, other operands) of Mul ``m``."""
-        sig, th, other = [], [], []
-        for i in m.input:
-            for op, bucket in (("Sigmoid", sig), ("Tanh", th)):
-                p = _producer(gi, i, op)
-                if p is not None:
-                    bucket.append(p.input[0])
-                    break
-            else:
-                other.append(i)
-        return sig, th, other
+    def as_ig(m):
+        """(sigmoid node, activation node) when Mul ``m`` is sigmoid(a) * act(b), else None."""
+        for j in (0, 1):
+            s, a = sig(m.input[j]), act(m.input[1 - j])
+            if s is not None and a is not None:
+                return s, a
+        return None
 
-    parts = [split(m) for m in muls]
-    is_ig = [len(s) == 1 and len(t) == 1 for s, t, _ in parts]
-    if is_ig.count(True) != 1:
+    def as_fc(m):
+        """(sigmoid node, old c) when Mul ``m`` is sigmoid(a) * c with c no activation output."""
+        for j in (0, 1):
+            if sig(m.input[j]) is not None and act(m.input[1 - j]) is None:
+                return sig(m.input[j]), m.input[1 - j]
         return None
-    ig, fc = (parts[0], parts[1]) if is_ig[0] else (parts[1], parts[0])
-    sig, th, other = fc
-    if len(sig) != 1 or len(th) + len(other) != 1:
+
+    roles = [(as_ig(muls[0]), as_fc(muls[1])), (as_ig(muls[1]), as_fc(muls[0]))]
+    roles = [r for r in roles if r[0] is not None and r[1] is not None]
+    if len(roles) != 1:
         return None
-    fc_mul = muls[1] if is_ig[0] else muls[0]
-    c_old = next(i for i in fc_mul.input if _producer(gi, i, "Sigmoid") is None)
+    (s_i, a_g), (s_f, c_old) = roles[0]
     h_muls = []
-    for m in gi.consumers.get(tanh_c.output[0], []):
-        if m.op_type == "Mul" and len(m.input) == 2:
-            other_in = m.input[1] if m.input[0] == tanh_c.output[0] else m.input[0]
-            s = _producer(gi, other_in, "Sigmoid")
-            if s is not None and m.output and m.output[0]:
-                h_muls.append((m, s.input[0]))
+    for m in gi.consumers.get(act_c.output[0], []):
+        if m.op_type == "Mul" and len(m.input) == 2 and m.output and m.output[0]:
+            other = m.input[1] if m.input[0] == act_c.output[0] else m.input[0]
+            s = sig(other)
+            if s is not None:
+                h_muls.append((m, s))
     if len(h_muls) != 1:
         return None
-    h_mul, a_o = h_muls[0]
-    return _Cell(add, c_new, h_mul.output[0], c_old,
-                 {"i": ig[0][0], "f": sig[0], "g": ig[1][0], "o": a_o})
+    h_mul, s_o = h_muls[0]
+    cell = _Cell(add, c_new, h_mul.output[0], c_old,
+                 {"i": s_i.input[0], "f": s_f.input[0], "g": a_g.input[0], "o": s_o.input[0]})
+    cell.acts = (a_g, act_c)
+    return cell
+
+
+def _check_acts(cell: _Cell, label: str):
+    for node, what in zip(cell.acts, ("the cell candidate g", "the output activation of c")):
+        if node.op_type != "Tanh":
+            raise UnsupportedModelError(
+                f"{label}: LSTM-like cell at node {cell.name!r}: {what} goes through "
+                f"{node.op_type} node {node.name or node.output[0]!r}, expected Tanh; "
+                "only sigmoid gates with tanh cells are recovered")
 
 
 def _read_forms(gi: GraphIndex, walk: AffineWalk, cell: _Cell, label: str):
@@ -215,7 +234,43 @@ def _chains(cells: List[_Cell], label: str) -> List[List[_Cell]]:
 # ---------------------------------------------------------------------------------------------
 # A lone cell
 # ---------------------------------------------------------------------------------------------
+#: Operators that only change a tensor's shape: a cell's state may pass through them on its way
+#: from a graph input or to a graph output.
+_SHAPE_ONLY = ("Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten")
+
+
+def _graph_input_behind(gi: GraphIndex, name: str) -> Optional[str]:
+    for _ in range(16):
+        if name in gi.inputs:
+            return name
+        p = _producer(gi, name, _SHAPE_ONLY)
+        if p is None:
+            return None
+        name = p.input[0]
+    return None
+
+
+def _graph_output_of(gi: GraphIndex, name: str) -> Optional[str]:
+    outputs, frontier = set(gi.outputs), [name]
+    for _ in range(16):
+        hit = next((t for t in frontier if t in outputs), None)
+        if hit is not None or not frontier:
+            return hit
+        frontier = [n.output[0] for t in frontier for n in gi.consumers.get(t, [])
+                    if n.op_type in _SHAPE_ONLY and n.output and n.input[0] == t][:16]
+    return None
+
+
+def _how_made(gi: GraphIndex, name: str) -> str:
+    p = gi.producers.get(name)
+    return "undefined" if p is None else f"computed by {p[0].op_type} node {p[0].name or p[0].output[0]!r}"
+
+
 def _lone_cell(gi: GraphIndex, cell: _Cell, label: str) -> Found:
+    """A cell that is not repeated: a one-layer model whose stream state is its (h, c).
+
+    Its state must come from graph inputs and go to graph outputs (through shape-only ops at
+    most): that is what makes the graph a step function whose outputs are fed back."""
     where = f"{label}: LSTM cell at node {cell.name!r}"
     srcs, H = cell.sources(), cell.H
     if _const_value(gi, cell.c_old) is not None:
@@ -225,28 +280,40 @@ def _lone_cell(gi: GraphIndex, cell: _Cell, label: str) -> Found:
     if len(srcs) != 2:
         raise UnsupportedModelError(
             f"{where}: its gates read {len(srcs)} tensor(s) {srcs}; a cell reads exactly two, x and h")
-    cands = [s for s in srcs if cell.k_src(s) == H]
+    cands = [s for s in srcs if cell.k_src(s) == H and _graph_input_behind(gi, s) is not None]
     how = "h has H features"
     if not cands:
-        raise UnsupportedModelError(f"{where}: neither of its inputs {srcs} has H = {H} features (h)")
-    if len(cands) == 2:  # I == H: the graph input order x, h, c decides
+        raise UnsupportedModelError(
+            f"{where}: neither of its inputs {srcs} is a graph input with H = {H} features, as its "
+            f"h must be ({', '.join(_how_made(gi, s) for s in srcs)})")
+    if len(cands) == 2:  # I == H and both graph inputs: the graph-input order x, h, c decides
         pos = {n: i for i, n in enumerate(gi.inputs)}
-        cands = sorted(cands, key=lambda s: (pos.get(s, len(pos)), srcs.index(s)))[1:]
+        cands = sorted(cands, key=lambda s: pos[_graph_input_behind(gi, s)])[1:]
         how = "I == H: x and h told apart by the graph-input order x, h, c"
     h = cands[0]
     x = next(s for s in srcs if s != h)
+    h_in, c_in = _graph_input_behind(gi, h), _graph_input_behind(gi, cell.c_old)
+    if c_in is None:
+        raise UnsupportedModelError(
+            f"{where}: its old cell state {cell.c_old!r} is {_how_made(gi, cell.c_old)}, not a graph "
+            "input: the state of a cell must be read unchanged from the graph's inputs")
+    h_out, c_out = _graph_output_of(gi, cell.h_new), _graph_output_of(gi, cell.c_new)
+    for t, out, what in ((cell.h_new, h_out, "h"), (cell.c_new, c_out, "cell state")):
+        if out is None:
+            raise UnsupportedModelError(
+                f"{where}: its new {what} {t!r} does not reach a graph output unchanged (used by "
+                f"{sorted({n.op_type for n in gi.consumers.get(t, [])})}): the graph's outputs are "
+                "not the state of an LSTM")
     I = cell.k_src(x)
     layer = LayerParams(w_ih=cell.weights(x).astype(np.float32), w_hh=cell.weights(h).astype(np.float32),
                         bias=cell.bias().astype(np.float32))
-    tensors = {"x": x, "h": h, "c": cell.c_old, "h_new": cell.h_new, "c_new": cell.c_new}
-    self_check(gi, label, cell.name, [[layer]], steps=[[{"inputs": [x], "h_new": cell.h_new,
-                                                       "c_new": cell.c_new}]],
-               x_groups=[[x]], state_inputs=[(h, cell.c_old)], const_state=[(None, None)])
-    loc = (f"main: x {x!r}, h {h!r}, c {cell.c_old!r} -> h {cell.h_new!r}, c {cell.c_new!r}"
+    self_check(gi, label, cell.name, [[layer]], steps=[[{"h_new": h_out, "c_new": c_out}]],
+               x_groups=[[x]], state_inputs=[(h_in, c_in)], const_state=[(None, None)])
+    loc = (f"main: x {x!r}, h {h_in!r}, c {c_in!r} -> h {h_out!r}, c {c_out!r}"
            + ("" if how.startswith("h has") else f" ({how})"))
     source = {"format": "onnx", "kind": "cell", "graph": "main", "nodes": [cell.name],
-              "inputs": {k: v for k, v in tensors.items() if k in ("x", "h", "c")},
-              "outputs": {"h": cell.h_new, "c": cell.c_new}, "x_h_rule": how}
+              "inputs": {"x": x, "h": h_in, "c": c_in}, "outputs": {"h": h_out, "c": c_out},
+              "x_h_rule": how}
     cand = Candidate(cell.name, "cell", I, H, 1, 1, loc)
 
     def build(layer=layer, source=source):
@@ -527,7 +594,7 @@ def _stack(gi, members: List[_Chain], chains: List[_Chain], base_of, label) -> F
         c0 = c.c0 if not isinstance(c.c0, str) else None
         const_state.append((h0, c0))
         state_inputs.append((c.h0 if isinstance(c.h0, str) else None, c.c0 if isinstance(c.c0, str) else None))
-    steps = [[{"inputs": None, "h_new": cell.h_new, "c_new": cell.c_new} for cell in c.cells] for c in flat]
+    steps = [[{"h_new": cell.h_new, "c_new": cell.c_new} for cell in c.cells] for c in flat]
     self_check(gi, label, first.name, layers, steps=steps, x_groups=x_groups,
                state_inputs=state_inputs, const_state=const_state, reverse=reverse,
                directions=[c.direction for c in flat])
@@ -577,16 +644,29 @@ def find_cells(model, folder, label) -> List[Found]:
 
     ``folder``: where external data may be read from (None: nowhere); ``label``: how errors
     name the file. Raises :class:`UnsupportedModelError` for a graph that has the skeleton of an
-    LSTM cell but cannot be proven to compute one.
+    LSTM cell but cannot be proven to compute one, :class:`FormatError` for a malformed graph.
     """
-    if not any(n.op_type == "Tanh" for n in model.graph.node):
+    try:
+        return _find_cells(model, folder, label)
+    except LSTMError:
+        raise
+    except RecursionError:
+        raise FormatError(f"{label}: the graph nests too deeply to be searched for LSTM cells") from None
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, UnicodeError, OverflowError,
+            ZeroDivisionError) as exc:  # a malformed proto field: the file's fault
+        raise FormatError(f"{label}: malformed ONNX graph: {type(exc).__name__}: {exc}") from exc
+
+
+def _find_cells(model, folder, label) -> List[Found]:
+    if not any(n.op_type == "Sigmoid" for n in model.graph.node):
         return []
     gi = GraphIndex(model, folder, label)
     cells = []
     for node in gi.nodes:
-        if node.op_type == "Tanh" and node.domain in ("", "ai.onnx"):
+        if node.op_type in _ACTS and node.domain in ("", "ai.onnx"):
             cell = _skeleton(gi, node)
             if cell is not None:
+                _check_acts(cell, label)
                 cells.append(cell)
     if not cells:
         return []

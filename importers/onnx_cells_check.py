@@ -107,9 +107,13 @@ def self_check(gi, label, name, layers, *, steps, x_groups, state_inputs, const_
     shape = gi.shapes.get(x0) or (None, I)
     N = 1 if len(shape) == 1 else (shape[0] or 2)
 
-    def feed(name_, arr):  # arr (N, K) float64 -> the declared rank and element type
-        s = gi.shapes.get(name_)
-        a = arr[0] if s is not None and len(s) == 1 else arr
+    def feed(name_, arr):  # arr (N, K) float64 -> the declared shape and element type
+        s = gi.static_shape(name_)
+        if s is not None and int(np.prod(s)) == arr.size:
+            a = arr.reshape(s)
+        else:
+            s = gi.shapes.get(name_)
+            a = arr[0] if s is not None and len(s) == 1 else arr
         return np.ascontiguousarray(a, _NP.get(gi.elem.get(name_, 1), np.float32))
 
     feeds = {}  # graph tensor -> array; the reference reads back the rounded values fed
