@@ -3,7 +3,7 @@
 The finder (:mod:`importers.onnx_cells`) needs three things from a graph:
 
 * an index: who produces and who consumes each tensor, which tensors are graph inputs, and the
-  static shapes that ``onnx.shape_inference`` can give (:class:`GraphIndex`);
+  static shapes derived from the graph inputs (:class:`GraphIndex`);
 * the value of any tensor that is computed from constants only (:func:`_const_value`), folded by
   onnx's own ``ReferenceEvaluator`` on the extracted constant subgraph;
 * the *affine form* of a gate pre-activation: ``a = sum_s s @ M_s + b`` over the non-constant
@@ -75,56 +75,159 @@ class GraphIndex:
                     self.consumers.setdefault(i, []).append(node)
         self.shapes: Dict[str, Tuple[Optional[int], ...]] = {}
         self.elem: Dict[str, int] = {}
-        self._infer_shapes()
         self._consts: Dict[str, Optional[np.ndarray]] = {}
-        self.is_const = self._constness()
-
-    def _infer_shapes(self):
-        import onnx
-
-        def take(vis):
-            for vi in vis:
-                tt = vi.type.tensor_type
-                if not vi.type.HasField("tensor_type"):
-                    continue
-                self.elem[vi.name] = tt.elem_type
-                if tt.HasField("shape"):
-                    self.shapes[vi.name] = tuple(
-                        int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim)
-
-        g = self.model.graph
-        take(g.input), take(g.output), take(g.value_info)
-        try:  # onnx's shape inference fills value_info; a model it cannot infer keeps what it declares
-            inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
-            take(inferred.graph.value_info), take(inferred.graph.output)
-        except Exception:
-            pass
-        for name, t in self.init.items():
-            self.shapes[name] = tuple(int(d) for d in t.dims)
-            self.elem[name] = t.data_type
+        self.is_const: Dict[str, bool] = {}
+        self._index()
 
     def static_shape(self, name) -> Optional[Tuple[int, ...]]:
         s = self.shapes.get(name)
         return s if s is not None and all(d is not None for d in s) else None
 
-    def _constness(self) -> Dict[str, bool]:
-        """name -> True when computed from initializers / Constants only (one pass, node order).
+    def _index(self):
+        """Constant-ness and static shapes of every tensor, in one pass in node order.
 
-        A ``Shape`` of a tensor whose shape is static counts as constant. A node whose input is
-        defined later in the list (a cycle or an unsorted graph) is conservatively not constant.
+        Shapes come from the graph inputs and initializers and are propagated here, for the few
+        operators a cell is written with (:func:`_out_shapes`); onnx's C++ shape inference is not
+        used because a malformed node can abort the process inside it (seen: ``Split`` with a
+        ``num_outputs`` that disagrees with its outputs). A tensor whose shape is not derived
+        simply has none. A node whose input is defined later in the list (a cycle, or an
+        unsorted graph) is conservatively not constant.
         """
-        const = {name: True for name in self.init}
+        g = self.model.graph
+        for vi in g.input:
+            tt = vi.type.tensor_type
+            if vi.type.HasField("tensor_type"):
+                self.elem[vi.name] = tt.elem_type
+                if tt.HasField("shape"):
+                    self.shapes[vi.name] = tuple(
+                        int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim)
+        for name, t in self.init.items():
+            self.shapes[name] = tuple(int(d) for d in t.dims)
+            self.elem[name] = t.data_type
+            self.is_const[name] = True
         for node in self.nodes:
             ok = node.domain in ("", "ai.onnx") and node.op_type in _FOLDABLE and not any(
                 a.type in (5, 10) for a in node.attribute)  # GRAPH / GRAPHS attributes
             if ok and node.op_type in ("Shape", "Size"):
                 ok = bool(node.input) and self.static_shape(node.input[0]) is not None
             elif ok:
-                ok = all(const.get(i, False) for i in node.input if i)
+                ok = all(self.is_const.get(i, False) for i in node.input if i)
             for o in node.output:
                 if o:
-                    const.setdefault(o, ok)
-        return const
+                    self.is_const.setdefault(o, ok)
+            try:
+                shapes = _out_shapes(self, node)
+            except Exception:  # a malformed node: its outputs just have no known shape
+                shapes = None
+            if node.input and node.input[0] in self.elem and node.op_type != "Cast":
+                for o in node.output:
+                    self.elem.setdefault(o, self.elem[node.input[0]])
+            if shapes:
+                for o, sh in zip(node.output, shapes):
+                    if o and sh is not None and o not in self.shapes:
+                        self.shapes[o] = tuple(sh)
+
+
+_UNARY = frozenset({"Identity", "Cast", "Sigmoid", "Tanh", "Relu", "Neg", "Abs", "Sqrt", "Exp", "Log",
+                    "HardSigmoid", "Softsign", "Softplus", "Elu", "LeakyRelu", "Selu", "Erf", "Gelu",
+                    "ThresholdedRelu", "HardSwish", "Sin", "Cos", "Reciprocal"})
+_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
+
+
+def _out_shapes(gi: "GraphIndex", node) -> Optional[List[Optional[Tuple]]]:
+    """Static output shapes of ``node`` for the operators a cell is written with, else None."""
+    op, ins = node.op_type, [gi.shapes.get(i) if i else None for i in node.input]
+    at = attrs_of(node)
+    x = ins[0] if ins else None
+    if op == "Constant":
+        t = at.get("value")
+        if t is not None:
+            return [tuple(int(d) for d in t.dims)]
+        v = next((val for k, val in at.items() if k.startswith("value_")), None)
+        return [(len(v),) if isinstance(v, (list, tuple)) else ()]
+    if op == "Shape":
+        return [(len(x),)] if x is not None else None
+    if x is None or any(d is not None and d < 0 for d in x):
+        return None
+    r = len(x)
+    if op in _UNARY:
+        return [x]
+    if op in _BINARY and len(ins) == 2 and ins[1] is not None:
+        y = ins[1]
+        out = []
+        for a, b in zip(((1,) * (len(y) - r) + x)[::-1], ((1,) * (r - len(y)) + y)[::-1]):
+            out.append(b if a == 1 else a if b == 1 or b == a or b is None else None)
+        return [tuple(out[::-1])]
+    if op == "MatMul" and len(ins) == 2 and ins[1] is not None and r in (1, 2) and len(ins[1]) in (1, 2):
+        y = ins[1]
+        return [tuple(([x[0]] if r == 2 else []) + ([y[1]] if len(y) == 2 else []))]
+    if op == "Gemm" and len(ins) >= 2 and ins[1] is not None and r == 2 and len(ins[1]) == 2:
+        y = ins[1]
+        return [(x[1] if at.get("transA", 0) else x[0], y[0] if at.get("transB", 0) else y[1])]
+    if op == "Transpose":
+        perm = list(at.get("perm", range(r)[::-1]))
+        return [tuple(x[p] for p in perm)] if sorted(perm) == list(range(r)) else None
+    if op == "Concat" and all(s is not None and len(s) == r for s in ins if s is not None):
+        if any(s is None for s in ins):
+            return None
+        ax = int(at.get("axis", 0)) % r
+        tot = sum(s[ax] for s in ins) if all(s[ax] is not None for s in ins) else None
+        return [x[:ax] + (tot,) + x[ax + 1:]]
+    if op == "Split":
+        ax = int(at.get("axis", 0)) % r
+        n = len(node.output)
+        sizes = _ints(gi, node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        sizes = sizes or ([int(v) for v in at["split"]] if "split" in at else None)
+        if sizes is None and x[ax] is not None and int(at.get("num_outputs", n)) == n:
+            step = -(-x[ax] // n)
+            sizes = [min(step, x[ax] - j * step) for j in range(n)]
+        if sizes is None or len(sizes) != n:
+            return None
+        return [x[:ax] + (s,) + x[ax + 1:] for s in sizes]
+    if op == "Slice" and len(node.input) >= 3:
+        starts, ends = _ints(gi, node.input[1]), _ints(gi, node.input[2])
+        axes = _ints(gi, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        steps = _ints(gi, node.input[4]) if len(node.input) > 4 and node.input[4] else None
+        if starts is None or ends is None:
+            return None
+        axes = list(range(len(starts))) if axes is None else axes
+        steps = [1] * len(starts) if steps is None else steps
+        out = list(x)
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            a = a % r
+            out[a] = None if x[a] is None or st == 0 else len(range(x[a])[slice(s, e, st)])
+        return [tuple(out)]
+    if op == "Gather" and len(node.input) == 2:
+        idx = _const_value(gi, node.input[1])
+        ax = int(at.get("axis", 0)) % r
+        return None if idx is None else [x[:ax] + tuple(np.shape(idx)) + x[ax + 1:]]
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = _ints(gi, node.input[1]) if len(node.input) > 1 and node.input[1] else (
+            [int(a) for a in at["axes"]] if "axes" in at else None)
+        if op == "Squeeze":
+            if axes is None:
+                return [tuple(d for d in x if d != 1)] if None not in x else None
+            axes = {a % r for a in axes}
+            return [tuple(d for k, d in enumerate(x) if k not in axes)]
+        if axes is None:
+            return None
+        out, R = list(x), r + len(axes)
+        for a in sorted(a % R for a in axes):
+            out.insert(a, 1)
+        return [tuple(out)]
+    if op == "Reshape" and len(node.input) == 2:
+        target = _ints(gi, node.input[1])
+        if target is None or None in x:
+            return None
+        out = [x[k] if v == 0 and not at.get("allowzero", 0) and k < r else v for k, v in enumerate(target)]
+        if out.count(-1) == 1:
+            known = int(np.prod([v for v in out if v != -1]))
+            out[out.index(-1)] = int(np.prod(x)) // known if known else 0
+        return [tuple(out)] if int(np.prod(out)) == int(np.prod(x)) and min(out) >= 0 else None
+    if op == "Flatten" and None not in x:
+        ax = int(at.get("axis", 1)) % (r + 1)
+        return [(int(np.prod(x[:ax])), int(np.prod(x[ax:])))]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -133,11 +134,20 @@ def test_hand_written_cell_any_gate_order(dynamo, order, separate, split):
     _cell_case(HandCell(order, separate, split), dynamo)
 
 
-@pytest.mark.parametrize("dynamo", EXPORTERS)
-def test_cell_with_input_size_equal_to_hidden(dynamo):
+def test_cell_with_input_size_equal_to_hidden():
     """I == H: x and h have the same size; the graph-input order (x, h, c) tells them apart."""
-    cand = _cell_case(HandCell("fiog", i=H), dynamo, i=H)
+    cand = _cell_case(HandCell("fiog", i=H), False, i=H)
     assert "graph-input order" in cand.location
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_unbatched_cell(dynamo):
+    """nn.LSTMCell on 1-D x, h, c: the exporters add Unsqueeze/Squeeze around the cell."""
+    module = _randomize(TorchCell(), 10)
+    proto = _export(module, (torch.randn(I), torch.randn(H), torch.randn(H)), dynamo, names=["x", "h", "c"])
+    cand, model, options = _recover(proto, "cell")
+    assert options["source"]["inputs"] == {"x": "x", "h": "h", "c": "c"}
+    _stream_vs_torch(lambda x, h, c: tuple(v[None] for v in module(x[0], h[0], c[0])), model)
 
 
 def test_cell_batch_of_two_rows():
@@ -194,8 +204,12 @@ class Loop(torch.nn.Module):
         return torch.stack(inp), torch.stack(hs), torch.stack(cs)
 
 
-@pytest.mark.parametrize("dynamo", EXPORTERS)
-@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, False), (1, True), (2, True)])
+# Every shape through the legacy exporter; the dynamo one (seconds per export) on the 2-layer ones.
+LOOPS = [(1, False, False), (2, False, False), (1, True, False), (2, True, False), (2, False, True),
+         (2, True, True)]
+
+
+@pytest.mark.parametrize("layers,bidirectional,dynamo", LOOPS)
 def test_unrolled_loop(dynamo, layers, bidirectional):
     module = _randomize(Loop(layers, bidirectional), 5)
     proto = _export(module, (torch.randn(T_EXPORT, 1, I),), dynamo, names=["x"])
@@ -262,6 +276,33 @@ def test_unrolled_loop_with_constant_nonzero_state():
     y2, (h2, c2) = model.run(x.numpy())
     np.testing.assert_allclose(y2, y.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(c2, c.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_unrolled_backwards_loop_is_a_reverse_model():
+    """One direction reading x from the last step to the first: a ``reverse=True`` model."""
+
+    class Backwards(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = torch.nn.LSTMCell(I, H)
+
+        def forward(self, x):
+            h = c = torch.zeros(1, H)
+            ys = [None] * x.shape[0]
+            for t in range(x.shape[0] - 1, -1, -1):
+                h, c = self.cell(x[t], (h, c))
+                ys[t] = h
+            return torch.stack(ys), h, c
+
+    module = _randomize(Backwards(), 11)
+    cand, model, options = _recover(_export(module, (torch.randn(T_EXPORT, 1, I),), False), "unrolled")
+    assert options["reverse"] and "(reverse)" in cand.location
+    x = torch.randn(STEPS, 1, I, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y, h, c = module(x)
+    y2, (h2, c2) = model.run(x.numpy())
+    np.testing.assert_allclose(y2, y.numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(c2[0], c.numpy(), rtol=RTOL, atol=ATOL)
 
 
 def test_unrolled_weights_not_shared_is_refused():
@@ -398,3 +439,92 @@ def test_node_cap(monkeypatch, rng):
     monkeypatch.setattr(onnx_cells_affine, "MAX_NODES", 5)
     with pytest.raises(UnsupportedModelError, match="at most 5"):
         find_cells(proto, None, "<test>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzz: mutated cell graphs give a verified model, nothing, or an LSTMError
+# ---------------------------------------------------------------------------------------------
+FUZZ_CASES = 120
+_BINARY, _UNARY = ["Add", "Sub", "Mul", "Div"], ["Tanh", "Sigmoid", "Relu", "Identity", "Neg"]
+
+
+def _mutate(rng, proto):
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    g = m.graph
+    names = [i.name for i in g.input] + [t.name for t in g.initializer] + [o for n in g.node for o in n.output]
+    kind = str(rng.choice(["rewire", "rewire", "op", "op", "value", "dims", "attr", "delete", "dtype"]))
+    node = g.node[int(rng.integers(len(g.node)))]
+    if kind == "rewire" and node.input:
+        node.input[int(rng.integers(len(node.input)))] = str(rng.choice(names))
+    elif kind == "op" and node.op_type in _BINARY + _UNARY:
+        node.op_type = str(rng.choice(_BINARY if node.op_type in _BINARY else _UNARY))
+    elif kind in ("value", "dims", "dtype") and g.initializer:
+        t = g.initializer[int(rng.integers(len(g.initializer)))]
+        if kind == "value" and t.data_type == TensorProto.FLOAT:
+            a = numpy_helper.to_array(t).copy()
+            a.flat[int(rng.integers(a.size))] *= float(rng.choice([0.0, -1.0, 1.5, np.nan]))
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+        elif kind == "dims" and t.dims:
+            t.dims[int(rng.integers(len(t.dims)))] = int(rng.choice([0, 1, 2, 7, 2**40]))
+        else:
+            t.data_type = int(rng.choice([2, 7, 10, 16, 999]))
+    elif kind == "attr" and node.attribute:
+        a = node.attribute[int(rng.integers(len(node.attribute)))]
+        if a.type == onnx.AttributeProto.INT:
+            a.i = int(rng.choice([-2, -1, 0, 1, 2, 4]))
+        elif a.type == onnx.AttributeProto.FLOAT:
+            a.f = float(rng.choice([0.0, 0.5, -1.0, 2.0]))
+    elif kind == "delete":
+        g.node.remove(node)
+    return m, f"{kind} at node {node.name or node.op_type!r}"
+
+
+def _oracle_check(m, found) -> bool:
+    """A returned cell must step like the mutated graph itself, run by onnxruntime (True when
+    that comparison could be made)."""
+    import onnxruntime as ort
+
+    cand = found.candidate
+    layers, options = found.build()
+    model = lstm_cpu.LSTMModel(layers, **options)
+    if cand.kind != "cell":
+        return False
+    ins, outs = options["source"]["inputs"], options["source"]["outputs"]
+    if sorted(ins.values()) != sorted(i.name for i in m.graph.input):
+        return False  # x is an inner tensor: the whole graph cannot be fed with it
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:
+        return False  # the mutated graph is not runnable as a whole; the self-check ran its subgraph
+    r = np.random.default_rng(0)
+    x, h, c = r.standard_normal((1, cand.input_size)), r.standard_normal((1, H)), r.standard_normal((1, H))
+    feeds = {}
+    feeds.update({ins["x"]: x.astype(np.float32), ins["h"]: h.astype(np.float32), ins["c"]: c.astype(np.float32)})
+    got = dict(zip([outs["h"], outs["c"]], sess.run([outs["h"], outs["c"]], feeds)))
+    s = model.stream()
+    s.state = (h, c)
+    np.testing.assert_allclose(s.step(x[0]), got[outs["h"]].reshape(-1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s.state[1][0], got[outs["c"]].reshape(-1), rtol=1e-4, atol=1e-5)
+    return True
+
+
+def test_fuzz_mutated_cells():
+    rng = np.random.default_rng(20240611)
+    seeds = [_cell_graph(rng)[0], _cell_graph(rng, order="gfoi")[0],
+             _export(_randomize(Loop(1, True), 12), (torch.randn(3, 1, I),), False, names=["x"])]
+    outcomes, checked = [], 0
+    for case in range(FUZZ_CASES):
+        seed = seeds[case % len(seeds)]
+        m, what = _mutate(rng, seed)
+        try:
+            found = find_cells(m, None, "<fuzz>")
+        except LSTMError as exc:
+            outcomes.append(type(exc).__name__)
+            continue
+        except Exception as exc:  # pragma: no cover - the failure this test exists for
+            pytest.fail(f"case {case} ({what}): {type(exc).__name__} escaped: {exc}")
+        outcomes.append(f"found {len(found)}")
+        checked += sum(_oracle_check(m, f) for f in found)
+    # The mutations must reach every outcome: refusals, and recoveries checked against onnxruntime.
+    assert checked >= 10 and "UnsupportedModelError" in outcomes, (checked, Counter(outcomes))
