@@ -53,7 +53,7 @@ from lstm_cpu.candidates import Candidate
 from lstm_cpu.errors import FormatError, LSTMError, UnsupportedModelError
 from lstm_cpu.spec import GATE_ORDER, LayerParams
 
-from .onnx_cells_affine import Aff, AffineWalk, GraphIndex, _const_value, affine, attrs_of
+from .onnx_cells_affine import AffineWalk, GraphIndex, _const_value, affine, attrs_of
 from .onnx_cells_check import self_check
 from .onnx_found import Found
 
@@ -68,37 +68,47 @@ class _Cell:
     h_new: str
     c_old: str
     pre: Dict[str, str]  # gate letter -> pre-activation tensor
-    forms: Dict[str, Aff] = field(default_factory=dict)
-    pred: Optional["_Cell"] = None
     acts: tuple = ()  # (g activation node, h activation node)
+    pred: Optional["_Cell"] = None
+    H: int = 0
+    W: Dict[str, np.ndarray] = field(default_factory=dict)  # source -> (4H, K_s), gates i, f, g, o
+    b: Optional[np.ndarray] = None  # (4H,)
 
     @property
     def name(self) -> str:
         return self.add.name or self.c_new
 
-    @property
-    def H(self) -> int:
-        return self.forms["i"].K
-
     def sources(self) -> List[str]:
-        out = []
-        for g in GATE_ORDER:
-            out.extend(s for s in self.forms[g].terms if s not in out)
-        return out
+        return list(self.W)
 
     def k_src(self, s) -> int:
-        return next(self.forms[g].terms[s].k_src for g in GATE_ORDER if s in self.forms[g].terms)
+        return self.W[s].shape[1]
 
     def weights(self, s) -> np.ndarray:
         """(4H, K_s) float64: the weights applied to source ``s``, gate blocks i, f, g, o."""
-        blocks = []
-        for g in GATE_ORDER:
-            t = self.forms[g].terms.get(s)
-            blocks.append(np.zeros((self.H, self.k_src(s))) if t is None else t.dense().T)
-        return np.concatenate(blocks, axis=0)
+        return self.W[s]
 
     def bias(self) -> np.ndarray:
-        return np.concatenate([self.forms[g].bias for g in GATE_ORDER])  # (4H,)
+        return self.b
+
+
+class _Pool:
+    """One copy of each distinct weight array: an unrolled graph repeats the same weights T
+    times, and T dense copies of a large cell would not fit in memory."""
+
+    def __init__(self):
+        self.arrays: Dict[tuple, List[np.ndarray]] = {}
+
+    def intern(self, a: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(a)
+        flat = a.reshape(-1)
+        key = (a.shape, float(flat.sum()), float(flat[:: max(1, flat.size // 64)].sum()))  # cheap fingerprint
+        same = self.arrays.setdefault(key, [])
+        hit = next((b for b in same if np.array_equal(b, a)), None)
+        if hit is not None:
+            return hit
+        same.append(a)
+        return a
 
 
 #: Unary operators accepted where a cell has its two tanh, so that a cell with another function
@@ -173,26 +183,39 @@ def _check_acts(cell: _Cell, label: str):
                 "only sigmoid gates with tanh cells are recovered")
 
 
-def _read_forms(gi: GraphIndex, walk: AffineWalk, cell: _Cell, label: str):
+def _read_forms(gi: GraphIndex, walk: AffineWalk, pool: _Pool, cell: _Cell, label: str):
+    """Read the weights of ``cell``: the affine forms of its four pre-activations."""
     where = f"{label}: LSTM cell at node {cell.name!r}"
+    forms = {}
     for g in GATE_ORDER:
         a = affine(walk, cell.pre[g])
         if a is None or not a.terms:
             raise UnsupportedModelError(
                 f"{where}: the pre-activation of gate {g} ({cell.pre[g]!r}) is not an affine "
                 "function of non-constant tensors with a known feature size")
-        cell.forms[g] = a
-    sizes = {g: cell.forms[g].K for g in GATE_ORDER}
+        forms[g] = a
+    walk.memo.clear()  # forms are per cell; keeping every step's would hold T copies
+    sizes = {g: forms[g].K for g in GATE_ORDER}
     if len(set(sizes.values())) != 1:
         raise UnsupportedModelError(f"{where}: the four gates have different sizes {sizes}")
-    if cell.c_old in cell.sources():
+    H = cell.H = sizes["i"]
+    for g in GATE_ORDER:
+        for s in forms[g].terms:
+            if s not in cell.W:
+                k = forms[g].terms[s].k_src
+                cell.W[s] = np.concatenate(  # (4H, K_s)
+                    [forms[q].terms[s].dense().T if s in forms[q].terms else np.zeros((H, k))
+                     for q in GATE_ORDER], axis=0)
+    cell.W = {s: pool.intern(w) for s, w in cell.W.items()}
+    cell.b = pool.intern(np.concatenate([forms[g].bias for g in GATE_ORDER]))
+    if cell.c_old in cell.W:
         raise UnsupportedModelError(
             f"{where}: a gate reads the old cell state {cell.c_old!r} (peepholes or a "
             "non-standard cell); only gates computed from x and h are supported")
     c_shape = gi.shapes.get(cell.c_old)
-    if c_shape and c_shape[-1] is not None and c_shape[-1] != cell.H:
+    if c_shape and c_shape[-1] is not None and c_shape[-1] != H:
         raise UnsupportedModelError(
-            f"{where}: the old cell state {cell.c_old!r} has {c_shape[-1]} features, the gates {cell.H}")
+            f"{where}: the old cell state {cell.c_old!r} has {c_shape[-1]} features, the gates {H}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +376,7 @@ class _Chain:
 
 
 def _same(a, b) -> bool:
-    return a.shape == b.shape and np.array_equal(a, b)
+    return a is b or (a.shape == b.shape and np.array_equal(a, b))  # interned: equal is usually identical
 
 
 def _chain_weights(gi: GraphIndex, chain: List[_Cell], label: str) -> _Chain:
@@ -670,9 +693,9 @@ def _find_cells(model, folder, label) -> List[Found]:
                 cells.append(cell)
     if not cells:
         return []
-    walk = AffineWalk(gi)
+    walk, pool = AffineWalk(gi), _Pool()
     for cell in cells:
-        _read_forms(gi, walk, cell, label)
+        _read_forms(gi, walk, pool, cell, label)
     chains = _chains(cells, label)
     found = [_lone_cell(gi, ch[0], label) for ch in chains if len(ch) == 1]
     long = [_chain_weights(gi, ch, label) for ch in chains if len(ch) > 1]

@@ -392,9 +392,13 @@ class Term:
         """Features mapped by a constant (K, K2): x @ B."""
         if self.M is not None:
             return Term(self.k_src, M=self.M @ B)
-        M = np.zeros((self.k_src, B.shape[1]))
+        M = np.zeros((self.k_src, B.shape[1]))  # (K_src, K2)
         j = np.nonzero(self.sel >= 0)[0]
-        np.add.at(M, self.sel[j], B[j])
+        rows = self.sel[j]
+        if len(np.unique(rows)) == len(rows):  # a permutation / selection: plain assignment
+            M[rows] = B[j]
+        else:  # a source feature used twice (Concat([x, x])): accumulate
+            np.add.at(M, rows, B[j])
         return Term(self.k_src, M=M)
 
 
@@ -454,6 +458,7 @@ class AffineWalk:
     def __init__(self, gi: GraphIndex):
         self.gi = gi
         self.memo: Dict[str, object] = {}
+        self.f64: Dict[tuple, np.ndarray] = {}  # (constant, transposed) -> float64 array
 
     # A value is a numpy array (constant), an Aff, or None (cannot be a source: unknown shape).
     def value(self, name: str, depth: int = 0):
@@ -483,8 +488,21 @@ class AffineWalk:
         K = shape[-1]
         return Aff({name: Term(K, sel=np.arange(K, dtype=np.int64))}, np.zeros(K), len(shape))
 
-    def _in(self, node, j, depth):
-        return self.value(node.input[j], depth) if len(node.input) > j and node.input[j] else None
+    def _in(self, node, j, depth, transpose=False):
+        """Input j of ``node``: an Aff, or a constant (float64, transposed if asked: cached, as
+        every step of an unrolled graph multiplies by the same weights)."""
+        if len(node.input) <= j or not node.input[j]:
+            return None
+        v = self.value(node.input[j], depth)
+        if isinstance(v, np.ndarray):
+            key = (node.input[j], transpose)
+            if key not in self.f64:
+                c = np.asarray(v, np.float64)
+                self.f64[key] = np.ascontiguousarray(c.T) if transpose else c
+            return self.f64[key]
+        if transpose and isinstance(v, Aff):
+            return Aff(v.terms, v.bias, 2, not v.ff) if v.rank == 2 else None
+        return v
 
     # -- operators ---------------------------------------------------------------------------
     def _Identity(self, node, k, depth):
@@ -514,11 +532,10 @@ class AffineWalk:
     def _matmul(self, A, B) -> Optional[Aff]:
         if isinstance(A, Aff) and isinstance(B, np.ndarray) and not A.ff and B.ndim == 2 \
                 and B.shape[0] == A.K:
-            B = B.astype(np.float64)
             return _map_terms(A, lambda t: t.right(B), A.bias @ B)
         if isinstance(B, Aff) and isinstance(A, np.ndarray) and A.ndim == 2 and A.shape[1] == B.K \
                 and (B.ff or B.rank == 1):
-            At = A.astype(np.float64).T  # out_j = sum_k A[j, k] in_k
+            At = A.T  # out_j = sum_k A[j, k] in_k
             return _map_terms(B, lambda t: t.right(At), B.bias @ At)
         return None
 
@@ -527,14 +544,9 @@ class AffineWalk:
 
     def _Gemm(self, node, k, depth):
         at = attrs_of(node)
-        A, B = self._in(node, 0, depth), self._in(node, 1, depth)
-        if A is None or B is None:
-            return None
-        if at.get("transA", 0):
-            A = A.T if isinstance(A, np.ndarray) else Aff(A.terms, A.bias, 2, not A.ff)
-        if at.get("transB", 0):
-            B = B.T if isinstance(B, np.ndarray) else Aff(B.terms, B.bias, 2, not B.ff)
-        if isinstance(A, Aff) and A.rank != 2 or isinstance(B, Aff) and B.rank != 2:
+        A = self._in(node, 0, depth, transpose=bool(at.get("transA", 0)))
+        B = self._in(node, 1, depth, transpose=bool(at.get("transB", 0)))
+        if A is None or B is None or isinstance(A, Aff) and A.rank != 2 or isinstance(B, Aff) and B.rank != 2:
             return None
         y = self._matmul(A, B)
         if y is None:
@@ -664,6 +676,9 @@ class AffineWalk:
         return self._select(a, np.arange(off, off + sizes[k]))
 
     def _select(self, a: Aff, idx) -> Aff:
+        idx = np.asarray(idx, np.int64)
+        if len(idx) and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))):
+            idx = slice(int(idx[0]), int(idx[0]) + len(idx))  # a view, not a fancy-index copy
         return _map_terms(a, lambda t: t.cols(idx), a.bias[idx])
 
     def _Slice(self, node, k, depth):
