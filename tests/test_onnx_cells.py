@@ -390,6 +390,69 @@ def test_hand_built_cell_matches_naive_reference(rng, order):
     np.testing.assert_allclose(s.state[1][0], c, rtol=1e-9, atol=1e-12)
 
 
+def _linear_styles_graph(rng, order, style):
+    """The same cell with its linear part written the other ways exporters and converters do.
+
+    ``matmul``: weights on the left of a MatMul through Transposes for x, on the right (a
+    Transpose node of an initializer, folded) for h, biases as separate Adds, gates by Slice.
+    ``gemm_scaled``: Gemm(transA=1 on a transposed input, alpha, beta) with the bias in C.
+    """
+    Wx = rng.uniform(-0.6, 0.6, (4 * H, I)).astype(np.float32)  # (4H, I), blocks in ``order``
+    Wh = rng.uniform(-0.6, 0.6, (4 * H, H)).astype(np.float32)
+    bx, bh = (rng.uniform(-0.6, 0.6, 4 * H).astype(np.float32) for _ in range(2))
+    n = helper.make_node
+    inits = {"Wx": Wx, "Wh": Wh, "bx": bx, "bh": bh}
+    alpha, beta = 1.0, 1.0
+    if style == "matmul":
+        nodes = [n("Transpose", ["x"], ["xT"], perm=[1, 0]), n("MatMul", ["Wx", "xT"], ["zxT"]),
+                 n("Transpose", ["zxT"], ["zx"], perm=[1, 0]), n("Add", ["zx", "bx"], ["zxb"]),
+                 n("Transpose", ["Wh"], ["WhT"], perm=[1, 0]), n("MatMul", ["h", "WhT"], ["zh"]),
+                 n("Add", ["bh", "zh"], ["zhb"]), n("Add", ["zxb", "zhb"], ["z"])]
+        for k, g in enumerate(order):
+            inits[f"s{g}"], inits[f"e{g}"] = np.array([k * H], np.int64), np.array([(k + 1) * H], np.int64)
+            nodes.append(n("Slice", ["z", f"s{g}", f"e{g}", "ax"], [f"a_{g}"]))
+        inits["ax"] = np.array([1], np.int64)
+    else:
+        alpha, beta = 0.5, 2.0
+        inits["W"] = np.concatenate([Wx, Wh], axis=1) / alpha  # (4H, I+H)
+        inits["b"] = (bx + bh) / beta
+        nodes = [n("Concat", ["x", "h"], ["xh"], axis=1), n("Transpose", ["xh"], ["xhT"], perm=[1, 0]),
+                 n("Gemm", ["xhT", "W", "b"], ["z"], transA=1, transB=1, alpha=alpha, beta=beta),
+                 n("Split", ["z"], [f"a_{g}" for g in order], axis=1, num_outputs=4)]
+    nodes += [n("Sigmoid", ["a_i"], ["s_i"]), n("Sigmoid", ["a_f"], ["s_f"]), n("Sigmoid", ["a_o"], ["s_o"]),
+              n("Tanh", ["a_g"], ["t_g"]), n("Mul", ["c", "s_f"], ["fc"]), n("Mul", ["t_g", "s_i"], ["ig"]),
+              n("Add", ["ig", "fc"], ["c_new"]), n("Tanh", ["c_new"], ["t_c"]), n("Mul", ["t_c", "s_o"], ["h_new"])]
+    graph = helper.make_graph(
+        nodes, "cell", [helper.make_tensor_value_info(v, F, [1, k]) for v, k in (("x", I), ("h", H), ("c", H))],
+        [helper.make_tensor_value_info("h_new", F, [1, H]), helper.make_tensor_value_info("c_new", F, [1, H])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    blk = {g: slice(k * H, (k + 1) * H) for k, g in enumerate(order)}
+    canon = LayerParams(w_ih=np.concatenate([Wx[blk[g]] for g in "ifgo"]),
+                        w_hh=np.concatenate([Wh[blk[g]] for g in "ifgo"]),
+                        bias=np.concatenate([(bx + bh)[blk[g]] for g in "ifgo"]))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), canon
+
+
+@pytest.mark.parametrize("style,order", [("matmul", "giof"), ("gemm_scaled", "fogi")])
+def test_linear_part_written_other_ways(rng, style, order):
+    """MatMul with weights on either side, Transposes, folded constant subgraphs, separate bias
+    Adds, Slice gates, Gemm transA/alpha/beta: same weights, and the stream matches naive."""
+    proto, canon = _linear_styles_graph(rng, order, style)
+    (found,) = find_cells(proto, None, "<test>")
+    (layer,), = found.build()[0]
+    np.testing.assert_allclose(layer.w_ih, canon.w_ih, rtol=1e-6)
+    np.testing.assert_allclose(layer.w_hh, canon.w_hh, rtol=1e-6)
+    np.testing.assert_allclose(layer.bias, canon.bias, rtol=1e-6, atol=1e-7)
+    s = lstm_cpu.LSTMModel(found.build()[0], dtype=np.float64).stream()
+    h, c = rng.standard_normal(H), rng.standard_normal(H)
+    s.state = (h[None], c[None])
+    for t in range(STEPS):
+        x = rng.standard_normal(I)
+        h, c = naive.cell(canon, x, h, c)  # the weights as written down, float32 -> float64
+        np.testing.assert_allclose(s.step(x), h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.state[1][0], c, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant,reason", [
     ("relu_g", r"cell candidate g goes through Relu.*expected Tanh"),
     ("relu_h", r"output activation of c goes through Relu.*expected Tanh"),
