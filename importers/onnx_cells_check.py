@@ -50,12 +50,19 @@ def _subgraph(gi, label, name, inputs: Sequence[str], outputs: Sequence[str]):
         if not t or t in seen or t in given:
             continue
         seen.add(t)
-        if t in gi.init:
-            tp = gi.init[t]
-            if tp.data_location == TensorProto.EXTERNAL:  # read through the checked reader
-                tp = numpy_helper.from_array(np.asarray(_const_value(gi, t)), t)
+        # Constants enter as initializers (folded values for computed ones), so no constant
+        # subgraph (Shape of a declared shape, a malformed node) reaches the runtime.
+        tp = gi.init.get(t)
+        if tp is not None and tp.data_location != TensorProto.EXTERNAL:
             inits[t] = tp
             continue
+        cv = _const_value(gi, t)
+        if cv is not None:
+            dt = _NP.get(gi.elem.get(t, 1))  # the graph's element type (float16 stays float16)
+            inits[t] = numpy_helper.from_array(np.asarray(cv, dt) if dt and cv.dtype.kind == "f" else cv, t)
+            continue
+        if tp is not None:
+            raise FormatError(f"{label}: initializer {t!r} is unreadable")
         if t not in gi.producers:
             if t in gi.inputs:
                 raise UnsupportedModelError(

@@ -453,6 +453,23 @@ def test_linear_part_written_other_ways(rng, style, order):
     np.testing.assert_allclose(s.state[1][0], c, rtol=1e-5, atol=1e-6)
 
 
+def test_float16_cell(rng):
+    """A cell converted to float16 (weights, inputs, outputs): the weights are read as their
+    float16 values; the self-check runs the graph in float16 at a float16 tolerance."""
+    proto, canon = _cell_graph(rng)
+    for t in proto.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if a.dtype == np.float32:
+            t.CopyFrom(numpy_helper.from_array(a.astype(np.float16), t.name))
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    (found,) = find_cells(proto, None, "<test>")
+    (layer,), = found.build()[0]
+    half = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731
+    np.testing.assert_array_equal(layer.w_ih, half(canon.w_ih))
+    np.testing.assert_array_equal(layer.w_hh, half(canon.w_hh))
+
+
 @pytest.mark.parametrize("variant,reason", [
     ("relu_g", r"cell candidate g goes through Relu.*expected Tanh"),
     ("relu_h", r"output activation of c goes through Relu.*expected Tanh"),
