@@ -22,8 +22,8 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import lstm_cpu  # noqa: E402
-from lstm_cpu.errors import FormatError, LSTMError, UnsupportedModelError  # noqa: E402
-from lstm_cpu.importers import onnx_cells_affine  # noqa: E402
+from lstm_cpu.errors import LSTMError, UnsupportedModelError  # noqa: E402
+from lstm_cpu.importers import onnx_cells_affine, onnx_cells_graph  # noqa: E402
 from lstm_cpu.importers.onnx_cells import find_cells  # noqa: E402
 from lstm_cpu.spec import LayerParams  # noqa: E402
 
@@ -516,7 +516,7 @@ def test_state_cycle_is_refused_not_hung(rng):
 
 def test_node_cap(monkeypatch, rng):
     proto, _ = _cell_graph(rng)
-    monkeypatch.setattr(onnx_cells_affine, "MAX_NODES", 5)
+    monkeypatch.setattr(onnx_cells_graph, "MAX_NODES", 5)
     with pytest.raises(UnsupportedModelError, match="at most 5"):
         find_cells(proto, None, "<test>")
 
