@@ -20,10 +20,26 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from lstm_cpu.errors import UnsupportedModelError
+
+from .onnx_lstm import MAX_DIM
+
 from .onnx_cells_graph import GraphIndex, _const_value, _ints, attrs_of
 
 #: The affine walk back from a gate stops (the tensor becomes a source) this many operators deep.
 MAX_AFFINE_DEPTH = 64
+#: Operators the walk may visit over a whole graph (each cell's walk is bounded by the depth, this
+#: bounds their sum on a hostile graph of many cells sharing a wide linear part).
+MAX_AFFINE_VISITS = 4_000_000
+#: Largest dense weight matrix (K_src x K float64 values) the walk builds: 2 GiB.
+MAX_DENSE = 1 << 28
+
+
+def _dense_ok(k_src: int, k: int):
+    if k_src * k > MAX_DENSE:
+        raise UnsupportedModelError(
+            f"a weight matrix of {k_src} x {k} values is larger than the {MAX_DENSE} the cell "
+            "finder builds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,6 +61,7 @@ class Term:
         if self.M is not None:
             return self.M
         K = len(self.sel)
+        _dense_ok(self.k_src, K)
         M = np.zeros((self.k_src, K))  # (K_src, K)
         j = np.nonzero(self.sel >= 0)[0]
         M[self.sel[j], j] = 1.0
@@ -57,6 +74,7 @@ class Term:
 
     def right(self, B) -> "Term":
         """Features mapped by a constant (K, K2): x @ B."""
+        _dense_ok(self.k_src, B.shape[1])
         if self.M is not None:
             return Term(self.k_src, M=self.M @ B)
         M = np.zeros((self.k_src, B.shape[1]))  # (K_src, K2)
@@ -126,11 +144,17 @@ class AffineWalk:
         self.gi = gi
         self.memo: Dict[str, object] = {}
         self.f64: Dict[tuple, np.ndarray] = {}  # (constant, transposed) -> float64 array
+        self.visits = 0
 
     # A value is a numpy array (constant), an Aff, or None (cannot be a source: unknown shape).
     def value(self, name: str, depth: int = 0):
         if name in self.memo:
             return self.memo[name]
+        self.visits += 1
+        if self.visits > MAX_AFFINE_VISITS:
+            raise UnsupportedModelError(
+                f"{self.gi.label}: reading the cells' weights visited more than {MAX_AFFINE_VISITS} "
+                "operators; the graph is too large or too convoluted for the cell finder")
         c = _const_value(self.gi, name)
         if c is not None:
             v = c
@@ -150,7 +174,7 @@ class AffineWalk:
 
     def source(self, name: str) -> Optional[Aff]:
         shape = self.gi.shapes.get(name)
-        if shape is None or len(shape) not in (1, 2) or shape[-1] is None or shape[-1] <= 0:
+        if shape is None or len(shape) not in (1, 2) or shape[-1] is None or not 0 < shape[-1] <= MAX_DIM:
             return None
         K = shape[-1]
         return Aff({name: Term(K, sel=np.arange(K, dtype=np.int64))}, np.zeros(K), len(shape))

@@ -21,6 +21,8 @@ from lstm_cpu.errors import FormatError, UnsupportedModelError
 #: the graph's tensors (a wrong gate or weight shows up as an error of order 1e-2 to 1).
 _TOL = {1: 1e-4, 11: 1e-9, 10: 3e-2, 16: 3e-2}  # FLOAT, DOUBLE, FLOAT16, BFLOAT16
 _NP = {1: np.float32, 11: np.float64, 10: np.float16}
+#: The check feeds the graph's own static batch size; a larger one is refused.
+MAX_CHECK_BATCH = 4096
 
 
 def _sigmoid(v):
@@ -114,7 +116,11 @@ def self_check(gi, label, name, layers, *, steps, x_groups, state_inputs, const_
     rng = np.random.default_rng(seed)
     x0 = x_groups[0][0]
     shape = gi.shapes.get(x0) or (None, I)
-    N = 1 if len(shape) == 1 else (shape[0] or 2)
+    N = 1 if len(shape) == 1 else (shape[0] or 2)  # the graph's batch if static
+    if N > MAX_CHECK_BATCH:
+        raise UnsupportedModelError(
+            f"{label}: LSTM at node {name!r}: its input {x0!r} has a static batch of {N}; the "
+            f"recovery check runs at most {MAX_CHECK_BATCH}")
 
     def feed(name_, arr):  # arr (N, K) float64 -> the declared shape and element type
         s = gi.static_shape(name_)

@@ -129,9 +129,11 @@ def _time_index(gi: GraphIndex, name: str) -> Optional[Tuple[str, int]]:
         T = shape[0] if shape else None
         if op == "Gather" and int(attrs_of(node).get("axis", 0)) == 0 and len(node.input) == 2:
             idx = _const_value(gi, node.input[1])
-            if idx is None or idx.size != 1 or T is None:
+            if idx is None or idx.size != 1 or idx.dtype.kind not in "iu":
                 return None
             t = int(idx.reshape(-1)[0])
+            if t < 0 and T is None:
+                return None
             return (node.input[0], t + T if t < 0 else t)
         if op == "Split" and int(attrs_of(node).get("axis", 0)) == 0 and T == len(node.output):
             return (node.input[0], k)

@@ -496,6 +496,21 @@ def test_self_check_refuses_a_wrong_recovery(monkeypatch):
         find_cells(proto, None, "<test>")
 
 
+def test_self_check_without_onnxruntime(monkeypatch, rng):
+    """onnxruntime is optional: the check then runs onnx's ReferenceEvaluator, and still
+    catches a wrong recovery."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    proto, canon = _cell_graph(rng)
+    (found,) = find_cells(proto, None, "<test>")
+    np.testing.assert_array_equal(found.build()[0][0][0].w_hh, canon.w_hh)
+    right = onnx_cells_affine.Term.right
+    monkeypatch.setattr(onnx_cells_affine.Term, "right", lambda self, B: right(self, B * 1.01))
+    with pytest.raises(UnsupportedModelError, match="does not reproduce the graph"):
+        find_cells(proto, None, "<test>")
+
+
 def test_no_cell_no_candidate(rng):
     """A graph without the skeleton gives nothing (and no error)."""
     graph = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"])], "g",
