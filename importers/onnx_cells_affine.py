@@ -24,7 +24,7 @@ from lstm_cpu.errors import UnsupportedModelError
 
 from .onnx_lstm import MAX_DIM
 
-from .onnx_cells_graph import GraphIndex, _const_value, _ints, attrs_of
+from .onnx_cells_graph import GraphIndex, _const_value, _ints, attrs_of, known_zeros
 
 #: The affine walk back from a gate stops (the tensor becomes a source) this many operators deep.
 MAX_AFFINE_DEPTH = 64
@@ -156,8 +156,11 @@ class AffineWalk:
                 f"{self.gi.label}: reading the cells' weights visited more than {MAX_AFFINE_VISITS} "
                 "operators; the graph is too large or too convoluted for the cell finder")
         c = _const_value(self.gi, name)
+        zeros = known_zeros(self.gi, name) if c is None else None
         if c is not None:
             v = c
+        elif zeros is not None and zeros[0] in (1, 2) and 0 < zeros[1] <= MAX_DIM:
+            v = Aff({}, np.zeros(zeros[1]), zeros[0])  # zeros of a run-time batch: no source
         else:
             v = None
             if depth < MAX_AFFINE_DEPTH and name in self.gi.producers:

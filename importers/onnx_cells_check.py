@@ -44,9 +44,9 @@ def _subgraph(gi, label, name, inputs: Sequence[str], outputs: Sequence[str]):
     """A ModelProto computing ``outputs`` from ``inputs`` with the graph's own nodes."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from .onnx_cells_affine import _const_value
+    from .onnx_cells_graph import _const_value, known_zeros
 
-    given, need, inits, stack, seen = set(inputs), {}, {}, list(outputs), set()
+    given, need, inits, stack, seen, zeros = set(inputs), {}, {}, list(outputs), set(), {}
     while stack:
         t = stack.pop()
         if not t or t in seen or t in given:
@@ -57,6 +57,10 @@ def _subgraph(gi, label, name, inputs: Sequence[str], outputs: Sequence[str]):
         tp = gi.init.get(t)
         if tp is not None and tp.data_location != TensorProto.EXTERNAL:
             inits[t] = tp
+            continue
+        z = known_zeros(gi, t)
+        if z is not None:  # zeros shaped at run time: fed as zeros of the check's batch
+            zeros[t] = z
             continue
         cv = _const_value(gi, t)
         if cv is not None:
@@ -77,12 +81,13 @@ def _subgraph(gi, label, name, inputs: Sequence[str], outputs: Sequence[str]):
             stack.extend(node.input)
     nodes = sorted(need.values(), key=lambda n: gi.order[id(n)])
     vi = lambda n: helper.make_tensor_value_info(n, gi.elem.get(n, TensorProto.FLOAT), None)  # noqa: E731
+    inputs = list(inputs) + list(zeros)
     graph = helper.make_graph(nodes, "lstm_cell_check", [vi(n) for n in inputs], [vi(n) for n in outputs],
                               initializer=list(inits.values()))
     m = helper.make_model(graph, opset_imports=list(gi.model.opset_import))
     m.ir_version = gi.model.ir_version or m.ir_version
     m.functions.extend(gi.model.functions)
-    return m
+    return m, zeros
 
 
 def _evaluate(m, feeds, outputs):
@@ -149,7 +154,9 @@ def self_check(gi, label, name, layers, *, steps, x_groups, state_inputs, const_
             hc.append(v)
         init.append(hc)
     outputs = list(dict.fromkeys(st[q] for chain in steps for st in chain for q in ("h_new", "c_new")))
-    m = _subgraph(gi, label, name, list(feeds), outputs)
+    m, zeros = _subgraph(gi, label, name, list(feeds), outputs)
+    for t, (rank, k) in zeros.items():  # (rank, last dim): zeros with the check's batch
+        feeds[t] = np.zeros((N, k) if rank == 2 else (k,), _NP.get(gi.elem.get(t, 1), np.float32))
     try:
         values = _evaluate(m, feeds, outputs)
     except Exception as exc:

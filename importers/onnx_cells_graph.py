@@ -134,6 +134,12 @@ def _out_shapes(gi: "GraphIndex", node) -> Optional[List[Optional[Tuple]]]:
         return [(len(v),) if isinstance(v, (list, tuple)) else ()]
     if op == "Shape":
         return [(len(x),)] if x is not None else None
+    if op == "ConstantOfShape" and node.input:
+        v = _const_value(gi, node.input[0])
+        if v is not None:
+            return [tuple(int(d) for d in np.asarray(v).reshape(-1))]
+        z = known_zeros(gi, node.output[0])  # (rank, last dim): a run-time batch
+        return None if z is None or z[0] < 1 else [(None,) * (z[0] - 1) + (z[1],)]
     if x is None or any(d is not None and d < 0 for d in x):
         return None
     r = len(x)
@@ -333,6 +339,48 @@ def _fold(gi: GraphIndex, name: str, what: str) -> Optional[np.ndarray]:
     return out
 
 
+def known_zeros(gi: GraphIndex, name: str) -> Optional[Tuple[int, int]]:
+    """(rank, last dim) when ``name`` is all zeros whatever its run-time shape, else None.
+
+    A dynamic-batch export starts from ``ConstantOfShape(Concat([batch from Shape(x), [H]]))``:
+    not a constant (its shape is read from x at run time), but known to be zeros of H features.
+    """
+    from onnx import numpy_helper
+
+    for _ in range(8):
+        p = gi.producers.get(name)
+        if p is None:
+            return None
+        node = p[0]
+        if node.op_type in ("Identity", "Cast", "Expand") and node.input:
+            if node.op_type == "Expand":
+                v = _const_value(gi, node.input[0])
+                if v is None or np.any(v):
+                    return None
+                shape_in = node.input[1] if len(node.input) > 1 else ""
+                break
+            name = node.input[0]
+            continue
+        if node.op_type != "ConstantOfShape" or not node.input:
+            return None
+        t = attrs_of(node).get("value")
+        if t is not None and np.any(numpy_helper.to_array(t)):
+            return None
+        shape_in = node.input[0]
+        break
+    else:
+        return None
+    # The last dim: the last element of the shape vector, when that part of it is constant.
+    rank = gi.static_shape(shape_in)
+    p = gi.producers.get(shape_in)
+    last = _const_value(gi, shape_in)
+    if last is None and p is not None and p[0].op_type == "Concat" and p[0].input:
+        last = _const_value(gi, p[0].input[-1])
+    if last is None or rank is None or len(rank) != 1 or np.size(last) == 0:
+        return None
+    return int(rank[0]), int(np.asarray(last).reshape(-1)[-1])
+
+
 def _ints(gi: GraphIndex, name: str) -> Optional[List[int]]:
     v = _const_value(gi, name) if name else None
     if v is None or v.dtype.kind not in "iu":
@@ -346,4 +394,4 @@ def attrs_of(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-__all__ = ["GraphIndex", "attrs_of", "_const_value", "_ints", "MAX_NODES", "MAX_CONST_NODES"]
+__all__ = ["GraphIndex", "attrs_of", "known_zeros", "_const_value", "_ints", "MAX_NODES", "MAX_CONST_NODES"]

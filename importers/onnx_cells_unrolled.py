@@ -23,7 +23,7 @@ from lstm_cpu.errors import UnsupportedModelError
 from lstm_cpu.spec import LayerParams
 
 from .onnx_cells_check import self_check
-from .onnx_cells_graph import GraphIndex, _const_value, attrs_of
+from .onnx_cells_graph import GraphIndex, _const_value, attrs_of, known_zeros
 from .onnx_found import Found
 
 if TYPE_CHECKING:
@@ -96,7 +96,9 @@ def _chain_weights(gi: GraphIndex, chain: List[_Cell], label: str) -> _Chain:
                         f"{where}: its bias differs from step 1's by more than a constant initial h explains")
                 h0 = sol
             cv = _const_value(gi, cell.c_old)
-            if cv is None:
+            if cv is None and known_zeros(gi, cell.c_old) is not None:
+                c0 = None  # zeros shaped at run time, e.g. by the batch of x
+            elif cv is None:
                 c0 = cell.c_old
             else:
                 cv = np.asarray(cv, np.float64)

@@ -232,6 +232,26 @@ def test_unrolled_loop(dynamo, layers, bidirectional):
         np.testing.assert_allclose(s.state[1], c[:, 0].numpy(), rtol=RTOL, atol=ATOL, err_msg="streamed c_n")
 
 
+def test_unrolled_loop_with_dynamic_batch():
+    """A dynamic batch axis: the zero state is ConstantOfShape(Shape(x)...), zeros shaped at run
+    time; recovered as a zero initial state, and the model runs any batch."""
+    module = _randomize(Loop(2, True), 13)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randn(T_EXPORT, 2, I),), buf, dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {1: "N"}})
+    cand, model, options = _recover(onnx.load_from_string(buf.getvalue()), "unrolled")
+    assert (cand.num_layers, cand.num_directions) == (2, 2) and options["initial_state"] is None
+    x = torch.randn(STEPS, 3, I, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        y, h, c = module(x)
+    y2, (h2, c2) = model.run(x.numpy())
+    np.testing.assert_allclose(y2, y.numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(h2, h.numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(c2, c.numpy(), rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("dynamo", EXPORTERS)
 def test_unrolled_loop_with_state_inputs(dynamo):
     """(h0, c0) are graph inputs: recorded as inputs, passed to ``run`` by the caller."""
