@@ -340,7 +340,8 @@ def _stack(gi, members: List[_Chain], chains: List[_Chain], base_of, label) -> F
         return out, dict(clip=None, input_forget=False, initial_state=init, reverse=reverse,
                          source=dict(source))
 
-    return Found(cand, build)
+    aliases = tuple(dict.fromkeys(cell.name for c in flat for cell in c.cells if cell.name != first.name))
+    return Found(cand, build, aliases)  # node= may name any cell of the stack
 
 
 __all__ = ["_chain_weights", "_assemble"]

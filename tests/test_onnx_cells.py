@@ -241,8 +241,13 @@ def test_unrolled_loop_with_dynamic_batch():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (torch.randn(T_EXPORT, 2, I),), buf, dynamo=False, input_names=["x"],
                           dynamic_axes={"x": {1: "N"}})
-    cand, model, options = _recover(onnx.load_from_string(buf.getvalue()), "unrolled")
+    proto = onnx.load_from_string(buf.getvalue())
+    cand, model, options = _recover(proto, "unrolled")
     assert (cand.num_layers, cand.num_directions) == (2, 2) and options["initial_state"] is None
+    # node= may name any of its 2 x 2 x T cells: the candidate's name and its aliases
+    (found,) = find_cells(proto, None, "<test>")
+    names = {found.candidate.name, *found.aliases}
+    assert len(names) == 4 * T_EXPORT and names == set(options["source"]["nodes"])
     x = torch.randn(STEPS, 3, I, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         y, h, c = module(x)
