@@ -22,9 +22,8 @@ import numpy as np
 
 from lstm_cpu.errors import UnsupportedModelError
 
-from .onnx_lstm import MAX_DIM
 
-from .onnx_cells_graph import GraphIndex, _const_value, _ints, attrs_of, known_zeros
+from .onnx_cells_graph import MAX_DIM, GraphIndex, _const_value, _ints, attrs_of, known_zeros
 
 #: The affine walk back from a gate stops (the tensor becomes a source) this many operators deep.
 MAX_AFFINE_DEPTH = 64
