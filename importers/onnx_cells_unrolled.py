@@ -154,6 +154,15 @@ def _time_index(gi: GraphIndex, name: str) -> Optional[Tuple[str, int]]:
     return None
 
 
+def _state_name(gi: GraphIndex, s) -> Optional[str]:
+    """How a run-time initial state is read: ``"h0[1]"`` for row 1 of graph tensor h0, else the
+    tensor's name; None for a constant (or zero) state."""
+    if not isinstance(s, str):
+        return None
+    ti = _time_index(gi, s)  # the same Gather / Slice / Split along axis 0
+    return f"{ti[0]}[{ti[1]}]" if ti is not None else s
+
+
 def _assemble(gi: GraphIndex, chains: List[_Chain], label: str) -> List[Found]:
     """Group chains into (bi)directional stacks, one Found per stack."""
     h_pos = {}  # h_new tensor -> (chain idx, step)
@@ -322,8 +331,8 @@ def _stack(gi, members: List[_Chain], chains: List[_Chain], base_of, label) -> F
                               for c in top],
                "final_h": [c.cells[-1].h_new for c in flat], "final_c": [c.cells[-1].c_new for c in flat]}
     inputs = {"X": base if base is not None else list(x_seq),
-              "initial_h": [c.h0 if isinstance(c.h0, str) else None for c in flat],
-              "initial_c": [c.c0 if isinstance(c.c0, str) else None for c in flat]}
+              "initial_h": [_state_name(gi, c.h0) for c in flat],
+              "initial_c": [_state_name(gi, c.c0) for c in flat]}
     x_desc = (f"X {base!r} along axis 0" if base is not None
               else f"X = the step tensors {x_seq[0]!r} .. {x_seq[-1]!r}")
     loc = (f"main: {T} steps, {x_desc}; {L} layer(s) x {D} direction(s)"

@@ -267,7 +267,8 @@ def test_unrolled_loop_with_state_inputs(dynamo):
     proto = _export(module, args, dynamo, names=["x", "h0", "c0"])
     cand, model, options = _recover(proto, "unrolled")
     assert cand.num_layers == 2 and options["initial_state"] is None
-    assert all(options["source"]["inputs"]["initial_h"]) and all(options["source"]["inputs"]["initial_c"])
+    src = options["source"]["inputs"]  # row j of h0 / c0 feeds layer j: what run(x, state) expects
+    assert (src["initial_h"], src["initial_c"]) == (["h0[0]", "h0[1]"], ["c0[0]", "c0[1]"])
     x = torch.randn(STEPS, 1, I, generator=g)
     with torch.no_grad():
         y, h, c = module(x, args[1], args[2])
