@@ -6,7 +6,7 @@ cell with a fixed length becomes the same cell repeated, step after step.
 
 How a cell is recognised (structure only: names and the order of Split outputs are never used)
 -------------------------------------------------------------------------------------------
-The skeleton, anchored at the ``Tanh`` of the new cell state::
+The skeleton, anchored at the activation of the new cell state::
 
     c_new = Add( Mul(Sigmoid(a_f), c_old),  Mul(Sigmoid(a_i), Tanh(a_g)) )
     h_new = Mul( Sigmoid(a_o), Tanh(c_new) )
@@ -16,30 +16,39 @@ The skeleton, anchored at the ``Tanh`` of the new cell state::
   sigmoid gate is **i**;
 * the sigmoid that multiplies ``tanh(c_new)`` is **o**.
 
+The two tanh positions accept any unary activation while matching, so that a cell with, say,
+Relu there is refused with a reason rather than silently not found.
+
 Each pre-activation ``a_*`` is then read as an exact affine function of the tensors it is computed
 from (:mod:`importers.onnx_cells_affine`): whatever MatMul / Gemm / Concat / Split / Slice / bias
 Adds the exporter wrote, the result is ``a = sum_s s @ M_s + b``, and ``M_s`` are the weights.
 
 * **cell** (kind ``"cell"``): a lone cell; its sources are ``x`` and ``h`` (``h`` has H features;
-  if ``I == H`` too, the graph-input order x, h, c decides, as ``torch`` writes it). The result is
-  a one-layer model whose stream state is the cell's ``(h, c)``.
+  if ``I == H`` too, the graph-input order x, h, c decides, as ``torch`` writes it). Its ``h`` and
+  ``c`` must be graph inputs and its new ``h`` and ``c`` graph outputs (through shape-only ops at
+  most): that is what makes the graph a step function to stream. The result is a one-layer
+  model whose stream state is the cell's ``(h, c)``.
 * **unrolled** (kind ``"unrolled"``): cells linked by their state (the ``c_old`` of one is the
   ``c_new`` of another, and the previous ``h_new`` is among its sources) form a *chain* of T
   steps, which must share their weights exactly. Chains consuming the same input sequence in
   opposite orders are the two directions of a layer; chains consuming the ``h`` of other chains
   (concatenated forward then backward) are the layers above. The first step may start from a
-  constant state (folded into its bias by the exporter: recovered, and checked) or from graph
-  inputs (then the caller passes the state to ``model.run``).
+  constant state (folded into its bias by the exporter: recovered, and checked), from zeros
+  shaped at run time (a dynamic batch: ``ConstantOfShape``), or from graph inputs (then the
+  caller passes the state to ``model.run``; ``source["inputs"]`` says which rows, ``"h0[1]"``).
 
 Every candidate is verified before it is returned (:mod:`importers.onnx_cells_check`): the
 matched subgraph is evaluated (onnxruntime, else onnx's ``ReferenceEvaluator``) on random inputs
-and states and compared with a float64 LSTM of the recovered weights. A graph that has the
+and states, and every step is compared with a float64 step of the recovered weights. A graph that has the
 skeleton but is not an LSTM the engine can run (a state that passes through other operators, a
 gate depending on anything but x and h, weights that change between steps, a mismatch in the
 check) is refused with :class:`UnsupportedModelError` naming the node and the reason.
 
-Only the main graph is searched. Work is linear in the graph size; graphs larger than
-:data:`~importers.onnx_cells_graph.MAX_NODES` nodes are refused. Modules: this one (skeleton, lone
+Not recovered (refused or not found): peepholes, projections, clipped gates, activations other
+than sigmoid / tanh, cells inside ``If`` / ``Loop`` / ``Scan`` bodies (only the main graph is
+searched). Work is linear in the graph size and bounded: graphs larger than
+:data:`~importers.onnx_cells_graph.MAX_NODES` nodes are refused, the weight walk is capped in
+depth and in total visits. Modules: this one (skeleton, lone
 cells, the finder), :mod:`~importers.onnx_cells_graph` (index, shapes, constants),
 :mod:`~importers.onnx_cells_affine` (weights), :mod:`~importers.onnx_cells_unrolled` (chains ->
 layers), :mod:`~importers.onnx_cells_check` (the self-check).
