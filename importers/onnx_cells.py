@@ -44,9 +44,11 @@ skeleton but is not an LSTM the engine can run (a state that passes through othe
 gate depending on anything but x and h, weights that change between steps, a mismatch in the
 check) is refused with :class:`UnsupportedModelError` naming the node and the reason.
 
-Not recovered (refused or not found): peepholes, projections, clipped gates, activations other
-than sigmoid / tanh, cells inside ``If`` / ``Loop`` / ``Scan`` bodies (only the main graph is
-searched). Work is linear in the graph size and bounded: graphs larger than
+Not recovered (refused or not found): peepholes, clipped gates, activations other than sigmoid /
+tanh, cells inside ``If`` / ``Loop`` / ``Scan`` bodies (only the main graph is searched). A
+projection of ``h`` between unrolled steps is not recognised as one: being linear, it is folded
+into the weights that read it, and the model's outputs are the unprojected ``h`` tensors that
+``source["outputs"]`` names. Work is linear in the graph size and bounded: graphs larger than
 :data:`~importers.onnx_cells_graph.MAX_NODES` nodes are refused, the weight walk is capped in
 depth and in total visits. Modules: this one (skeleton, lone
 cells, the finder), :mod:`~importers.onnx_cells_graph` (index, shapes, constants),
