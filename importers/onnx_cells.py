@@ -397,6 +397,7 @@ def _find_cells(model, folder, label) -> List[Found]:
                 cells.append(cell)
     if not cells:
         return []
+    gi.prepare()
     walk, pool = AffineWalk(gi), _Pool()
     for cell in cells:
         _read_forms(gi, walk, pool, cell, label)

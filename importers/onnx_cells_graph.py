@@ -69,7 +69,15 @@ class GraphIndex:
         self.elem: Dict[str, int] = {}
         self._consts: Dict[str, Optional[np.ndarray]] = {}
         self.is_const: Dict[str, bool] = {}
-        self._index()
+        self._prepared = False
+
+    def prepare(self):
+        """Compute constant-ness and shapes (:meth:`_index`): only once a cell skeleton has been
+        found, so that a file without one (most files) pays for the producer index only."""
+        if not self._prepared:
+            self._prepared = True
+            self._index()
+        return self
 
     def static_shape(self, name) -> Optional[Tuple[int, ...]]:
         s = self.shapes.get(name)
