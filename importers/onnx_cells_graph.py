@@ -47,10 +47,6 @@ class GraphIndex:
         g = model.graph
         self.model, self.folder, self.label = model, folder, label
         self.nodes = list(g.node)
-        if len(self.nodes) > MAX_NODES:
-            raise UnsupportedModelError(
-                f"{label}: the graph has {len(self.nodes)} nodes; the cell finder examines at most "
-                f"{MAX_NODES}")
         self.init = {t.name: t for t in g.initializer}
         self.inputs = [vi.name for vi in g.input if vi.name not in self.init]  # graph order
         self.outputs = [vi.name for vi in g.output]
@@ -73,7 +69,12 @@ class GraphIndex:
 
     def prepare(self):
         """Compute constant-ness and shapes (:meth:`_index`): only once a cell skeleton has been
-        found, so that a file without one (most files) pays for the producer index only."""
+        found, so that a file without one (most files) pays for the producer index only, and a
+        large graph without cells is not refused."""
+        if len(self.nodes) > MAX_NODES:  # checked here: a big graph without cells is not refused
+            raise UnsupportedModelError(
+                f"{self.label}: the graph has {len(self.nodes)} nodes and LSTM cells; the cell "
+                f"finder examines at most {MAX_NODES}")
         if not self._prepared:
             self._prepared = True
             self._index()

@@ -556,10 +556,15 @@ def test_state_cycle_is_refused_not_hung(rng):
 
 
 def test_node_cap(monkeypatch, rng):
+    """A graph over the cap is refused when it holds cells; one without cells still gives []."""
     proto, _ = _cell_graph(rng)
     monkeypatch.setattr(onnx_cells_graph, "MAX_NODES", 5)
     with pytest.raises(UnsupportedModelError, match="at most 5"):
         find_cells(proto, None, "<test>")
+    for node in proto.graph.node:  # break the skeleton: no cell any more
+        if node.op_type == "Add" and node.output[0] == "c_new":
+            node.op_type = "Sub"
+    assert find_cells(proto, None, "<test>") == []
 
 
 # ---------------------------------------------------------------------------------------------
