@@ -17,10 +17,8 @@ import numpy as np
 
 from lstm_cpu.errors import FormatError, UnsupportedModelError
 
-try:  # the importer's limits (one dimension, one tensor's elements); see _importer()
-    from .limits import MAX_DIM, MAX_TENSOR_ELEMENTS
-except ImportError:
-    from .onnx_lstm import MAX_DIM, MAX_TENSOR_ELEMENTS
+from .limits import MAX_DIM, MAX_TENSOR_ELEMENTS, check_dims
+from .onnx_tensors import Const, float_types, read_const
 
 #: The cell finder refuses graphs with more nodes than this (its work is linear in the graph
 #: size, but a bound keeps a hostile file from taking minutes).
@@ -240,29 +238,13 @@ def _out_shapes(gi: "GraphIndex", node) -> Optional[List[Optional[Tuple]]]:
 # ---------------------------------------------------------------------------------------------
 # Constant values
 # ---------------------------------------------------------------------------------------------
-def _importer():
-    """(check_dims, float_types, read_float) of the ONNX importer: the one place this finder
-    uses it. Helper B's split of onnx_lstm.py moves them to limits.py / onnx_tensors.py; the
-    fallback serves the current single-module importer (drop it once both are merged)."""
-    try:
-        from .limits import check_dims
-        from .onnx_tensors import Const, float_types, read_const
-    except ImportError:
-        from .onnx_lstm import _check_dims as check_dims
-        from .onnx_lstm import _Const as Const
-        from .onnx_lstm import _float_types as float_types
-        from .onnx_lstm import _read_const as read_const
-    return check_dims, float_types, lambda t, what, folder: read_const(Const(t, what), folder)
-
-
 def _tensor_value(gi: GraphIndex, t, what: str) -> np.ndarray:
     """A TensorProto -> array: float tensors through the ONNX importer's checked reader (size
     limits, external data only inside the model's folder), others after the same size checks."""
     from onnx import TensorProto, numpy_helper
 
-    check_dims, float_types, read_float = _importer()
     if t.data_type in float_types():
-        return read_float(t, what, gi.folder)
+        return read_const(Const(t, what), gi.folder)
     check_dims([int(d) for d in t.dims], what)
     if t.data_location == TensorProto.EXTERNAL:
         raise UnsupportedModelError(f"{what}: non-float tensor {t.name!r} in external data")

@@ -25,7 +25,7 @@ import numpy as np
 from lstm_cpu.errors import FormatError, LSTMError, UnsupportedModelError
 
 from .onnx_fold import Folder
-from .onnx_graph import Graph
+from .onnx_graph import Graph, graph_aborts_shape_inference
 from .onnx_lstm_op import NodeInfo, is_lstm, lstm_version, parse_node
 from .onnx_tensors import RuntimeValue, float_types, read_const, resolve_const
 
@@ -413,6 +413,9 @@ def static_sizes(model, infos: List[NodeInfo]) -> Dict[str, int]:
     """Known T and N of the first node's X from shape inference (static exports), when > 0."""
     import onnx
 
+    if graph_aborts_shape_inference(model.graph) or any(
+            graph_aborts_shape_inference(f) for f in model.functions):
+        return {}
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # shape inference is an optimisation here, never a requirement

@@ -37,7 +37,7 @@ import numpy as np
 from lstm_cpu.errors import FormatError, LSTMError, UnsupportedModelError
 
 from .limits import MAX_TENSOR_ELEMENTS, check_dims
-from .onnx_graph import Graph, node_label, subgraphs
+from .onnx_graph import Graph, aborts_shape_inference, node_label, subgraphs
 from .onnx_tensors import Const, RuntimeValue, external_bytes
 
 #: The constant-only subgraph behind one tensor may have at most this many nodes.
@@ -175,6 +175,9 @@ class Folder:
         except Exception:
             raise UnsupportedModelError(f"{label}: operator unknown to onnx at opset "
                                         f"{self.opsets.get('', 1)}; cannot evaluate it") from None
+        if aborts_shape_inference(node):
+            raise FormatError(f"{label} is malformed ({len(node.output)} outputs for its "
+                              f"num_outputs attribute)")
         types, data = {}, {}
         for i in node.input:
             if i and i not in types:

@@ -151,4 +151,36 @@ def node_label(node) -> str:
     return repr(node.name) if node.name else f"<unnamed {node.op_type} -> {list(node.output)[:1]}>"
 
 
-__all__ = ["read_model", "default_opset", "op_version", "Graph", "subgraphs", "all_graphs", "node_label"]
+
+
+def aborts_shape_inference(node) -> bool:
+    """True for a node on which onnx's C++ shape inference asserts and aborts the whole process
+    (not an exception: SIGABRT). Seen with onnx 1.23: a ``Split`` with more outputs than its
+    ``num_outputs`` attribute. Callers skip inference (or refuse the node) when this is True."""
+    if node.op_type == "Split" and node.domain in ("", "ai.onnx"):
+        for a in node.attribute:
+            if a.name == "num_outputs" and a.i != len(node.output):
+                return True
+    return False
+
+
+def graph_aborts_shape_inference(proto) -> bool:
+    """``aborts_shape_inference`` over every node of a graph and its subgraphs."""
+    from onnx import AttributeProto
+
+    stack = [proto]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            if aborts_shape_inference(node):
+                return True
+            for a in node.attribute:
+                if a.type == AttributeProto.GRAPH:
+                    stack.append(a.g)
+                elif a.type == AttributeProto.GRAPHS:
+                    stack.extend(a.graphs)
+    return False
+
+
+__all__ = ["read_model", "default_opset", "op_version", "Graph", "subgraphs", "all_graphs", "node_label",
+           "aborts_shape_inference", "graph_aborts_shape_inference"]

@@ -27,6 +27,7 @@ something lstm-cpu cannot run; nothing else escapes.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import List, Optional
 
 import numpy as np
@@ -39,22 +40,40 @@ from .onnx_found import Found
 from .onnx_functions import inline_local_functions
 from .onnx_graph import read_model
 from .onnx_lstm_op import ONNX_GATE_ORDER, ORT_ACTIVATION_DEFAULTS, SUPPORTED_VERSIONS, is_lstm
+from .onnx_cells import find_cells
 from .onnx_operators import find_operators
 
 
 #: The finders run on every ONNX file, in order (see :mod:`.onnx_found` for the contract).
-FINDERS = (find_operators,)
+FINDERS = (find_operators, find_cells)
+
+
+def _run_finders(model, folder, label) -> List[Found]:
+    """Every finder's candidates. A finder that refuses what it matched (a cell that fails its
+    self-check, say) does not hide another finder's good candidates: its error is raised only when
+    nothing was found, and otherwise reported as a warning naming what was left out."""
+    found, refused = [], []
+    for finder in FINDERS:
+        try:
+            found += finder(model, folder, label)
+        except (FormatError, UnsupportedModelError) as exc:
+            refused.append(exc)
+    if refused and not found:
+        raise refused[0]
+    for exc in refused:
+        warnings.warn(f"lstm-cpu: left out of the candidates: {exc}", stacklevel=4)
+    return found
 
 
 def _find_all(model, folder, label):
     """(every Found of every finder, whether model-local functions had to be inlined)."""
-    found = [f for finder in FINDERS for f in finder(model, folder, label)]
+    found = _run_finders(model, folder, label)
     if found:
         return found, False
     flat = inline_local_functions(model, label, is_lstm)
     if flat is None:
         return found, False
-    return [f for finder in FINDERS for f in finder(flat, folder, label)], True
+    return _run_finders(flat, folder, label), True
 
 
 def _pick(found: List[Found], node, label) -> Found:

@@ -654,3 +654,31 @@ def test_fuzz_mutated_cells():
         checked += sum(_oracle_check(m, f) for f in found)
     # The mutations must reach every outcome: refusals, and recoveries checked against onnxruntime.
     assert checked >= 10 and "UnsupportedModelError" in outcomes, (checked, Counter(outcomes))
+
+
+def test_cells_are_found_by_inspect_and_load(tmp_path):
+    """The cell finder is one of the ONNX importer's FINDERS: lstm_cpu.inspect lists the cell and
+    lstm_cpu.load (by path, and by node=name) streams it like torch's nn.LSTMCell."""
+    import torch
+
+    import lstm_cpu
+
+    torch.manual_seed(3)
+    cell = torch.nn.LSTMCell(5, 7)
+    path = tmp_path / "cell.onnx"
+    torch.onnx.export(cell, (torch.randn(1, 5), (torch.zeros(1, 7), torch.zeros(1, 7))), str(path),
+                      dynamo=False, input_names=["x", "h", "c"])
+    (cand,) = lstm_cpu.inspect(path)
+    assert (cand.kind, cand.input_size, cand.hidden_size) == ("cell", 5, 7)
+    xs = torch.randn(50, 5)
+    h, c = torch.zeros(1, 7), torch.zeros(1, 7)
+    want = []
+    with torch.no_grad():
+        for t in range(50):
+            h, c = cell(xs[t:t + 1], (h, c))
+            want.append(h[0].numpy())
+    for m in (lstm_cpu.load(path), lstm_cpu.load(path, node=cand.name)):
+        s = m.stream()
+        got = np.stack([s.step(xs[t].numpy()) for t in range(50)])
+        np.testing.assert_allclose(got, np.stack(want), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(s.state[1][0], c[0].numpy(), atol=2e-6, rtol=0)
