@@ -1,0 +1,680 @@
+"""Gate-product kernels over reduced-precision weights: int8 and 16-bit.
+
+Each kernel computes a range of *panels* of the gate product ``acc (C,) = W (K, C)^T z (K,)``
+for one (layer, direction); a panel is 16 consecutive columns of ``W`` (the packed layouts are
+in ``quant.py``; the gate blocks i, f, g, o are each ``Hp`` wide, ``Hp`` a multiple of 16, so a
+unit range of the lead's parallel split is four panel ranges). Kernels are plain ``@njit``
+functions over arrays and scalars and trust their callers; ``quant.py`` validates.
+
+Variants (numbered side by side, as bench/quant_probe.py times them)
+--------------------------------------------------------------------
+* ``i8_vnni``  int8 weights x uint8 activations -> int32 (the activations quantized per step,
+  as onnxruntime's DynamicQuantizeLSTM does), one AVX-512 VNNI ``vpdpbusd`` per 16 columns x
+  4 rows. Weights ``Wq4 (P, K4, 64)`` int8: panel-major, so one panel streams contiguously, and
+  within a row quad the 16 columns x 4 consecutive rows that ``vpdpbusd`` wants. Four
+  independent accumulators per panel (rows quads q, q+1, q+2, q+3 interleaved; integer sums,
+  so the order does not matter and the result is exact). PERF_NOTES measured one dependency
+  chain at 73 G MAC/s.
+* ``i8_vnni256`` the same with 256-bit ``vpdpbusd`` (AVX512VL or AVX-VNNI; LLVM picks the
+  VEX encoding when only AVX-VNNI is present), 8 columns per instruction.
+* ``i8_portable`` the same arithmetic as plain loops (no intrinsic): for machines without VNNI
+  and as the reference the VNNI path is tested against (int32 results are exactly equal).
+* ``i8a16_vnni`` int8 weights x 16-bit activations: the activations quantized per step to
+  16 bits and split into two byte digits, two ``vpdpbusd`` per weight load (one per digit).
+  Activation error ~1/65534 of the range instead of 1/254: the accuracy of float activations
+  at the speed of the int8 path where the product is memory-bound. ``i8a16_portable``: its
+  plain twin.
+* ``fma_panels`` weights converted in the loop, FMA with float32 activations; ``Wp (P, K, 16)``
+  whose dtype tells the format: int8 values (sign-extend, convert), uint16 IEEE half bit
+  patterns (LLVM ``fpext half`` -> F16C ``vcvtph2ps``) or int16 bfloat16 bit patterns
+  (``<< 16``, exact).
+* ``bf16_dp``  bfloat16 weights as pairs ``Wb2 (P, K2, 32)`` and AVX512_BF16 ``vdpbf16ps``;
+  the float32 activations are split into ``hi + lo`` bfloat16 parts (two dot instructions),
+  so the activations lose ~2^-16 instead of bf16's 2^-9.
+
+Assembly (``dispatcher.inspect_asm(sig)``, LLVM 22 / znver4 target, checked on AMD EPYC Zen 5)
+---------------------------------------------------------------------------------------------
+See :func:`asm_report`; what we saw is recorded at the end of this docstring by the author:
+
+ASM_NOTES
+
+Runtime selection
+-----------------
+Instructions the host lacks make LLVM fail at compile time ("Cannot select") or the CPU fault at
+run time, so a SIMD kernel is only ever *compiled* after :func:`host_features` says the target
+has the feature (Numba's own target features, which honour ``NUMBA_CPU_NAME`` /
+``NUMBA_CPU_FEATURES``). :func:`select` returns the fastest variant the host supports.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+from . import _config
+from .kernels import _tanh_f32
+
+_FLAGS = dict(nogil=True, cache=_config.CACHE, fastmath=_config.FASTMATH, error_model="numpy")
+
+#: columns per panel (one zmm of int32 or float32)
+PANEL = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Host features
+# ---------------------------------------------------------------------------------------------
+def host_features() -> frozenset:
+    """The CPU features Numba compiles for (e.g. ``{"avx2", "avx512vnni", ...}``)."""
+    try:
+        from numba.core.registry import cpu_target
+
+        feats = cpu_target.target_context.codegen()._tm_features
+        on = {f[1:] for f in feats.split(",") if f.startswith("+")}
+        if on:
+            return frozenset(on)
+    except Exception:  # pragma: no cover - a Numba without these internals
+        pass
+    import llvmlite.binding as llvm
+
+    return frozenset(k for k, v in llvm.get_host_cpu_features().items() if v)
+
+
+def has_vnni512(feats=None) -> bool:
+    f = host_features() if feats is None else feats
+    return {"avx512f", "avx512bw", "avx512vnni"} <= f
+
+
+def has_vnni256(feats=None) -> bool:
+    f = host_features() if feats is None else feats
+    return "avxvnni" in f or {"avx512vl", "avx512vnni"} <= f
+
+
+def has_avx512(feats=None) -> bool:
+    f = host_features() if feats is None else feats
+    return {"avx512f", "avx512bw"} <= f
+
+
+def has_bf16dp(feats=None) -> bool:
+    f = host_features() if feats is None else feats
+    return {"avx512f", "avx512bf16"} <= f
+
+
+def has_f16c(feats=None) -> bool:
+    f = host_features() if feats is None else feats
+    return "f16c" in f
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny SIMD vector type for Numba: an LLVM <n x T> value kept in registers across a loop
+# ---------------------------------------------------------------------------------------------
+class VecType(types.Type):
+    def __init__(self, dtype, n):
+        self.dtype = dtype
+        self.n = n
+        super().__init__(name=f"Vec{n}x{dtype}")
+
+
+@register_model(VecType)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        be = ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), fe_type.n)
+        super().__init__(dmm, fe_type, be)
+
+
+@intrinsic
+def _u32_as_f32(typingctx, x):
+    """The float32 with the bit pattern of uint32 x."""
+    return types.float32(types.uint32), lambda ctx, b, sig, args: b.bitcast(args[0], _F32)
+
+
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` (llvmlite.ir has no class for it; the IR is textual)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_I32 = ir.IntType(32)
+_I16 = ir.IntType(16)
+_I8 = ir.IntType(8)
+_F32 = ir.FloatType()
+
+
+def _ptr(context, builder, arrty, arr, idx, elem_ptr_type):
+    """&arr[idx] (1-D, C-contiguous) bitcast to ``elem_ptr_type``."""
+    ary = context.make_array(arrty)(context, builder, arr)
+    p = builder.gep(ary.data, [idx])
+    return builder.bitcast(p, elem_ptr_type)
+
+
+def _splat(builder, value, vty):
+    undef = ir.Constant(vty, ir.Undefined)
+    v = builder.insert_element(undef, value, ir.Constant(_I32, 0))
+    mask = ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count)
+    return builder.shuffle_vector(v, undef, mask)
+
+
+def _load(builder, ptr, align):
+    v = builder.load(ptr)
+    v.align = align
+    return v
+
+
+def _vec_ops(n):
+    """Intrinsics on <n x i32> / <n x float> (n = 16: zmm, n = 8: ymm)."""
+    VI = VecType(types.int32, n)
+    VF = VecType(types.float32, n)
+    li = ir.VectorType(_I32, n)
+    lf = ir.VectorType(_F32, n)
+    ops = {}
+
+    @intrinsic
+    def zero_i(typingctx):
+        return VI(), lambda ctx, b, sig, args: ir.Constant(li, None)
+
+    @intrinsic
+    def zero_f(typingctx):
+        return VF(), lambda ctx, b, sig, args: ir.Constant(lf, None)
+
+    @intrinsic
+    def load_i(typingctx, arr, i):
+        """n int32 lanes from the 4n bytes at arr[i] (any 1-byte or 4-byte array)."""
+
+        def cg(ctx, b, sig, args):
+            return _load(b, _ptr(ctx, b, sig.args[0], args[0], args[1], li.as_pointer()), 1)
+
+        return VI(arr, i), cg
+
+    @intrinsic
+    def bcast4(typingctx, arr, i):
+        """The 4 bytes arr[i:i+4] as one int32, in every lane."""
+
+        def cg(ctx, b, sig, args):
+            v = _load(b, _ptr(ctx, b, sig.args[0], args[0], args[1], _I32.as_pointer()), 1)
+            return _splat(b, v, li)
+
+        return VI(arr, i), cg
+
+    @intrinsic
+    def dpbusd(typingctx, acc, a, w):
+        """acc + sum over 4 byte pairs of u8(a) * s8(w), per int32 lane (vpdpbusd)."""
+        name = "llvm.x86.avx512.vpdpbusd.512" if n == 16 else "llvm.x86.avx512.vpdpbusd.256"
+
+        def cg(ctx, b, sig, args):
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(li, [li, li, li]), name)
+            return b.call(fn, args)
+
+        return VI(VI, VI, VI), cg
+
+    @intrinsic
+    def add_i(typingctx, a, c):
+        return VI(VI, VI), lambda ctx, b, sig, args: b.add(args[0], args[1])
+
+    @intrinsic
+    def add_f(typingctx, a, c):
+        return VF(VF, VF), lambda ctx, b, sig, args: b.fadd(args[0], args[1])
+
+    @intrinsic
+    def store_i(typingctx, arr, i, v):
+        def cg(ctx, b, sig, args):
+            st = b.store(args[2], _ptr(ctx, b, sig.args[0], args[0], args[1], li.as_pointer()))
+            st.align = 4
+            return ctx.get_dummy_value()
+
+        return types.none(arr, i, VI), cg
+
+    @intrinsic
+    def store_f(typingctx, arr, i, v):
+        def cg(ctx, b, sig, args):
+            st = b.store(args[2], _ptr(ctx, b, sig.args[0], args[0], args[1], lf.as_pointer()))
+            st.align = 4
+            return ctx.get_dummy_value()
+
+        return types.none(arr, i, VF), cg
+
+    @intrinsic
+    def bcast_f(typingctx, x):
+        def cg(ctx, b, sig, args):
+            return _splat(b, args[0], lf)
+
+        return VF(types.float32), cg
+
+    @intrinsic
+    def bcast_ld_f(typingctx, arr, i):
+        """arr[i] (float32) in every lane; a raw load, without Numba's negative-index wraparound
+        (which costs four scalar instructions per use in these loops)."""
+
+        def cg(ctx, b, sig, args):
+            v = _load(b, _ptr(ctx, b, sig.args[0], args[0], args[1], _F32.as_pointer()), 4)
+            return _splat(b, v, lf)
+
+        return VF(arr, i), cg
+
+    @intrinsic
+    def fma_f(typingctx, a, x, c):
+        """a * x + c, fused (llvm.fma)."""
+        name = f"llvm.fma.v{n}f32"
+
+        def cg(ctx, b, sig, args):
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(lf, [lf, lf, lf]), name)
+            return b.call(fn, args)
+
+        return VF(VF, VF, VF), cg
+
+    @intrinsic
+    def load_wf(typingctx, arr, i):
+        """n weights at arr[i] -> n float32, the format told by the array's dtype: int8 values,
+        uint16 IEEE half bit patterns (F16C vcvtph2ps) or int16 bfloat16 bit patterns (<< 16)."""
+        dt = arr.dtype
+
+        def cg(ctx, b, sig, args):
+            if dt == types.int8:
+                v = _load(b, _ptr(ctx, b, sig.args[0], args[0], args[1], ir.VectorType(_I8, n).as_pointer()), 1)
+                return b.sitofp(b.sext(v, li), lf)
+            v = _load(b, _ptr(ctx, b, sig.args[0], args[0], args[1], ir.VectorType(_I16, n).as_pointer()), 2)
+            if dt == types.uint16:
+                return b.fpext(b.bitcast(v, ir.VectorType(ir.HalfType(), n)), lf)
+            return b.bitcast(b.shl(b.zext(v, li), ir.Constant(li, [16] * n)), lf)
+
+        if dt not in (types.int8, types.uint16, types.int16):
+            return None
+        return VF(arr, i), cg
+
+    @intrinsic
+    def dpbf16(typingctx, acc, a, w):
+        """acc + a[2j] * w[2j] + a[2j+1] * w[2j+1] per float lane, a and w as int32 lanes that
+        each hold two bfloat16 (vdpbf16ps)."""
+        lb = ir.VectorType(_BFloat(), 2 * n)
+        name = "llvm.x86.avx512bf16.dpbf16ps.512" if n == 16 else "llvm.x86.avx512bf16.dpbf16ps.256"
+
+        def cg(ctx, b, sig, args):
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(lf, [lf, lb, lb]), name)
+            return b.call(fn, [args[0], b.bitcast(args[1], lb), b.bitcast(args[2], lb)])
+
+        return VF(VF, VI, VI), cg
+
+    for k, v in list(locals().items()):
+        if k in ("zero_i", "zero_f", "load_i", "bcast4", "dpbusd", "add_i", "add_f", "store_i",
+                 "store_f", "bcast_f", "bcast_ld_f", "fma_f", "load_wf", "dpbf16"):
+            ops[k] = v
+    return ops
+
+
+_V16 = _vec_ops(16)
+_V8 = _vec_ops(8)
+_zi, _zf, _ldi, _bc4, _dp = _V16["zero_i"], _V16["zero_f"], _V16["load_i"], _V16["bcast4"], _V16["dpbusd"]
+_addi, _addf, _sti, _stf = _V16["add_i"], _V16["add_f"], _V16["store_i"], _V16["store_f"]
+_bcl, _fma, _ldw, _dpbf = _V16["bcast_ld_f"], _V16["fma_f"], _V16["load_wf"], _V16["dpbf16"]
+_zi8, _ldi8, _bc48, _dp8, _addi8, _sti8 = (_V8["zero_i"], _V8["load_i"], _V8["bcast4"], _V8["dpbusd"],
+                                           _V8["add_i"], _V8["store_i"])
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 x uint8 -> int32 (activations quantized per step)
+# ---------------------------------------------------------------------------------------------
+@njit(**_FLAGS)
+def i8_vnni(Wq4, zq, q0, q1, p0, p1, out):
+    """out[16p : 16p+16] (int32) = sum over row quads q in [q0, q1) of zq[4q:4q+4] . Wq4[p, q],
+    for panels p in [p0, p1).
+
+    Wq4 (P, K4, 64) int8: Wq4[p, q, 4j + r] = W[4q + r, 16p + j]; zq (4*K4,) uint8; out (16P,) int32.
+    """
+    K4 = Wq4.shape[1]
+    W = Wq4.reshape(Wq4.size)  # (P*K4*64,) flat view: byte offsets below
+    for p in range(p0, p1):
+        base = p * K4 * 64
+        a0 = _zi()
+        a1 = _zi()
+        a2 = _zi()
+        a3 = _zi()
+        q = q0
+        while q + 4 <= q1:
+            o = base + q * 64
+            a0 = _dp(a0, _bc4(zq, 4 * q), _ldi(W, o))
+            a1 = _dp(a1, _bc4(zq, 4 * q + 4), _ldi(W, o + 64))
+            a2 = _dp(a2, _bc4(zq, 4 * q + 8), _ldi(W, o + 128))
+            a3 = _dp(a3, _bc4(zq, 4 * q + 12), _ldi(W, o + 192))
+            q += 4
+        while q < q1:
+            a0 = _dp(a0, _bc4(zq, 4 * q), _ldi(W, base + q * 64))
+            q += 1
+        _sti(out, 16 * p, _addi(_addi(a0, a1), _addi(a2, a3)))
+
+
+@njit(**_FLAGS)
+def i8_vnni256(Wq4, zq, q0, q1, p0, p1, out):
+    """:func:`i8_vnni` with 256-bit ``vpdpbusd`` (two 8-column halves per panel)."""
+    K4 = Wq4.shape[1]
+    W = Wq4.reshape(Wq4.size)
+    for p in range(p0, p1):
+        base = p * K4 * 64
+        a0 = _zi8()
+        a1 = _zi8()
+        b0 = _zi8()
+        b1 = _zi8()
+        q = q0
+        while q + 2 <= q1:
+            o = base + q * 64
+            z0 = _bc48(zq, 4 * q)
+            z1 = _bc48(zq, 4 * q + 4)
+            a0 = _dp8(a0, z0, _ldi8(W, o))
+            b0 = _dp8(b0, z0, _ldi8(W, o + 32))
+            a1 = _dp8(a1, z1, _ldi8(W, o + 64))
+            b1 = _dp8(b1, z1, _ldi8(W, o + 96))
+            q += 2
+        while q < q1:
+            o = base + q * 64
+            z0 = _bc48(zq, 4 * q)
+            a0 = _dp8(a0, z0, _ldi8(W, o))
+            b0 = _dp8(b0, z0, _ldi8(W, o + 32))
+            q += 1
+        _sti8(out, 16 * p, _addi8(a0, a1))
+        _sti8(out, 16 * p + 8, _addi8(b0, b1))
+
+
+@njit(**_FLAGS)
+def i8_portable(Wq4, zq, q0, q1, p0, p1, out):
+    """:func:`i8_vnni` as plain loops: any CPU. Same int32 results, exactly."""
+    for p in range(p0, p1):
+        acc = np.zeros(16, dtype=np.int32)
+        for q in range(q0, q1):
+            for j in range(16):
+                s = np.int32(0)
+                for r in range(4):
+                    s += np.int32(zq[4 * q + r]) * np.int32(Wq4[p, q, 4 * j + r])
+                acc[j] += s
+        for j in range(16):
+            out[16 * p + j] = acc[j]
+
+
+@njit(**_FLAGS)
+def quantize_u8(z, k0, k1, zq, d0):
+    """zq[d0 : d0 + k1-k0] = rint(z[k0:k1] / s) + 128 (uint8, symmetric, zero point 128), with
+    s = max|z[k0:k1]| / 127; returns s (1.0 for an all-zero segment; NaN/Inf as
+    :func:`quantize_a16`)."""
+    m = _absmax(z, k0, k1)
+    s = np.float32(1.0) if m == 0 else m / np.float32(127.0)
+    inv = np.float32(1.0) / s
+    lo_ = np.float32(-127.0)
+    hi_ = np.float32(127.0)
+    for k in range(k0, k1):
+        v = np.rint(z[k] * inv)
+        v = lo_ if v < lo_ else v
+        v = hi_ if v > hi_ else v
+        zq[d0 + k - k0] = np.uint8(np.int32(v) + 128)
+    return s
+
+
+@njit(**_FLAGS)
+def _absmax(z, k0, k1):
+    """max |z[k0:k1]| as float32; NaN if any element is NaN. An integer max over the bit patterns
+    with the sign cleared (ordered like the floats, NaN above Inf), which vectorises."""
+    b = z.view(np.uint32)
+    m = np.uint32(0)
+    for k in range(k0, k1):
+        v = b[k] & np.uint32(0x7FFFFFFF)
+        m = v if v > m else m
+    return _u32_as_f32(m)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 weights x 16-bit activations (two byte digits; activation error ~1/65534 of the range)
+# ---------------------------------------------------------------------------------------------
+@njit(**_FLAGS)
+def i8a16_vnni(Wq4, zhi, zlo, q0, q1, p0, p1, ohi, olo):
+    """int8 weights x 16-bit activations as two byte digits, one weight load for both:
+    ohi[16p + j] = sum_q zhi[4q:4q+4] . Wq4[p, q, 4j:4j+4] and olo likewise with zlo, for row
+    quads q in [q0, q1) and panels p in [p0, p1). Wq4 (P, K4, 64) int8; zhi, zlo (4*K4,) uint8
+    (see :func:`quantize_a16`); ohi, olo (16P,) int32. Eight independent accumulators."""
+    K4 = Wq4.shape[1]
+    W = Wq4.reshape(Wq4.size)
+    for p in range(p0, p1):
+        base = p * K4 * 64
+        h0 = _zi()
+        h1 = _zi()
+        h2 = _zi()
+        h3 = _zi()
+        l0 = _zi()
+        l1 = _zi()
+        l2 = _zi()
+        l3 = _zi()
+        q = q0
+        while q + 4 <= q1:
+            o = base + q * 64
+            w0 = _ldi(W, o)
+            w1 = _ldi(W, o + 64)
+            w2 = _ldi(W, o + 128)
+            w3 = _ldi(W, o + 192)
+            h0 = _dp(h0, _bc4(zhi, 4 * q), w0)
+            l0 = _dp(l0, _bc4(zlo, 4 * q), w0)
+            h1 = _dp(h1, _bc4(zhi, 4 * q + 4), w1)
+            l1 = _dp(l1, _bc4(zlo, 4 * q + 4), w1)
+            h2 = _dp(h2, _bc4(zhi, 4 * q + 8), w2)
+            l2 = _dp(l2, _bc4(zlo, 4 * q + 8), w2)
+            h3 = _dp(h3, _bc4(zhi, 4 * q + 12), w3)
+            l3 = _dp(l3, _bc4(zlo, 4 * q + 12), w3)
+            q += 4
+        while q < q1:
+            w0 = _ldi(W, base + q * 64)
+            h0 = _dp(h0, _bc4(zhi, 4 * q), w0)
+            l0 = _dp(l0, _bc4(zlo, 4 * q), w0)
+            q += 1
+        _sti(ohi, 16 * p, _addi(_addi(h0, h1), _addi(h2, h3)))
+        _sti(olo, 16 * p, _addi(_addi(l0, l1), _addi(l2, l3)))
+
+
+@njit(**_FLAGS)
+def i8a16_portable(Wq4, zhi, zlo, q0, q1, p0, p1, ohi, olo):
+    """:func:`i8a16_vnni` as plain loops (two passes of :func:`i8_portable`): any CPU, same int32."""
+    i8_portable(Wq4, zhi, q0, q1, p0, p1, ohi)
+    i8_portable(Wq4, zlo, q0, q1, p0, p1, olo)
+
+
+@njit(**_FLAGS)
+def quantize_a16(z, k0, k1, zhi, zlo, d0):
+    """16-bit symmetric quantization of z[k0:k1] as two byte digits at zhi/zlo[d0 : d0 + k1-k0]:
+    v = rint(z / s) in [-32767, 32767], s = max|z| / 32767, v = 256 * hi + lo with lo in
+    [0, 255]; zhi = hi + 128 (uint8), zlo = lo. Then sum_k v_k w_k = 256 * (dot(zhi, w) - 128 *
+    colsum) + dot(zlo, w), exactly. Returns s: 1.0 for an all-zero segment; NaN or Inf if z holds
+    one (the digits are then meaningless and the caller's s * dot is NaN: a non-finite input
+    makes the quantized step NaN)."""
+    m = _absmax(z, k0, k1)
+    s = np.float32(1.0) if m == 0 else m / np.float32(32767.0)
+    inv = np.float32(1.0) / s
+    lo_ = np.float32(-32767.0)
+    hi_ = np.float32(32767.0)
+    for k in range(k0, k1):
+        v = np.rint(z[k] * inv)
+        v = lo_ if v < lo_ else v
+        v = hi_ if v > hi_ else v
+        iv = np.int32(v) + 32768  # [1, 65535]: hi + 128 = iv >> 8, lo = iv & 255
+        zhi[d0 + k - k0] = np.uint8(iv >> 8)
+        zlo[d0 + k - k0] = np.uint8(iv & 255)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Reduced weights x float32 activations (weights converted in the loop)
+# ---------------------------------------------------------------------------------------------
+@njit(**_FLAGS)
+def fma_panels(Wp, z, k0, k1, p0, p1, out):
+    """out[16p : 16p+16] (float32) = sum over rows k in [k0, k1) of z[k] * float(Wp[p, k]), for
+    panels p in [p0, p1). Wp (P, K, 16): int8 values (the caller applies the column scales),
+    uint16 IEEE half or int16 bfloat16 bit patterns (the dtype says which); z (K,) float32."""
+    K = Wp.shape[1]
+    W = Wp.reshape(Wp.size)
+    for p in range(p0, p1):
+        base = p * K * 16
+        a0 = _zf()
+        a1 = _zf()
+        a2 = _zf()
+        a3 = _zf()
+        k = k0
+        while k + 4 <= k1:
+            o = base + k * 16
+            a0 = _fma(_ldw(W, o), _bcl(z, k), a0)
+            a1 = _fma(_ldw(W, o + 16), _bcl(z, k + 1), a1)
+            a2 = _fma(_ldw(W, o + 32), _bcl(z, k + 2), a2)
+            a3 = _fma(_ldw(W, o + 48), _bcl(z, k + 3), a3)
+            k += 4
+        while k < k1:
+            a0 = _fma(_ldw(W, base + k * 16), _bcl(z, k), a0)
+            k += 1
+        _stf(out, 16 * p, _addf(_addf(a0, a1), _addf(a2, a3)))
+
+
+@njit(**_FLAGS)
+def bf16_dp(Wb2, zhi, zlo, q0, q1, p0, p1, out):
+    """out[16p : 16p+16] = sum over row pairs q in [q0, q1) of (zhi + zlo)[2q:2q+2] . Wb2[p, q],
+    with ``vdpbf16ps``. Wb2 (P, K2, 32) uint16 bfloat16: Wb2[p, q, 2j + r] = W[2q + r, 16p + j];
+    zhi, zlo (2*K2,) uint16 bfloat16: the activations' rounded high part and the rest."""
+    K2 = Wb2.shape[1]
+    W = Wb2.reshape(Wb2.size)
+    for p in range(p0, p1):
+        base = p * K2 * 32
+        a0 = _zf()
+        a1 = _zf()
+        a2 = _zf()
+        a3 = _zf()
+        q = q0
+        while q + 2 <= q1:
+            o = base + q * 32
+            w0 = _ldi(W, o)
+            w1 = _ldi(W, o + 32)
+            a0 = _dpbf(a0, _bc4(zhi, 2 * q), w0)
+            a1 = _dpbf(a1, _bc4(zlo, 2 * q), w0)
+            a2 = _dpbf(a2, _bc4(zhi, 2 * q + 2), w1)
+            a3 = _dpbf(a3, _bc4(zlo, 2 * q + 2), w1)
+            q += 2
+        while q < q1:
+            w0 = _ldi(W, base + q * 32)
+            a0 = _dpbf(a0, _bc4(zhi, 2 * q), w0)
+            a1 = _dpbf(a1, _bc4(zlo, 2 * q), w0)
+            q += 1
+        _stf(out, 16 * p, _addf(_addf(a0, a1), _addf(a2, a3)))
+
+
+@njit(**_FLAGS)
+def deq_portable(W16, z, k0, k1, p0, p1, out):
+    """:func:`fma_panels` on float32 weights (P, K, 16) already converted: any CPU."""
+    for p in range(p0, p1):
+        acc = np.zeros(16, dtype=np.float32)
+        for k in range(k0, k1):
+            zk = z[k]
+            for j in range(16):
+                acc[j] += W16[p, k, j] * zk
+        for j in range(16):
+            out[16 * p + j] = acc[j]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gate pre-activations of one (layer, direction) and a whole unidirectional stack step
+# ---------------------------------------------------------------------------------------------
+# The product kernel is passed in as an argument (a Numba dispatcher): each choice compiles its
+# own specialization, so a host without VNNI never compiles (or runs) the VNNI code.
+@njit(**_FLAGS)
+def i8_gates(kern, Wq4, z, krows, qrows, sw, colsum, bias, zq, iacc, acc):
+    """acc (C,) <- bias + sum over row segments s of sz_s * sw[s] * (dot_s - 128 * colsum[s]),
+    the activations z (K,) quantized per segment (:func:`quantize_u8`) into zq (4*K4,) uint8.
+
+    krows, qrows (S+1,) segment bounds in rows and in row quads; sw (S, C) float32 weight scales;
+    colsum (S, C) int32; bias (C,) float32; iacc (C,) int32 scratch; kern: i8_vnni | i8_vnni256 |
+    i8_portable. Quad padding bytes of zq: any value (their weights are 0)."""
+    C = acc.shape[0]
+    acc[:] = bias
+    for s in range(krows.shape[0] - 1):
+        sz = quantize_u8(z, krows[s], krows[s + 1], zq, 4 * qrows[s])
+        kern(Wq4, zq, qrows[s], qrows[s + 1], 0, C // PANEL, iacc)
+        for j in range(C):
+            acc[j] += (sz * sw[s, j]) * np.float32(iacc[j] - 128 * colsum[s, j])
+
+
+@njit(**_FLAGS)
+def i8a16_gates(kern, Wq4, z, krows, qrows, sw, colsum, bias, zhi, zlo, ihi, ilo, acc):
+    """:func:`i8_gates` with 16-bit activations (:func:`quantize_a16`): acc (C,) <- bias + sum
+    over segments s of sz_s * sw[s] * (256 * (dot_hi - 128 * colsum[s]) + dot_lo). kern:
+    i8a16_vnni | i8a16_portable; zhi, zlo (4*K4,) uint8; ihi, ilo (C,) int32 scratch."""
+    C = acc.shape[0]
+    acc[:] = bias
+    for s in range(krows.shape[0] - 1):
+        sz = quantize_a16(z, krows[s], krows[s + 1], zhi, zlo, 4 * qrows[s])
+        kern(Wq4, zhi, zlo, qrows[s], qrows[s + 1], 0, C // PANEL, ihi, ilo)
+        for j in range(C):
+            d = np.float32(256.0) * np.float32(ihi[j] - 128 * colsum[s, j]) + np.float32(ilo[j])
+            acc[j] += (sz * sw[s, j]) * d
+
+
+@njit(**_FLAGS)
+def w_gates(kern, Wp, z, krows, sw, bias, facc, acc):
+    """acc (C,) <- bias + sum over row segments s of sw[s] * (Wp^T z over the segment's rows)
+    with float32 activations: ``fma_panels`` (int8 with sw the column scales, or 16-bit with sw
+    ones) or ``deq_portable``. Wp (P, K, 16); facc (C,) float32 scratch."""
+    C = acc.shape[0]
+    acc[:] = bias
+    for s in range(krows.shape[0] - 1):
+        kern(Wp, z, krows[s], krows[s + 1], 0, C // PANEL, facc)
+        for j in range(C):
+            acc[j] += sw[s, j] * facc[j]
+
+
+@njit(**_FLAGS)
+def cells(acc, c, h):
+    """Default LSTM cell (sigmoid, tanh, tanh; gates i, f, g, o each Hp wide in acc (4*Hp,)):
+    c (Hp,) updated in place, h (H,) <- o * tanh(c)[:H]. The float32 rational tanh of kernels.py."""
+    hp = c.shape[0]
+    half = np.float32(0.5)
+    for u in range(h.shape[0]):  # padded units never feed a real one: skipped
+        i = half * _tanh_f32(half * acc[u]) + half
+        f = half * _tanh_f32(half * acc[hp + u]) + half
+        cn = f * c[u] + i * _tanh_f32(acc[2 * hp + u])
+        c[u] = cn
+        h[u] = (half * _tanh_f32(half * acc[3 * hp + u]) + half) * _tanh_f32(cn)
+
+
+@njit(**_FLAGS)
+def load_z(l, x, h, z):
+    """z <- [input of layer l | h[l]]: x (I,) for layer 0, else h[l-1]; h (L, H)."""
+    H = h.shape[1]
+    kin = x.shape[0] if l == 0 else H
+    for k in range(kin):
+        z[k] = x[k] if l == 0 else h[l - 1, k]
+    for k in range(H):
+        z[kin + k] = h[l, k]
+
+
+# Whole steps of a unidirectional stack, for the probe and the tests: x (I,); per layer l
+# (tuples): weights, sws[l] (S, C), colsums[l] (S, C) int32, biases[l] (C,); krows, qrows (L, S+1);
+# h (L, H), c (L, Hp) the state, updated (the output is h[L-1]); the rest scratch: z (Kmax,)
+# float32, zq/zhi/zlo (4*K4max,) uint8, iacc/ihi/ilo (C,) int32, facc/acc (C,) float32.
+@njit(**_FLAGS)
+def i8_stack_step(kern, x, Wq4s, krows, qrows, sws, colsums, biases, h, c, z, zq, iacc, acc):
+    for l in range(h.shape[0]):
+        load_z(l, x, h, z)
+        i8_gates(kern, Wq4s[l], z, krows[l], qrows[l], sws[l], colsums[l], biases[l], zq, iacc, acc)
+        cells(acc, c[l], h[l])
+
+
+@njit(**_FLAGS)
+def i8a16_stack_step(kern, x, Wq4s, krows, qrows, sws, colsums, biases, h, c, z, zhi, zlo, ihi, ilo, acc):
+    for l in range(h.shape[0]):
+        load_z(l, x, h, z)
+        i8a16_gates(kern, Wq4s[l], z, krows[l], qrows[l], sws[l], colsums[l], biases[l], zhi, zlo,
+                    ihi, ilo, acc)
+        cells(acc, c[l], h[l])
+
+
+@njit(**_FLAGS)
+def w_stack_step(kern, x, Wps, krows, sws, biases, h, c, z, facc, acc):
+    for l in range(h.shape[0]):
+        load_z(l, x, h, z)
+        w_gates(kern, Wps[l], z, krows[l], sws[l], biases[l], facc, acc)
+        cells(acc, c[l], h[l])

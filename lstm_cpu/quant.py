@@ -1,0 +1,231 @@
+"""Reduced-precision weights: int8 quantization, float16 / bfloat16 conversion and the packed
+layouts that the kernels in ``kernels_quant.py`` read.
+
+Everything starts from one fused, transposed gate matrix per (layer, direction), the form the
+float32 kernels read (``layout.py``)::
+
+    W (K, C)   K = in + out rows (the concatenated [x | h_prev]), C = 4 * Hp columns,
+               gate blocks i, f, g, o each Hp wide, Hp a multiple of 16 (PANEL)
+
+int8
+----
+Symmetric, per output channel: one scale per column of ``W`` over all its K fused rows,
+``scale[c] = max_k |W[k, c]| / 127`` and ``Wq = rint(W / scale)`` in [-127, 127] (round half to
+even; -128 is never used, so ``-Wq`` is representable and the VNNI sums cannot overflow: see
+:func:`check_int32_range`). An all-zero column gets scale 1.
+
+onnxruntime's ``DynamicQuantizeLSTM`` scales the input rows (``W``) and the recurrent rows
+(``R``) separately, so a quantized matrix here carries *segment* scales: ``scale (S, C)`` for
+``S`` row segments (1 for our own conversion, 2 for an imported node), with the segment bounds
+``rows (S + 1,)``. The kernels compute each segment's int32 (or float) sum separately and the
+float epilogue combines them.
+
+Activations (the ``i8_vnni`` path) are quantized per step and per segment, symmetric with zero
+point 128 (``kernels_quant.quantize_u8``): ``zq = rint(z / sz) + 128``, ``sz = max|z| / 127``. Then
+``sum_k zq[k] Wq[k, c] = sum_k (z[k]/sz) Wq[k, c] + 128 * colsum[c]``, so the product is
+``sz * scale[c] * (dot[c] - 128 * colsum[c])``.
+
+16-bit
+------
+``to_bf16`` and ``to_f16`` round to nearest, ties to even, and return bit patterns (Numba's CPU
+target refuses float16 arrays): IEEE half as uint16, bfloat16 as int16, so that a kernel
+knows the format from the dtype.
+
+Packed layouts (P = C / 16 panels of 16 columns; each panel contiguous so one panel streams)
+------------------------------------------------------------------------------------------
+    quads   Wq4 (P, K4, 64) int8     Wq4[p, q, 4j + r] = Wq[4q + r, 16p + j]   (vpdpbusd)
+            each segment padded to whole quads (K4 = sum ceil(rows_s / 4)), zero rows
+    panels  Wp  (P, K, 16) int8 | uint16 half | int16 bf16    Wp[p, k, j] = W[k, 16p + j]
+    pairs   Wb2 (P, K2, 32) uint16 bf16  Wb2[p, q, 2j + r] = W[2q + r, 16p + j]   (vdpbf16ps)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import FormatError, UnsupportedModelError
+
+PANEL = 16
+I8_MAX = 127
+F16_MAX = 65504.0
+
+
+# ---------------------------------------------------------------------------------------------
+# int8
+# ---------------------------------------------------------------------------------------------
+def quantize_columns(W, rows=None):
+    """Symmetric per-column int8 quantization of W (K, C), per row segment.
+
+    rows (S + 1,) segment bounds (default: one segment, [0, K]). Returns ``Wq (K, C) int8`` and
+    ``scale (S, C) float32``: ``W[k, c] ~= scale[s, c] * Wq[k, c]`` for k in segment s.
+    """
+    W = np.asarray(W, dtype=np.float64)  # (K, C)
+    K, C = W.shape
+    rows = np.array([0, K] if rows is None else rows, dtype=np.int64)
+    if not np.all(np.isfinite(W)):
+        raise UnsupportedModelError("weights must be finite to be quantized")
+    S = rows.size - 1
+    scale = np.ones((S, C), dtype=np.float32)
+    Wq = np.zeros((K, C), dtype=np.int8)
+    for s in range(S):
+        seg = W[rows[s] : rows[s + 1]]
+        if seg.shape[0] == 0:
+            continue
+        m = np.abs(seg).max(axis=0)  # (C,)
+        sc = np.where(m > 0, m / I8_MAX, 1.0).astype(np.float32)
+        scale[s] = sc
+        q = np.rint(seg / sc.astype(np.float64))
+        Wq[rows[s] : rows[s + 1]] = np.clip(q, -I8_MAX, I8_MAX).astype(np.int8)
+    return Wq, scale
+
+
+def dequantize(Wq, scale, rows):
+    """Wq (K, C) int8, scale (S, C), rows (S + 1,) -> W (K, C) float64."""
+    W = np.asarray(Wq, dtype=np.float64).copy()
+    for s in range(len(rows) - 1):
+        W[rows[s] : rows[s + 1]] *= np.asarray(scale[s], np.float64)
+    return W
+
+
+def check_int32_range(K):
+    """vpdpbusd sums K products u8 x s8 (|.| <= 255 * 127) into int32 without saturation."""
+    if K * 255 * 128 >= 2**31:
+        raise UnsupportedModelError(f"{K} rows overflow the int32 accumulator (at most {2**31 // (255 * 128)})")
+
+
+def quad_rows(rows):
+    """Segment bounds in row quads: each segment padded to whole quads. rows (S+1,) -> (S+1,)."""
+    q = [0]
+    for s in range(len(rows) - 1):
+        q.append(q[-1] + -(-(int(rows[s + 1]) - int(rows[s])) // 4))
+    return np.array(q, dtype=np.int64)
+
+
+def pack_quads(Wq, rows):
+    """Wq (K, C) int8 -> Wq4 (P, K4, 64) int8, each row segment padded to whole quads."""
+    Wq = np.asarray(Wq, dtype=np.int8)
+    K, C = Wq.shape
+    _check_panels(C)
+    qr = quad_rows(rows)
+    padded = np.zeros((4 * int(qr[-1]), C), dtype=np.int8)  # (4*K4, C)
+    for s in range(len(rows) - 1):
+        n = int(rows[s + 1] - rows[s])
+        padded[4 * qr[s] : 4 * qr[s] + n] = Wq[rows[s] : rows[s + 1]]
+    K4 = int(qr[-1])
+    # (K4, 4, P, 16) -> (P, K4, 16, 4)
+    return np.ascontiguousarray(padded.reshape(K4, 4, C // PANEL, PANEL).transpose(2, 0, 3, 1)).reshape(
+        C // PANEL, K4, 64)
+
+
+def column_sums(Wq, rows):
+    """Per-segment column sums of Wq: (S, C) int32 (the zero-point correction)."""
+    Wq = np.asarray(Wq, dtype=np.int64)
+    return np.stack([Wq[rows[s] : rows[s + 1]].sum(axis=0) for s in range(len(rows) - 1)]).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit
+# ---------------------------------------------------------------------------------------------
+def to_bf16(W):
+    """float -> bfloat16 bit patterns as **int16**, round to nearest, ties to even (NaN stays
+    NaN). int16, not uint16: the dtype tells the kernels the format (uint16 is IEEE half)."""
+    u = np.ascontiguousarray(W, dtype=np.float32).view(np.uint32).astype(np.uint64)  # (...)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    r = np.where(nan, (u >> 16) | 0x40, r)  # a quiet NaN, never rounded into Inf
+    return r.astype(np.uint16).view(np.int16)
+
+
+def from_bf16(B):
+    """bfloat16 bit patterns (int16 or uint16) -> float32 (exact)."""
+    return (np.asarray(B).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def to_f16(W):
+    """float -> IEEE half bit patterns (uint16), round to nearest, ties to even. Values beyond
+    half's range are refused (they would become infinite)."""
+    W = np.asarray(W, dtype=np.float32)
+    m = float(np.abs(W).max()) if W.size else 0.0
+    if not np.isfinite(m) or m > F16_MAX:
+        raise UnsupportedModelError(f"float16 weights need |w| <= {F16_MAX}, got a max of {m}")
+    return W.astype(np.float16).view(np.uint16)
+
+
+def from_f16(B):
+    return np.asarray(B, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------------------------
+def _check_panels(C):
+    if C % PANEL:
+        raise UnsupportedModelError(f"the gate matrix needs a multiple of {PANEL} columns, got {C}")
+
+
+def pack_panels(W):
+    """W (K, C) -> (P, K, 16), any dtype (int8 values, uint16 bit patterns, float32)."""
+    W = np.asarray(W)
+    K, C = W.shape
+    _check_panels(C)
+    return np.ascontiguousarray(W.reshape(K, C // PANEL, PANEL).transpose(1, 0, 2))
+
+
+def pack_pairs(B, rows):
+    """bfloat16 bit patterns B (K, C) -> Wb2 (P, K2, 32) uint16, each row segment padded to
+    whole pairs; also the segment bounds in pairs (S+1,)."""
+    B = np.asarray(B).view(np.uint16)
+    K, C = B.shape
+    _check_panels(C)
+    pr = [0]
+    for s in range(len(rows) - 1):
+        pr.append(pr[-1] + -(-(int(rows[s + 1]) - int(rows[s])) // 2))
+    padded = np.zeros((2 * pr[-1], C), dtype=np.uint16)
+    for s in range(len(rows) - 1):
+        n = int(rows[s + 1] - rows[s])
+        padded[2 * pr[s] : 2 * pr[s] + n] = B[rows[s] : rows[s + 1]]
+    K2 = pr[-1]
+    return np.ascontiguousarray(padded.reshape(K2, 2, C // PANEL, PANEL).transpose(2, 0, 3, 1)).reshape(
+        C // PANEL, K2, 32), np.array(pr, dtype=np.int64)
+
+
+def split_bf16(z):
+    """float32 z -> (hi, lo) bfloat16 bit patterns with hi + lo ~= z to ~2^-16 relative."""
+    z = np.asarray(z, dtype=np.float32)
+    hi = to_bf16(z)
+    lo = to_bf16(z - from_bf16(hi))
+    return hi, lo
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical gate rows -> the fused, transposed W (K, C)
+# ---------------------------------------------------------------------------------------------
+def padded_units(H: int) -> int:
+    return -(-H // PANEL) * PANEL
+
+
+def fuse_gates(w_ih, w_hh):
+    """Canonical (4H, in) and (4H, out) gate rows (i, f, g, o) -> W (in + out, 4*Hp) float64, the
+    layout of the float32 kernels with one chunk (padded units are zero columns)."""
+    w_cat = np.concatenate([np.asarray(w_ih, np.float64), np.asarray(w_hh, np.float64)], axis=1)  # (4H, K)
+    H4, K = w_cat.shape
+    H = H4 // 4
+    Hp = padded_units(H)
+    g = np.zeros((4, Hp, K))
+    g[:, :H] = w_cat.reshape(4, H, K)
+    return np.ascontiguousarray(g.reshape(4 * Hp, K).T)
+
+
+def fuse_vector(b, H):
+    """(4H,) gate vector -> (4*Hp,) in W's column order."""
+    Hp = padded_units(H)
+    g = np.zeros((4, Hp))
+    g[:, :H] = np.asarray(b, np.float64).reshape(4, H)
+    return g.ravel()
+
+
+__all__ = [
+    "quantize_columns", "dequantize", "pack_quads", "column_sums", "quad_rows", "pack_panels",
+    "pack_pairs", "to_bf16", "from_bf16", "to_f16", "from_f16", "split_bf16", "fuse_gates",
+    "fuse_vector", "FormatError",
+]
