@@ -1247,9 +1247,10 @@ def _static_sizes(model, infos: List[_NodeInfo]) -> Dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # Putting it together
 # ---------------------------------------------------------------------------------------------
-def _links(g, infos, known, opset) -> Dict[int, int]:
-    """id(LSTM node) -> id(the LSTM node whose Y is its X), for the nodes of graph g."""
-    ev = _Chains(g, infos, known, opset)
+def _links(g, infos, known, opset, evaluator=None) -> Dict[int, int]:
+    """id(LSTM node) -> id(the LSTM node whose Y is its X), for the nodes of graph g.
+    ``evaluator``: a :class:`_Chains` subclass that knows other recurrent ops' outputs."""
+    ev = (evaluator or _Chains)(g, infos, known, opset)
     pred = {}
     for k, info in infos.items():
         p = ev.link(info)
@@ -1275,24 +1276,48 @@ def _find_chains(model, graphs, opset, folder, label) -> List[List[_NodeInfo]]:
             known = _static_sizes(model, list(infos.values()))
             if known:
                 pred = _links(g, infos, known, opset)
-        succ: Dict[int, List[int]] = {}
-        for b, a in pred.items():
-            succ.setdefault(a, []).append(b)
-        for a, bs in succ.items():  # a Y feeding two LSTMs is a branch, not a stack
-            if len(bs) > 1:
-                for b in bs:
-                    pred.pop(b, None)
-        nxt = {a: b for b, a in pred.items()}
-        for n in nodes:
-            if id(n) in pred:
-                continue
-            chain, k, seen = [], id(n), set()
-            while k is not None and k not in seen:
-                seen.add(k)
-                chain.append(infos[k])
-                k = nxt.get(k)
-            chains.append(chain)
+        chains.extend(_walk_chains(nodes, infos, pred))
     return chains
+
+
+def _walk_chains(nodes, infos, pred) -> list:
+    """The chains (lists of infos, bottom layer first) of ``nodes`` given the links ``pred``
+    (id(node) -> id(the node below)); a Y feeding two nodes is a branch, not a stack."""
+    succ: Dict[int, List[int]] = {}
+    for b, a in pred.items():
+        succ.setdefault(a, []).append(b)
+    for a, bs in succ.items():
+        if len(bs) > 1:
+            for b in bs:
+                pred.pop(b, None)
+    nxt = {a: b for b, a in pred.items()}
+    chains = []
+    for n in nodes:
+        if id(n) in pred:
+            continue
+        chain, k, seen = [], id(n), set()
+        while k is not None and k not in seen:
+            seen.add(k)
+            chain.append(infos[k])
+            k = nxt.get(k)
+        chains.append(chain)
+    return chains
+
+
+def _stacked_state(chain, D, H):
+    """The chain's constant initial states stacked as (h0 (L*D, H), c0 (L*D, H)), or None when
+    there are none or all are zero."""
+    if not any(i.h0 is not None or i.c0 is not None for i in chain):
+        return None
+    L = len(chain)
+    h0 = np.zeros((L * D, H), np.float64)
+    c0 = np.zeros((L * D, H), np.float64)
+    for l, info in enumerate(chain):
+        if info.h0 is not None:
+            h0[l * D : (l + 1) * D] = info.h0
+        if info.c0 is not None:
+            c0[l * D : (l + 1) * D] = info.c0
+    return (h0, c0) if np.any(h0) or np.any(c0) else None
 
 
 def _pick(chains, node, label) -> List[_NodeInfo]:
@@ -1341,8 +1366,13 @@ def onnx_to_params(src, node: Optional[str] = None):
     ``input_forget``, ``initial_state`` ((h0 (L*D, H), c0 (L*D, H)) or None), ``reverse`` (a lone
     reverse-direction layer) and ``source`` (provenance for ``model.info()``).
     """
+    return _file_errors(_onnx_to_params, src, node)
+
+
+def _file_errors(read, src, *args):
+    """``read(src, *args)``, with whatever a malformed proto makes escape turned into FormatError."""
     try:
-        return _onnx_to_params(src, node)
+        return read(src, *args)
     except (LSTMError, OSError):
         raise
     except RecursionError:
@@ -1372,18 +1402,7 @@ def _onnx_to_params(src, node):
     const_T = _check_constant_lengths(model, chain, label)
     first = chain[0]
     layers = [info.params for info in chain]
-    L, D, H = len(chain), first.D, first.H
-    initial_state = None
-    if any(i.h0 is not None or i.c0 is not None for i in chain):
-        h0 = np.zeros((L * D, H), np.float64)
-        c0 = np.zeros((L * D, H), np.float64)
-        for l, info in enumerate(chain):
-            if info.h0 is not None:
-                h0[l * D : (l + 1) * D] = info.h0
-            if info.c0 is not None:
-                c0[l * D : (l + 1) * D] = info.c0
-        if np.any(h0) or np.any(c0):
-            initial_state = (h0, c0)
+    initial_state = _stacked_state(chain, first.D, first.H)
     x_name = first.inputs["X"]
     source = {
         "format": "onnx",
