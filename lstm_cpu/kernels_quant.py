@@ -678,3 +678,58 @@ def w_stack_step(kern, x, Wps, krows, sws, biases, h, c, z, facc, acc):
         load_z(l, x, h, z)
         w_gates(kern, Wps[l], z, krows[l], sws[l], biases[l], facc, acc)
         cells(acc, c[l], h[l])
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime selection
+# ---------------------------------------------------------------------------------------------
+def select_int8(feats=None):
+    """The int8 gate product for this host: ``("a16", i8a16_vnni)`` with AVX-512 VNNI (int8
+    weights x per-step 16-bit activations, exact int32 sums), else ``("deq", fma_panels)``
+    (int8 weights converted in the loop, float32 activations; plain LLVM vector code that any
+    x86-64 runs, split into 256-bit halves on AVX2). ``i8a16_portable`` is the exact twin of
+    the VNNI kernel, for tests; it is too slow to ship."""
+    if has_vnni512(feats):
+        return "a16", i8a16_vnni
+    return "deq", fma_panels
+
+
+def select_16bit(fmt, feats=None):
+    """The 16-bit gate product: ``fma_panels`` converts in the loop (F16C for float16); without
+    F16C a float16 model should be widened to float32 at load (returns None)."""
+    if fmt == "float16" and not has_f16c(feats):
+        return None
+    return fma_panels
+
+
+def asm_report(feats=None) -> dict:
+    """Compile each SIMD kernel the host supports on tiny arrays and count, in its assembly,
+    the instructions that matter: {kernel: {"vpdpbusd": n, "vdpbf16ps": n, "vcvtph2ps": n,
+    "vfmadd": n, "zmm": bool}}. For checking (tests, the docstring), not for the hot path."""
+    import re
+
+    f = host_features() if feats is None else feats
+    i32 = np.zeros(64, np.int32)
+    f32 = np.zeros(64, np.float32)
+    u8 = np.zeros(64, np.uint8)
+    cases = {}
+    if has_vnni512(f):
+        q = np.zeros((4, 4, 64), np.int8)
+        cases["i8_vnni"] = (i8_vnni, (q, u8, 0, 4, 0, 4, i32))
+        cases["i8a16_vnni"] = (i8a16_vnni, (q, u8, u8, 0, 4, 0, 4, i32, i32.copy()))
+    if has_vnni256(f):
+        cases["i8_vnni256"] = (i8_vnni256, (np.zeros((4, 4, 64), np.int8), u8, 0, 4, 0, 4, i32))
+    if has_bf16dp(f):
+        cases["bf16_dp"] = (bf16_dp, (np.zeros((4, 4, 32), np.uint16), np.zeros(8, np.uint16),
+                                      np.zeros(8, np.uint16), 0, 4, 0, 4, f32))
+    for name, dt in (("int8", np.int8), ("float16", np.uint16), ("bfloat16", np.int16)):
+        cases[f"fma_panels[{name}]"] = (fma_panels, (np.zeros((4, 8, 16), dt), f32, 0, 8, 0, 4, f32))
+    out = {}
+    flags = dict(_FLAGS, cache=False)  # Numba cannot show the assembly of cached code
+    for name, (fn, args) in cases.items():
+        fresh = njit(**flags)(fn.py_func)
+        fresh(*args)
+        asm = fresh.inspect_asm(fresh.signatures[0])
+        out[name] = {k: len(re.findall(rf"\b{k}\w*\b", asm)) for k in ("vpdpbusd", "vdpbf16ps", "vcvtph2ps", "vfmadd")}
+        out[name]["zmm"] = "zmm" in asm
+    return out
