@@ -103,31 +103,20 @@ class OursStep:
         self.entry = None
         Ws, sws, css, bs, krs, qrs = [], [], [], [], [], []
         for l, (w_ih, w_hh, b) in enumerate(layers):
-            kin = w_ih.shape[1]
+            if kind in ("i8q", "i8a16", "i8deq"):
+                # per-column scales over the fused rows; x and h_prev rows are two segments
+                pk = Q.quantize_layer(w_ih, w_hh, b)[0]
+                Ws.append(pk["Wp"] if kind == "i8deq" else pk["Wq4"])
+                css.append(pk["colsum"])
+                krs.append(pk["krows"])
+                qrs.append(pk["qrows"])
+                sws.append(pk["sw"])
+                bs.append(pk["bias"])
+                continue
             W = Q.fuse_gates(w_ih, w_hh)  # (K, C)
-            rows = np.array([0, kin + H])  # one segment: per-column scales over the fused rows
-            if kind in ("i8q", "i8a16"):
-                # activations quantized per segment: x and h_prev get their own scales
-                arows = np.array([0, kin, kin + H])
-                Wq, sc = Q.quantize_columns(W, rows)
-                sc = np.repeat(sc, 2, axis=0)  # (2, C): both segments share the column scales
-                Ws.append(Q.pack_quads(Wq, arows))
-                css.append(Q.column_sums(Wq, arows))
-                krs.append(arows)
-                qrs.append(Q.quad_rows(arows))
-            elif kind == "i8deq":
-                Wq, sc = Q.quantize_columns(W, rows)
-                Ws.append(Q.pack_panels(Wq))
-                krs.append(rows)
-            elif kind == "f16":
-                Ws.append(Q.pack_panels(Q.to_f16(W)))
-                sc = np.ones((1, C), np.float32)
-                krs.append(rows)
-            elif kind == "bf16":
-                Ws.append(Q.pack_panels(Q.to_bf16(W)))
-                sc = np.ones((1, C), np.float32)
-                krs.append(rows)
-            sws.append(np.ascontiguousarray(sc, np.float32))
+            Ws.append(Q.pack_panels(Q.to_f16(W) if kind == "f16" else Q.to_bf16(W)))
+            krs.append(np.array([0, W.shape[0]]))
+            sws.append(np.ones((1, C), np.float32))
             bs.append(Q.fuse_vector(b, H).astype(np.float32))
         self.Ws, self.sws, self.bs = tuple(Ws), tuple(sws), tuple(bs)
         self.krows = np.stack(krs).astype(np.int64)

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import FormatError, UnsupportedModelError
+from .errors import UnsupportedModelError
 
 PANEL = 16
 I8_MAX = 127
@@ -224,8 +224,46 @@ def fuse_vector(b, H):
     return g.ravel()
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# One (layer, direction) in the form of the int8 kernels
+# ---------------------------------------------------------------------------------------------
+def pack_int8(w_ih, w_hh, s_ih, s_hh, bias=None) -> dict:
+    """Canonical int8 gate rows and their per-row scales -> the arrays ``kernels_quant``'s int8
+    gate functions take, with the input rows and the recurrent rows as two segments (their
+    activations are quantized separately, and imported weights have a scale per segment).
+
+    w_ih (4H, in) int8, w_hh (4H, out) int8, s_ih / s_hh (4H,) scales, bias (4H,) or None ->
+    ``Wq4 (P, K4, 64)`` int8, ``Wp (P, K, 16)`` int8 (the float-activation layout), ``krows``
+    and ``qrows`` (3,) segment bounds in rows and quads, ``sw (2, C)`` float32, ``colsum (2, C)``
+    int32, ``bias (C,)`` float32; C = 4 * Hp columns in W's gate-major order.
+    """
+    w_ih = np.asarray(w_ih)
+    w_hh = np.asarray(w_hh)
+    H = w_ih.shape[0] // 4
+    kin, out = w_ih.shape[1], w_hh.shape[1]
+    Wq = fuse_gates(w_ih, w_hh).astype(np.int8)  # (K, C), exact: small integers through float64
+    rows = np.array([0, kin, kin + out], dtype=np.int64)
+    check_int32_range(kin + out)
+    sw = np.stack([fuse_vector(s_ih, H), fuse_vector(s_hh, H)]).astype(np.float32)  # (2, C)
+    return dict(Wq4=pack_quads(Wq, rows), Wp=pack_panels(Wq), krows=rows, qrows=quad_rows(rows),
+                sw=sw, colsum=column_sums(Wq, rows),
+                bias=fuse_vector(np.zeros(4 * H) if bias is None else bias, H).astype(np.float32))
+
+
+def quantize_layer(w_ih, w_hh, bias=None):
+    """Float canonical gate rows -> (:func:`pack_int8` arrays, w_ih_q, w_hh_q, scale (4H,)):
+    symmetric per-output-channel int8, one scale per gate row over its fused [w_ih | w_hh] row."""
+    w_cat = np.concatenate([np.asarray(w_ih, np.float64), np.asarray(w_hh, np.float64)], axis=1)  # (4H, K)
+    q, sc = quantize_columns(w_cat.T)  # (K, 4H), (1, 4H)
+    kin = np.shape(w_ih)[1]
+    qt = np.ascontiguousarray(q.T)  # (4H, K)
+    return pack_int8(qt[:, :kin], qt[:, kin:], sc[0], sc[0], bias), qt[:, :kin], qt[:, kin:], sc[0]
+
+
 __all__ = [
     "quantize_columns", "dequantize", "pack_quads", "column_sums", "quad_rows", "pack_panels",
     "pack_pairs", "to_bf16", "from_bf16", "to_f16", "from_f16", "split_bf16", "fuse_gates",
-    "fuse_vector", "FormatError",
+    "fuse_vector", "pack_int8", "quantize_layer",
 ]

@@ -187,24 +187,23 @@ def test_bf16_dot_product_with_split_activations(rng):
 # Gate pre-activations and whole steps against a float64 reference with the dequantized weights
 # ---------------------------------------------------------------------------------------------
 def _int8_layer(rng, I, H):
+    """A random layer quantized by quant.quantize_layer -> (packed arrays, the LayerParams it
+    stands for: float64 dequantized weights)."""
     w_ih = rng.uniform(-0.3, 0.3, (4 * H, I))
     w_hh = rng.uniform(-0.3, 0.3, (4 * H, H))
     bias = rng.uniform(-0.5, 0.5, 4 * H)
-    W = Q.fuse_gates(w_ih, w_hh)  # (K, C)
-    rows = np.array([0, I + H])
-    Wq, sc = Q.quantize_columns(W, rows)
-    arows = np.array([0, I, I + H])  # activations: x and h_prev get their own scales
-    packed = dict(Wq4=Q.pack_quads(Wq, arows), krows=arows, qrows=Q.quad_rows(arows),
-                  sw=np.ascontiguousarray(np.repeat(sc, 2, axis=0)), colsum=Q.column_sums(Wq, arows),
-                  bias=Q.fuse_vector(bias, H).astype(np.float32))
-    Wd = Q.dequantize(Wq, sc, rows)  # (K, C) float64, what the int8 model stands for
-    return packed, Wd, bias
+    pk, q_ih, q_hh, sc = Q.quantize_layer(w_ih, w_hh, bias)
+    assert np.all(np.abs(sc[:, None] * q_ih - w_ih) <= sc[:, None] * 0.5 * (1 + 1e-6))
+    deq = LayerParams(w_ih=sc.astype(np.float64)[:, None] * q_ih, w_hh=sc.astype(np.float64)[:, None] * q_hh,
+                      bias=bias.astype(np.float32).astype(np.float64))  # the kernels' float32 bias
+    return pk, deq
 
 
 @pytest.mark.parametrize("kern", A16_KERNELS)
 def test_int8_gates_within_the_activation_quantization_bound(kern, rng):
     I, H = 19, 40
-    pk, Wd, _ = _int8_layer(rng, I, H)
+    pk, deq = _int8_layer(rng, I, H)
+    Wd = Q.fuse_gates(deq.w_ih, deq.w_hh)  # (K, C)
     C = Wd.shape[1]
     z = np.concatenate([rng.standard_normal(I) * 2, np.tanh(rng.standard_normal(H))]).astype(np.float32)
     K4 = int(pk["qrows"][-1])
@@ -220,15 +219,11 @@ def test_int8_gates_within_the_activation_quantization_bound(kern, rng):
 
 
 def _stack(rng, I, H, L):
-    layers, packed = [], []
+    packed, layers = [], []
     for l in range(L):
-        pk, Wd, bias = _int8_layer(rng, I if l == 0 else H, H)
+        pk, deq = _int8_layer(rng, I if l == 0 else H, H)
         packed.append(pk)
-        kin = I if l == 0 else H
-        Hp = Q.padded_units(H)
-        cols = np.concatenate([g * Hp + np.arange(H) for g in range(4)])  # real units, gate-major
-        Wd = Wd[:, cols]  # (K, 4H)
-        layers.append([LayerParams(w_ih=Wd[:kin].T, w_hh=Wd[kin:].T, bias=bias)])
+        layers.append([deq])
     return layers, packed
 
 
