@@ -114,6 +114,14 @@ class OursStep:
                 bs.append(pk["bias"])
                 continue
             W = Q.fuse_gates(w_ih, w_hh)  # (K, C)
+            if kind == "bf16dp":
+                Wb2, pr = Q.pack_pairs(Q.to_bf16(W), np.array([0, W.shape[0]]))
+                Ws.append(Wb2)
+                krs.append(np.array([0, W.shape[0]]))
+                qrs.append(pr)
+                sws.append(np.ones((1, C), np.float32))
+                bs.append(Q.fuse_vector(b, H).astype(np.float32))
+                continue
             Ws.append(Q.pack_panels(Q.to_f16(W) if kind == "f16" else Q.to_bf16(W)))
             krs.append(np.array([0, W.shape[0]]))
             sws.append(np.ones((1, C), np.float32))
@@ -135,6 +143,10 @@ class OursStep:
             self.ilo = np.zeros(C, np.int32)
         else:
             self.facc = np.zeros(C, np.float32)
+        if kind == "bf16dp":
+            self.qrows = np.stack(qrs).astype(np.int64)
+            self.zq = np.zeros(2 * int(self.qrows[:, -1].max()), np.uint16)
+            self.zlo = np.zeros_like(self.zq)
 
     def step(self, x):
         # the compiled entry point, as the engine calls its kernels (no per-call type resolution)
@@ -144,6 +156,12 @@ class OursStep:
                                 self.h, self.c, self.z, self.zq, self.zlo, self.iacc, self.ilo, self.acc))
             self.entry(self.kern, x, self.Ws, self.krows, self.qrows, self.sws, self.css, self.bs,
                                 self.h, self.c, self.z, self.zq, self.zlo, self.iacc, self.ilo, self.acc)
+        elif self.kind == "bf16dp":
+            if self.entry is None:
+                self.entry = K0.compiled_entry(KQ.bf16_stack_step, (x, self.Ws, self.krows, self.qrows, self.bs,
+                                               self.h, self.c, self.z, self.zq, self.zlo, self.facc, self.acc))
+            self.entry(x, self.Ws, self.krows, self.qrows, self.bs, self.h, self.c, self.z, self.zq, self.zlo,
+                       self.facc, self.acc)
         elif self.kind == "i8q":
             if self.entry is None:
                 self.entry = K0.compiled_entry(KQ.i8_stack_step, (self.kern, x, self.Ws, self.krows, self.qrows, self.sws, self.css, self.bs,
@@ -244,6 +262,8 @@ def main():
                 runners[name] = lambda kern=kern: OursStep(layers, I, H, "i8a16", kern)
             for name, (kind, kern) in w_kerns.items():
                 runners[name] = lambda kind=kind, kern=kern: OursStep(layers, I, H, kind, kern)
+            if KQ.has_bf16dp(feats):
+                runners["bf16-vdpbf16ps"] = lambda: OursStep(layers, I, H, "bf16dp", None)
             # accuracy over ACC_STEPS fed-back steps (each runner fresh)
             err = {}
             for name, mk in runners.items():

@@ -284,3 +284,24 @@ def test_assembly_uses_the_dot_product_instructions():
     assert rep["i8a16_vnni"]["vpdpbusd"] > 0 and rep["i8a16_vnni"]["zmm"]
     assert rep["bf16_dp"]["vdpbf16ps"] > 0 and rep["bf16_dp"]["zmm"]
     assert rep["fma_panels[float16]"]["vcvtph2ps"] > 0
+
+
+@needs_bf16
+def test_bf16_gates_split_the_activations_exactly_enough(rng):
+    I, H = 11, 32
+    W = Q.fuse_gates(rng.uniform(-0.3, 0.3, (4 * H, I)), rng.uniform(-0.3, 0.3, (4 * H, H)))  # (K, C)
+    K, C = W.shape
+    B = Q.to_bf16(W)
+    Wb2, pr = Q.pack_pairs(B, np.array([0, I, K]))
+    z = np.concatenate([rng.standard_normal(I) * 3, np.tanh(rng.standard_normal(H))]).astype(np.float32)
+    zhi, zlo = np.zeros(2 * int(pr[-1]), np.uint16), np.zeros(2 * int(pr[-1]), np.uint16)
+    KQ.split_bf16(z, 0, K, zhi, zlo, 0)
+    np.testing.assert_array_equal(zhi[:K], Q.to_bf16(z).view(np.uint16))  # the numpy rounding
+    np.testing.assert_array_equal(zlo[:K], Q.to_bf16(z - Q.from_bf16(Q.to_bf16(z))).view(np.uint16))
+    bias = rng.standard_normal(C).astype(np.float32)
+    acc = np.zeros(C, np.float32)
+    KQ.bf16_gates(Wb2, z, np.array([0, I, K]), pr, bias, np.zeros_like(zhi), np.zeros_like(zlo),
+                  np.zeros(C, np.float32), acc)
+    exact = Q.from_bf16(B).astype(np.float64)
+    ref = z.astype(np.float64) @ exact + bias
+    assert np.all(np.abs(acc - ref) <= 2.0**-14 * (np.abs(z) @ np.abs(exact) + np.abs(bias)))
