@@ -149,7 +149,9 @@ def markdown(doc):
     L.append(f"- date: {meta['date']}")
     L.append(f"- command: `{meta['command']}`")
     caches = ", ".join(f"{k} {v}" for k, v in mach.get("caches", {}).items())
+    ext = " ".join(mach.get("vector_extensions", [])) or "not recorded"
     L.append(f"- CPU: {mach['cpu']}, {mach['cores']} cores ({mach.get('usable_cores')} usable); {caches}")
+    L.append(f"- vector extensions: {ext}")
     blas = mach.get("blas", {})
     L.append(f"- BLAS: {blas.get('name')} {blas.get('version')}, kernel {blas.get('core', '?')}"
              + (f"; removed from the benchmark's environment: {meta['openblas_env_removed']}"
@@ -267,7 +269,7 @@ def main(argv=None):
             print(f"{label}: lstm-cpu bench {shlex.join(a)}")
         return 0
 
-    from lstm_cpu._bench import machine_info, versions  # noqa: PLC0415
+    from lstm_cpu.bench.machine import machine_info, versions  # noqa: PLC0415
 
     command = shlex.join(["python", os.path.relpath(os.path.abspath(__file__), ROOT)]
                          + list(sys.argv[1:] if argv is None else argv))
@@ -293,7 +295,7 @@ def main(argv=None):
               file=sys.stderr)
     # Machine facts from a process with the same environment as the benchmarks.
     probe = subprocess.run(
-        [sys.executable, "-c", "import json; from lstm_cpu._bench import machine_info, versions; "
+        [sys.executable, "-c", "import json; from lstm_cpu.bench.machine import machine_info, versions; "
          "print(json.dumps({'machine': machine_info(), 'versions': versions()}))"],
         env=env, cwd=ROOT, capture_output=True, text=True)
     facts = json.loads(probe.stdout) if probe.returncode == 0 else {

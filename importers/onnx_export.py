@@ -5,8 +5,9 @@ graph is the one ``torch.onnx.export`` writes for an ``nn.LSTM`` stack, so every
 fusion applies::
 
     inputs   X            (T, N, I)      time-major, float32
-             initial_h_l  (D, N, H)      per layer l (feed zeros, or the model's initial state)
-             initial_c_l  (D, N, H)
+             initial_h_l  (D, N, H)      per layer l: fed by the caller; a model with an initial
+             initial_c_l  (D, N, H)      state also stores it as the inputs' default (an
+                                         initializer of the same name, batch 1)
     nodes    LSTM_l       W (D, 4H, in), R (D, 4H, H), B (D, 8H), P (D, 3H) as initializers,
                           gate blocks in ONNX order i, o, f, c (peepholes i, o, f)
              between layers: Squeeze(axis 1) for D = 1, Transpose(0, 2, 1, 3) + Reshape(0, 0, -1) for D = 2
@@ -14,10 +15,11 @@ fusion applies::
     outputs  Y            (T, N, D*H)    or (T, N, O) with a head: what ``model.run`` returns as y
              Y_h_l, Y_c_l (D, N, H)      per layer l
 
-The inverse of :mod:`lstm_cpu.importers.onnx_lstm` for canonical params: ``load_onnx(to_onnx(m))`` gives
-``m`` back. Caveat: ONNX ``input_forget=1`` is run by onnxruntime as ``f = 1 - i`` while
-lstm-cpu's spec says ``i = 1 - f``; such a model exports but the peers then compute something
-else (see ``importers/onnx_lstm.py``).
+The inverse of :mod:`lstm_cpu.importers.onnx_lstm`: ``load_onnx(to_onnx(m))`` gives ``m`` back,
+including ``clip``, ``input_forget`` (``f = 1 - i``, as onnxruntime computes it and lstm-cpu's spec
+says), peepholes, activations, a one-direction ``reverse`` model (``direction="reverse"``), the
+model's initial state and a linear head. A projection (PyTorch ``proj_size``) has no ONNX LSTM
+equivalent and is refused with :class:`UnsupportedModelError`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ from lstm_cpu.spec import ACTIVATIONS, LayerParams, as_activations, gate_permuta
 
 #: Default opset: LSTM-14 (layout attribute) and every runtime of 2023+ reads it.
 DEFAULT_OPSET = 17
+
+
+def io_names(num_layers: int) -> dict:
+    """The names of the graph's data and state tensors, for callers that feed it (the benchmark):
+    ``{"x": "X", "y": "Y", "initial_h": [per layer], "initial_c": [...], "y_h": [...], "y_c": [...]}``.
+    The graph's inputs are ``x`` then ``initial_h[l], initial_c[l]`` per layer; its outputs ``y``
+    then ``y_h[l], y_c[l]`` per layer."""
+    layers = range(int(num_layers))
+    return {"x": "X", "y": "Y",
+            "initial_h": [f"initial_h_{l}" for l in layers], "initial_c": [f"initial_c_{l}" for l in layers],
+            "y_h": [f"Y_h_{l}" for l in layers], "y_c": [f"Y_c_{l}" for l in layers]}
 
 
 def _to_onnx_gates(a: np.ndarray) -> np.ndarray:
@@ -65,11 +78,17 @@ def _activation_attrs(rows):
 
 
 def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool = False, head=None,
+            initial_state=None, reverse: bool = False, state_defaults: bool = True,
             opset: int = DEFAULT_OPSET):
     """An :class:`~lstm_cpu.model.LSTMModel` (or ``layers[l][d]`` of LayerParams) -> ``onnx.ModelProto``.
 
-    For a model, ``clip``, ``input_forget`` and ``head`` come from it; for a bare ``layers`` list,
-    pass them. Projections (``w_hr``) have no ONNX LSTM equivalent: UnsupportedModelError.
+    For a model, ``clip``, ``input_forget``, ``head``, ``initial_state`` ((h0 (L*D, H), c0
+    (L*D, H))) and ``reverse`` come from it; for a bare ``layers`` list, pass them. Projections
+    (``w_hr``) have no ONNX LSTM equivalent: UnsupportedModelError.
+
+    ``state_defaults=False`` leaves the initial state out of the file (the caller feeds it, as
+    the benchmark peers do every step: some runtimes, OpenVINO among them, turn an input that has
+    an initializer into a constant); such a file no longer round-trips the initial state.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -78,6 +97,7 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
         m = model_or_layers
         layers = m.layer_params()
         clip, input_forget, head = m.clip, m.input_forget, m.head
+        initial_state, reverse = m.initial_state, m.reverse
     elif isinstance(model_or_layers, (list, tuple)):
         layers = [list(row) for row in model_or_layers]
     else:
@@ -93,15 +113,19 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
             "the model has a projection (w_hr, PyTorch proj_size); the ONNX LSTM operator has none, "
             "so it cannot be exported")
     D = len(layers[0])
+    if reverse and D != 1:
+        raise InputError("reverse=True is for one-direction models; a bidirectional model "
+                         "already has a backward direction")
     H = layers[0][0].hidden_size
     I = layers[0][0].input_size
     peep = any(p.peephole is not None for row in layers for p in row)
 
+    io = io_names(len(layers))
     nodes, inits, g_inputs, g_outputs = [], [], [], []
-    g_inputs.append(helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "N", I]))
+    g_inputs.append(helper.make_tensor_value_info(io["x"], TensorProto.FLOAT, ["T", "N", I]))
     inits.append(numpy_helper.from_array(np.array([1], np.int64), "squeeze_axes"))
     inits.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), "flat_shape"))
-    x = "X"
+    x = io["x"]
     for l, row in enumerate(layers):
         if len(row) != D or any(p.hidden_size != H for p in row):
             raise InputError(f"layer {l}: every layer needs {D} direction(s) of hidden size {H}")
@@ -115,16 +139,22 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
         names = [f"W_{l}", f"R_{l}", f"B_{l}"]
         inits += [numpy_helper.from_array(W, names[0]), numpy_helper.from_array(R, names[1]),
                   numpy_helper.from_array(B, names[2])]
-        h0, c0 = f"initial_h_{l}", f"initial_c_{l}"
+        h0, c0 = io["initial_h"][l], io["initial_c"][l]
         for s in (h0, c0):
             g_inputs.append(helper.make_tensor_value_info(s, TensorProto.FLOAT, [D, "N", H]))
+        if initial_state is not None and state_defaults:  # the inputs' defaults (an initializer
+            # of the same name, which the ONNX spec lets a caller override)
+            for s, a in zip((h0, c0), initial_state):
+                a = np.asarray(a, np.float32)[l * D:(l + 1) * D, None, :]  # (D, 1, H)
+                inits.append(numpy_helper.from_array(np.ascontiguousarray(a), s))
         ins = [x] + names + ["", h0, c0]
         if peep:
             P = np.stack([_peephole_to_onnx(f32(p.peephole)) if p.peephole is not None
                           else np.zeros(3 * H, np.float32) for p in row])  # (D, 3H)
             inits.append(numpy_helper.from_array(P, f"P_{l}"))
             ins.append(f"P_{l}")
-        attrs = {"hidden_size": H, "direction": "bidirectional" if D == 2 else "forward"}
+        attrs = {"hidden_size": H,
+                 "direction": "bidirectional" if D == 2 else ("reverse" if reverse else "forward")}
         acts = [p.activations for p in row]
         if any(tuple(a.name for a in as_activations(x_)) != ("Sigmoid", "Tanh", "Tanh") for x_ in acts):
             n_, a_, b_ = _activation_attrs(acts)
@@ -138,7 +168,7 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
         if input_forget:
             attrs["input_forget"] = 1
         y = f"Y_{l}"
-        nodes.append(helper.make_node("LSTM", ins, [y, f"Y_h_{l}", f"Y_c_{l}"], name=f"LSTM_{l}", **attrs))
+        nodes.append(helper.make_node("LSTM", ins, [y, io["y_h"][l], io["y_c"][l]], name=f"LSTM_{l}", **attrs))
         # (T, D, N, H) -> (T, N, D*H): the next layer's X and the model's y
         if D == 1:
             nodes.append(helper.make_node("Squeeze", [y, "squeeze_axes"], [f"Yf_{l}"], name=f"Squeeze_{l}"))
@@ -146,7 +176,7 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
             nodes.append(helper.make_node("Transpose", [y], [f"Yt_{l}"], perm=[0, 2, 1, 3], name=f"Transpose_{l}"))
             nodes.append(helper.make_node("Reshape", [f"Yt_{l}", "flat_shape"], [f"Yf_{l}"], name=f"Reshape_{l}"))
         x = f"Yf_{l}"
-        for s in (f"Y_h_{l}", f"Y_c_{l}"):
+        for s in (io["y_h"][l], io["y_c"][l]):
             g_outputs.append(helper.make_tensor_value_info(s, TensorProto.FLOAT, [D, "N", H]))
     out_size = D * H
     if head is not None:
@@ -160,8 +190,8 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
             nodes.append(helper.make_node("Add", [x, "head_bias"], ["head_out"], name="Head_Add"))
             x = "head_out"
         out_size = hw.shape[0]
-    nodes.append(helper.make_node("Identity", [x], ["Y"], name="Output"))
-    g_outputs.insert(0, helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", "N", out_size]))
+    nodes.append(helper.make_node("Identity", [x], [io["y"]], name="Output"))
+    g_outputs.insert(0, helper.make_tensor_value_info(io["y"], TensorProto.FLOAT, ["T", "N", out_size]))
     graph = helper.make_graph(nodes, "lstm_cpu_export", g_inputs, g_outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(opset))],
                               producer_name="lstm-cpu")
@@ -170,4 +200,4 @@ def to_onnx(model_or_layers, *, clip: Optional[float] = None, input_forget: bool
     return model
 
 
-__all__ = ["to_onnx", "DEFAULT_OPSET"]
+__all__ = ["to_onnx", "io_names", "DEFAULT_OPSET"]

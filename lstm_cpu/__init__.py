@@ -53,6 +53,6 @@ def warmup(verbose: bool = False) -> list:
 
 def threading_layer() -> str:
     """The Numba threading layer in use ("omp", "tbb" or "workqueue")."""
-    from ._config import threading_layer as _tl
+    from .kernels import threading_layer as _tl
 
     return _tl()

@@ -2,7 +2,9 @@
 
 Threading layer
 ---------------
-We ask for ``omp`` first, then ``tbb``, and only then ``workqueue``:
+We leave Numba's own choice alone (its priority is ``tbb``, ``omp``, then ``workqueue``, and a
+user's ``NUMBA_THREADING_LAYER`` wins): changing Numba's global priority would change it for
+every other Numba user in the host process. What the layers cost:
 
 * ``workqueue`` (Numba's fallback) costs tens of microseconds per parallel region on a 2-core box
   when the other core is busy, and it *aborts the process* ("Concurrent access has been
@@ -13,8 +15,10 @@ We ask for ``omp`` first, then ``tbb``, and only then ``workqueue``:
   did not satisfy numba 0.68 on our machines).
 
 A user's own ``NUMBA_THREADING_LAYER`` is respected. If whatever loads turns out to be
-``workqueue``, :func:`parallel_guard` serialises parallel calls with a lock so the process never
-aborts (the serial kernel needs no lock and is what multi-threaded callers should use anyway).
+``workqueue``, ``kernels.parallel_guard`` serialises parallel calls with a lock so the process
+never aborts (the serial kernel needs no lock and is what multi-threaded callers should use anyway).
+
+This module is a leaf: settings only, read at import time by ``kernels.py``; it imports no kernel.
 
 fastmath
 --------
@@ -31,45 +35,13 @@ to a per-user cache directory; ``NUMBA_CACHE_DIR`` overrides both.
 from __future__ import annotations
 
 import os
-import threading
-from contextlib import nullcontext
 
 import numba
-from numba import config as _nb_config
 
 FASTMATH = {"contract"}
 CACHE = os.environ.get("LSTM_CPU_NO_CACHE", "") not in ("1", "true", "yes")
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    _nb_config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
-
-_layer_lock = threading.Lock()
-_workqueue_lock = threading.Lock()
-_layer = None
-
-
-def threading_layer() -> str:
-    """The threading layer Numba loaded ("omp", "tbb" or "workqueue"); loads it if needed."""
-    global _layer
-    if _layer is None:
-        with _layer_lock:
-            if _layer is None:
-                try:
-                    _layer = numba.threading_layer()
-                except ValueError:  # not initialised yet: run a trivial parallel function
-                    from .kernels import _touch_parallel
-
-                    _touch_parallel()
-                    _layer = numba.threading_layer()
-    return _layer
-
-
-def parallel_guard():
-    """A context manager for calling a parallel kernel: a lock under ``workqueue``, else nothing."""
-    if threading_layer() == "workqueue":
-        return _workqueue_lock
-    return nullcontext()
-
 
 def num_threads() -> int:
+    """Numba's thread count for parallel kernels (``numba.set_num_threads`` / NUMBA_NUM_THREADS)."""
     return numba.get_num_threads()

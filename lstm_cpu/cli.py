@@ -75,7 +75,7 @@ def _size(text: str):
 
 
 def _peer_list(text: str) -> List[str]:
-    from ._bench import PEERS  # noqa: PLC0415
+    from .bench import PEERS  # noqa: PLC0415
 
     if text.strip().lower() in ("", "none"):
         return []
@@ -356,7 +356,7 @@ _INFO_ROWS = [
     ("head_size", "head", lambda v, i: f"Linear to {v}" if v else "none"),
     ("activations", "activations", lambda v, i: _fmt_activations(v, i.get("num_directions", 1))),
     ("clip", "cell clip", lambda v, i: "none" if v in (None, 0) else f"{v:g}"),
-    ("input_forget", "input forget", lambda v, i: "coupled (i = 1 - f)" if v else "no"),
+    ("input_forget", "input forget", lambda v, i: "coupled (f = 1 - i)" if v else "no"),
     ("peepholes", "peepholes", lambda v, i: "yes" if v else "no"),
     ("has_initial_state", "initial state", lambda v, i: "baked in" if v else "zeros"),
     ("dtype", "dtype", None),
@@ -547,7 +547,7 @@ def cmd_warmup(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import _bench  # noqa: PLC0415
+    from . import bench  # noqa: PLC0415
 
     if args.batch is not None and args.mode == "step" and args.batch != 1:
         raise UsageError("--batch applies to --mode streams and --mode sequence; "
@@ -563,14 +563,14 @@ def cmd_bench(args) -> int:
         _check_file(args.model, "model file")
     compare = args.compare
     if compare is None:
-        compare = _bench.installed_peers()
-        missing = [p for p in _bench.PEERS if p not in compare]
+        compare = bench.installed_peers()
+        missing = [p for p in bench.PEERS if p not in compare]
         if missing:
             _note(f"not installed, skipped: {', '.join(missing)}")
-    cfg = _bench.BenchConfig(
+    cfg = bench.BenchConfig(
         mode=args.mode, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
         threads=args.threads, seq_len=args.seq_len, batch=args.batch, compare=compare,
-        size=args.size or _bench.DEFAULT_SIZE, seed=args.seed, model_path=args.model,
+        size=args.size or bench.DEFAULT_SIZE, seed=args.seed, model_path=args.model,
         load_options={"prefix": args.prefix, "node": args.node}, membw_mb=args.membw_mb,
         cold_process=args.cold_process, progress=args.progress,
         command=" ".join([PROG] + list(args._argv)),
@@ -579,18 +579,18 @@ def cmd_bench(args) -> int:
     # Text mode: notes are part of the report; a mismatch is also shown at once.
     quiet = lambda m: None  # noqa: E731
     quiet.quiet = True
-    res = _bench.run_bench(cfg, echo=_note if args.json else quiet)
+    res = bench.run_bench(cfg, echo=_note if args.json else quiet)
     if args.plot:
-        note = _bench.plot_latencies(res, args.plot)
+        note = bench.plot_latencies(res, args.plot)
         if note:
             _note(note)
             res["notes"].append(note)
         else:
             res["plot"] = args.plot
     if args.json:
-        _emit_json(_bench.public_result(res))
+        _emit_json(bench.public_result(res))
     else:
-        print(_bench.format_report(res))
+        print(bench.format_report(res))
         if args.plot and "plot" in res:
             print(f"plot: {args.plot}")
     return EXIT_OK

@@ -1,7 +1,8 @@
 """Numba kernels. Plain functions over arrays and scalars; they trust their callers.
 
 The Python API (``model.py``) validates every shape and dtype once; nothing here checks. The packed
-layout the kernels read (``wbuf``, ``meta``, ``fpar``, ``sbuf``) is defined in ``layout.py``.
+layout the kernels read (``wbuf``, ``meta``, ``fpar``, ``sbuf``) is defined in ``layout.py``; which
+kernel runs (serial or parallel, Numba or BLAS products) is decided in ``policy.py``.
 
 Two entry points per job, with the same arithmetic in the same order:
 
@@ -10,15 +11,19 @@ Two entry points per job, with the same arithmetic in the same order:
 * ``layer_sequence_serial`` / ``layer_sequence_parallel``: the recurrent part of one layer and
   direction over a whole sequence, the input projection having been done as one matrix product.
 
-Streams (or sequences of a batch) go through the gate product four at a time (``_gemm_rows``:
+Streams (or sequences of a batch) go through the gate product four at a time (``_gemm_cols``:
 each weight row loaded once per four streams), with the float order of a single stream. The
-parallel twins ``prange`` over (group of four streams, chunk) tasks; each chunk owns whole hidden
-units, so the cell update needs no barrier. Results are bit-identical however many threads run
-and however many streams share a call: every output element is computed by exactly one thread
-in a fixed float order.
+parallel twins ``prange`` over (group of four streams, unit range) tasks; a unit range takes the
+same units of all four gates, so the cell update needs no barrier. The number of ranges is
+decided at run time from the thread count (``layout.unit_ranges``), never packed. Results are
+bit-identical however many threads run and however many streams share a call: every output
+element is computed by exactly one thread in a fixed float order.
 """
 
 from __future__ import annotations
+
+import threading
+from contextlib import nullcontext
 
 import numba
 import numpy as np
@@ -28,6 +33,7 @@ from . import _config
 from .layout import (
     F_LD,
     F_STRIDE,
+    LAYOUT_VERSION,
     LD_ACT,
     LD_B,
     LD_HR,
@@ -46,23 +52,22 @@ from .layout import (
     M_HEAD_W,
     M_HP,
     M_I,
-    M_KMAX,
     M_L,
     M_LD,
-    M_N,
     M_OUT,
     M_P,
     M_PEEP,
     M_REVERSE,
-    M_UC,
+    UNIT_ALIGN,
     W_CLIP,
     W_HALF,
     W_ONE,
     sbuf_offsets,
 )
 
-#: Bump when layout.py's field indices change, so that Numba's file-keyed cache is invalidated.
-LAYOUT_VERSION = 5
+# Numba's cache is keyed on this file: a layout change must change this file too (layout.py).
+assert LAYOUT_VERSION == 6, "layout.py changed: update kernels.py for it and bump this number"
+
 
 def compiled_entry(dispatcher, args):
     """The compiled entry point of ``dispatcher`` for the types of ``args`` (compiled or loaded
@@ -179,47 +184,46 @@ def _act(code, alpha, beta, x, half, approx):
     # 10: Softplus, stably: max(x, 0) + log1p(exp(-|x|))
     return (x if x > 0 else zero) + np.log1p(np.exp(-np.abs(x)))
 
-
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)
-def _axpy_rows(W, z, acc):
-    """acc (C,) += W (K, C)^T @ z (K,), as K axpys over contiguous rows.
+def _axpy_cols(W, z, acc, c0, c1):
+    """acc[c0:c1] += (W (K, C)^T @ z (K,))[c0:c1], as K axpys over contiguous row segments.
 
     Four rows per pass over ``acc`` (fewer loads/stores of the accumulator); the sum order per
-    column is fixed, so LLVM vectorises across columns without reassociating anything.
+    column is fixed, so LLVM vectorises across columns without reassociating anything, and a
+    column's result does not depend on which range [c0, c1) it was computed in.
     """
     K = W.shape[0]
-    C = W.shape[1]
     k = 0
     while k + 4 <= K:
         z0 = z[k]
         z1 = z[k + 1]
         z2 = z[k + 2]
         z3 = z[k + 3]
-        for j in range(C):
+        for j in range(c0, c1):
             acc[j] += W[k, j] * z0 + W[k + 1, j] * z1 + W[k + 2, j] * z2 + W[k + 3, j] * z3
         k += 4
     while k < K:
         zk = z[k]
-        for j in range(C):
+        for j in range(c0, c1):
             acc[j] += W[k, j] * zk
         k += 1
 
 
 @njit(**_FLAGS)
-def _gemm_rows(Z, W, A):
-    """A (N, C) += Z (N, K) @ W (K, C): :func:`_axpy_rows` for four streams at once.
+def _gemm_cols(Z, W, A, c0, c1):
+    """A[:, c0:c1] (N, ·) += (Z (N, K) @ W (K, C))[:, c0:c1]: :func:`_axpy_cols` for four streams
+    at once.
 
     Each pass loads four rows of W once and applies them to four streams (4x fewer weight loads
-    than four separate axpys); every element gets exactly the sums of ``_axpy_rows`` in the same
+    than four separate axpys); every element gets exactly the sums of ``_axpy_cols`` in the same
     order, so a stream's result does not depend on how many streams share the call. Direct 2-D
     indexing (not row views) is what lets LLVM vectorise the four updates across columns.
     """
     N = Z.shape[0]
     K = W.shape[0]
-    C = W.shape[1]
     s = 0
     while s + 4 <= N:
         k = 0
@@ -228,7 +232,7 @@ def _gemm_rows(Z, W, A):
             z10, z11, z12, z13 = Z[s + 1, k], Z[s + 1, k + 1], Z[s + 1, k + 2], Z[s + 1, k + 3]
             z20, z21, z22, z23 = Z[s + 2, k], Z[s + 2, k + 1], Z[s + 2, k + 2], Z[s + 2, k + 3]
             z30, z31, z32, z33 = Z[s + 3, k], Z[s + 3, k + 1], Z[s + 3, k + 2], Z[s + 3, k + 3]
-            for j in range(C):
+            for j in range(c0, c1):
                 w0 = W[k, j]
                 w1 = W[k + 1, j]
                 w2 = W[k + 2, j]
@@ -240,7 +244,7 @@ def _gemm_rows(Z, W, A):
             k += 4
         while k < K:
             z0, z1, z2, z3 = Z[s, k], Z[s + 1, k], Z[s + 2, k], Z[s + 3, k]
-            for j in range(C):
+            for j in range(c0, c1):
                 w0 = W[k, j]
                 A[s, j] += w0 * z0
                 A[s + 1, j] += w0 * z1
@@ -249,18 +253,38 @@ def _gemm_rows(Z, W, A):
             k += 1
         s += 4
     while s < N:
-        _axpy_rows(W, Z[s], A[s])
+        _axpy_cols(W, Z[s], A[s], c0, c1)
         s += 1
 
 
-@njit(**_FLAGS)
-def _epilogue(acc, c, m, peep, u0, hp, wbuf, meta, fpar, rec, frec):
-    """Gate activations and cell update for the Uc units of one chunk.
+# The stream buffer's layout, defined once in layout.py, compiled here.
+_sbuf_offsets = njit(**_FLAGS)(sbuf_offsets)
 
-    acc (C,) pre-activations [i | f | g | o] of these units; c (Uc,) cell state, updated in place;
-    m (Uc,) <- o * h_act(c_new); peep (3*Hp,) peepholes i, f, o of the whole layer; u0: first unit.
+
+@njit(inline="always", **_FLAGS)
+def _range_bounds(r, R, hp):
+    """Units [u0, u1) of range r of R: multiples of UNIT_ALIGN, as even as that allows."""
+    blocks = hp // UNIT_ALIGN
+    return (blocks * r // R) * UNIT_ALIGN, (blocks * (r + 1) // R) * UNIT_ALIGN
+
+
+@njit(**_FLAGS)
+def _product_range(Z, W, A, u0, u1, hp, R):
+    """A (g, C) += Z (g, K) @ W (K, C) over the columns of units [u0, u1) of all four gates."""
+    if R == 1:  # the whole row: one contiguous pass
+        _gemm_cols(Z, W, A, 0, 4 * hp)
+    else:
+        for q in range(4):
+            _gemm_cols(Z, W, A, q * hp + u0, q * hp + u1)
+
+
+@njit(**_FLAGS)
+def _epilogue(acc, c, m, peep, u0, u1, hp, wbuf, meta, fpar, rec, frec):
+    """Gate activations and cell update for units [u0, u1).
+
+    acc (C,) pre-activations, gate q of unit u at q*Hp + u; c (Hp,) cell state, updated in
+    place; m (Hp,) <- o * h_act(c_new); peep (3*Hp,) peepholes i, f, o of the layer.
     """
-    uc = c.shape[0]
     half = wbuf[W_HALF]
     one = wbuf[W_ONE]
     clip = wbuf[W_CLIP]
@@ -269,25 +293,25 @@ def _epilogue(acc, c, m, peep, u0, hp, wbuf, meta, fpar, rec, frec):
     coupled = meta[M_COUPLED] != 0
     if meta[M_GENERAL] == 0 and approx and not has_peep and not coupled and clip == 0:
         # The common case (float32, Sigmoid/Tanh/Tanh, no peephole, clip or coupling): a
-        # branch-free loop that LLVM vectorises (8 units per AVX2 instruction).
-        for u in range(uc):
-            f = half * _tanh_f32(half * acc[uc + u]) + half
+        # branch-free loop that LLVM vectorises.
+        for u in range(u0, u1):
+            f = half * _tanh_f32(half * acc[hp + u]) + half
             i = half * _tanh_f32(half * acc[u]) + half
-            cn = f * c[u] + i * _tanh_f32(acc[2 * uc + u])
+            cn = f * c[u] + i * _tanh_f32(acc[2 * hp + u])
             c[u] = cn
-            m[u] = (half * _tanh_f32(half * acc[3 * uc + u]) + half) * _tanh_f32(cn)
+            m[u] = (half * _tanh_f32(half * acc[3 * hp + u]) + half) * _tanh_f32(cn)
         return
     if meta[M_GENERAL] == 0:
         # Default activations with peepholes, clip, coupling or float64: no per-element dispatch.
-        for u in range(uc):
+        for u in range(u0, u1):
             ai = acc[u]
-            af = acc[uc + u]
-            ag = acc[2 * uc + u]
-            ao = acc[3 * uc + u]
+            af = acc[hp + u]
+            ag = acc[2 * hp + u]
+            ao = acc[3 * hp + u]
             cp = c[u]
             if has_peep:
-                ai += peep[u0 + u] * cp
-                af += peep[hp + u0 + u] * cp
+                ai += peep[u] * cp
+                af += peep[hp + u] * cp
             if clip > 0:
                 ai = _clip(ai, clip)
                 af = _clip(af, clip)
@@ -296,7 +320,7 @@ def _epilogue(acc, c, m, peep, u0, hp, wbuf, meta, fpar, rec, frec):
             f = one - i if coupled else _sigmoid(af, half, approx)
             cn = f * cp + i * _tanh(ag, approx)
             if has_peep:
-                ao += peep[2 * hp + u0 + u] * cn
+                ao += peep[2 * hp + u] * cn
             if clip > 0:
                 ao = _clip(ao, clip)
             c[u] = cn
@@ -308,15 +332,15 @@ def _epilogue(acc, c, m, peep, u0, hp, wbuf, meta, fpar, rec, frec):
     af_, bf_ = fpar[frec], fpar[frec + 1]
     ag_, bg_ = fpar[frec + 2], fpar[frec + 3]
     ah_, bh_ = fpar[frec + 4], fpar[frec + 5]
-    for u in range(uc):
+    for u in range(u0, u1):
         ai = acc[u]
-        af = acc[uc + u]
-        ag = acc[2 * uc + u]
-        ao = acc[3 * uc + u]
+        af = acc[hp + u]
+        ag = acc[2 * hp + u]
+        ao = acc[3 * hp + u]
         cp = c[u]
         if has_peep:
-            ai += peep[u0 + u] * cp
-            af += peep[hp + u0 + u] * cp
+            ai += peep[u] * cp
+            af += peep[hp + u] * cp
         if clip > 0:
             ai = _clip(ai, clip)
             af = _clip(af, clip)
@@ -325,15 +349,11 @@ def _epilogue(acc, c, m, peep, u0, hp, wbuf, meta, fpar, rec, frec):
         f = 1 - i if coupled else _act(cf, af_, bf_, af, half, approx)
         cn = f * cp + i * _act(cg, ag_, bg_, ag, half, approx)
         if has_peep:
-            ao += peep[2 * hp + u0 + u] * cn
+            ao += peep[2 * hp + u] * cn
         if clip > 0:
             ao = _clip(ao, clip)
         c[u] = cn
         m[u] = _act(cf, af_, bf_, ao, half, approx) * _act(ch, ah_, bh_, cn, half, approx)
-
-
-# The stream buffer's layout, defined once in layout.py and compiled here.
-_sbuf_offsets = njit(**_FLAGS)(sbuf_offsets)
 
 
 @njit(**_FLAGS)
@@ -358,47 +378,32 @@ def _load_z(l, s, x, sbuf, meta, N):
 
 
 @njit(**_FLAGS)
-def _chunk_product(g, b, l, N, wbuf, meta, sbuf):
-    """acc[b, s] (C,) <- bias + W[b]^T z[s] for the streams s of group g (4g .. 4g+3) of layer l."""
-    n, C = meta[M_N], meta[M_C]
+def _group_range(q, R, l, N, wbuf, meta, fpar, sbuf):
+    """Task q = (stream group g, unit range r), r fastest: for the streams 4g .. 4g+3 of layer l,
+    acc <- bias + W^T z over the range's columns, then the cell updates of its units."""
+    C, hp = meta[M_C], meta[M_HP]
+    g = q // R
+    r = q % R
+    u0, u1 = _range_bounds(r, R, hp)
     rec = M_LD + l * LD_STRIDE
     K = meta[rec + LD_K]
     h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
     s0 = 4 * g
     s1 = min(s0 + 4, N)
-    bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
-    acc = sbuf[acc_off + (b * N + s0) * C : acc_off + (b * N + s1) * C].reshape((s1 - s0, C))  # (g, C)
-    for q in range(s1 - s0):
-        for j in range(C):
-            acc[q, j] = bias[j]
-    w0 = meta[rec + LD_W] + b * K * C
-    W = wbuf[w0 : w0 + K * C].reshape((K, C))  # (K, C) this chunk's fused, transposed gates
+    bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
+    A = sbuf[acc_off + s0 * C : acc_off + s1 * C].reshape((s1 - s0, C))  # (g, C)
+    for s in range(s1 - s0):
+        for q4 in range(4):
+            for j in range(q4 * hp + u0, q4 * hp + u1):
+                A[s, j] = bias[j]
+    W = wbuf[meta[rec + LD_W] : meta[rec + LD_W] + K * C].reshape((K, C))  # (K, C) fused gates
     Z = sbuf[z_off + s0 * K : z_off + s1 * K].reshape((s1 - s0, K))  # (g, K) [input | h_prev]
-    _gemm_rows(Z, W, acc)
-
-
-@njit(**_FLAGS)
-def _chunk_cells(s, b, l, N, wbuf, meta, fpar, sbuf):
-    """The cell update of chunk b's units for stream s of layer l, from acc[b, s]."""
-    C, uc, hp = meta[M_C], meta[M_UC], meta[M_HP]
-    rec = M_LD + l * LD_STRIDE
-    h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
-    acc = sbuf[acc_off + (b * N + s) * C : acc_off + (b * N + s + 1) * C]  # (C,)
-    c = sbuf[c_off + (l * N + s) * hp + b * uc : c_off + (l * N + s) * hp + (b + 1) * uc]  # (Uc,)
-    m = sbuf[m_off + s * hp + b * uc : m_off + s * hp + (b + 1) * uc]  # (Uc,)
-    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if HAS_PEEP
-    _epilogue(acc, c, m, peep, b * uc, hp, wbuf, meta, fpar, rec, F_LD + l * F_STRIDE)
-
-
-@njit(**_FLAGS)
-def _group_chunk(q, l, N, wbuf, meta, fpar, sbuf):
-    """Task q = (stream group g, chunk b), b fastest: the gate product and the cell updates."""
-    n = meta[M_N]
-    g = q // n
-    b = q % n
-    _chunk_product(g, b, l, N, wbuf, meta, sbuf)
-    for s in range(4 * g, min(4 * g + 4, N)):
-        _chunk_cells(s, b, l, N, wbuf, meta, fpar, sbuf)
+    _product_range(Z, W, A, u0, u1, hp, R)
+    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if the model has them
+    for s in range(s0, s1):
+        c = sbuf[c_off + (l * N + s) * hp : c_off + (l * N + s + 1) * hp]  # (Hp,)
+        m = sbuf[m_off + s * hp : m_off + (s + 1) * hp]  # (Hp,)
+        _epilogue(A[s - s0], c, m, peep, u0, u1, hp, wbuf, meta, fpar, rec, F_LD + l * F_STRIDE)
 
 
 @njit(**_FLAGS)
@@ -407,7 +412,7 @@ def _project(m, wbuf, off, hp, P, h):
     for j in range(P):
         h[j] = 0
     W = wbuf[off : off + hp * P].reshape((hp, P))
-    _axpy_rows(W, m, h)
+    _axpy_cols(W, m, h, 0, P)
 
 
 @njit(**_FLAGS)
@@ -436,7 +441,7 @@ def _emit(s, wbuf, meta, sbuf, N, y):
         for j in range(O):
             y[s * O + j] = wbuf[hb + j]
         hw = meta[M_HEAD_W]
-        _axpy_rows(wbuf[hw : hw + out * O].reshape((out, O)), h, y[s * O : (s + 1) * O])
+        _axpy_cols(wbuf[hw : hw + out * O].reshape((out, O)), h, y[s * O : (s + 1) * O], 0, O)
     else:
         for j in range(out):
             y[s * out + j] = h[j]
@@ -446,19 +451,22 @@ def _emit(s, wbuf, meta, sbuf, N, y):
 # Streaming: one step of the whole stack for N streams
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)
-def stack_step_serial(x, wbuf, meta, fpar, sbuf, y):
-    """One step. x (N*I,) inputs, stream-major; sbuf the streams' state and scratch (updated);
-    y (N*O,) outputs (O = head size, or out). Flat x and y: a single stream passes its (I,) input
-    and a fresh (out,) output with no reshape on the Python side. Streams go through the gate
-    product in groups of four (:func:`_gemm_rows`); one stream's result is bit-identical whatever
-    N is."""
+def stack_step_serial(x, R, wbuf, meta, fpar, sbuf, y):
+    """One step. x (N*I,) inputs, stream-major; R unit ranges per layer (1 is fastest here; the
+    parallel twin uses one per thread); sbuf the streams' state and scratch (updated); y (N*O,)
+    outputs (O = head size, or out). Flat x and y: a single stream passes its (I,) input and a
+    fresh (out,) output with no reshape on the Python side. Streams go through the gate product in
+    groups of four (:func:`_gemm_cols`); one stream's result is bit-identical whatever N and R are.
+
+    R is an argument, not ``numba.get_num_threads()`` read here: that call is a ctypes pointer,
+    which would keep Numba from caching the kernel."""
     N = x.shape[0] // meta[M_I]
-    tasks = ((N + 3) // 4) * meta[M_N]
+    tasks = ((N + 3) // 4) * R
     for l in range(meta[M_L]):
         for s in range(N):
             _load_z(l, s, x, sbuf, meta, N)
         for q in range(tasks):
-            _group_chunk(q, l, N, wbuf, meta, fpar, sbuf)
+            _group_range(q, R, l, N, wbuf, meta, fpar, sbuf)
         for s in range(N):
             _finish_layer(l, s, wbuf, meta, sbuf, N)
     for s in range(N):
@@ -466,24 +474,39 @@ def stack_step_serial(x, wbuf, meta, fpar, sbuf, y):
 
 
 @njit(parallel=True, **_FLAGS)
-def stack_step_parallel(x, wbuf, meta, fpar, sbuf, y):
+def stack_step_parallel(x, R, wbuf, meta, fpar, sbuf, y):
     """The parallel twin of :func:`stack_step_serial`: same arithmetic, prange over the
-    (stream group, chunk) tasks."""
+    (stream group, unit range) tasks; R follows the thread count (``layout.unit_ranges``), the
+    bits do not."""
     N = x.shape[0] // meta[M_I]
-    tasks = ((N + 3) // 4) * meta[M_N]
+    tasks = ((N + 3) // 4) * R
     for l in range(meta[M_L]):
         for s in range(N):
             _load_z(l, s, x, sbuf, meta, N)
         for q in prange(tasks):
-            _group_chunk(q, l, N, wbuf, meta, fpar, sbuf)
+            _group_range(q, R, l, N, wbuf, meta, fpar, sbuf)
         for s in range(N):
             _finish_layer(l, s, wbuf, meta, sbuf, N)
     for s in range(N):
         _emit(s, wbuf, meta, sbuf, N, y)
 
 
+@njit(**_FLAGS)
+def stack_run_serial(xs, R, wbuf, meta, fpar, sbuf, ys):
+    """T steps in one call: xs (T, N*I) -> ys (T, N*O); the state carries over."""
+    for t in range(xs.shape[0]):
+        stack_step_serial(xs[t], R, wbuf, meta, fpar, sbuf, ys[t])
+
+
+@njit(**_FLAGS)
+def stack_run_parallel(xs, R, wbuf, meta, fpar, sbuf, ys):
+    """T steps in one call with the parallel step kernel."""
+    for t in range(xs.shape[0]):
+        stack_step_parallel(xs[t], R, wbuf, meta, fpar, sbuf, ys[t])
+
+
 # ---------------------------------------------------------------------------------------------
-# Many streams (>= model.BLAS_MIN_BATCH): the gate product is a BLAS matrix product (numpy)
+# Many streams (policy: BLAS products): the gate product is a numpy matrix product
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)
 def batch_load_z(l, x, sbuf, meta):
@@ -495,18 +518,19 @@ def batch_load_z(l, x, sbuf, meta):
 
 @njit(**_FLAGS)
 def batch_cells_serial(l, N, wbuf, meta, fpar, sbuf):
-    """After acc[b] (N, C) = z @ W[b] for every chunk (BLAS): bias, cell update and h of layer l."""
-    n, C = meta[M_N], meta[M_C]
+    """After acc (N, C) = z @ W (BLAS): bias, cell update and h of layer l."""
+    C, hp = meta[M_C], meta[M_HP]
     rec = M_LD + l * LD_STRIDE
     h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
-    for b in range(n):
-        bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
-        for s in range(N):
-            acc = sbuf[acc_off + (b * N + s) * C : acc_off + (b * N + s + 1) * C]  # (C,)
-            for j in range(C):
-                acc[j] += bias[j]
-            _chunk_cells(s, b, l, N, wbuf, meta, fpar, sbuf)
+    bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
+    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if the model has them
     for s in range(N):
+        acc = sbuf[acc_off + s * C : acc_off + (s + 1) * C]  # (C,)
+        for j in range(C):
+            acc[j] += bias[j]
+        c = sbuf[c_off + (l * N + s) * hp : c_off + (l * N + s + 1) * hp]  # (Hp,)
+        m = sbuf[m_off + s * hp : m_off + (s + 1) * hp]  # (Hp,)
+        _epilogue(acc, c, m, peep, 0, hp, hp, wbuf, meta, fpar, rec, F_LD + l * F_STRIDE)
         _finish_layer(l, s, wbuf, meta, sbuf, N)
 
 
@@ -521,32 +545,34 @@ def batch_emit(N, wbuf, meta, sbuf, y):
 # Whole sequences: the recurrent part of one layer and direction
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)
-def _seq_group(q, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb):
-    """Task q = (stream group g, chunk b) at time t: gate product, then the cell updates of the
-    group's streams that are still inside their sequence.
+def _seq_group(q, R, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb):
+    """Task q = (stream group g, unit range r) at time t: gate product, then the cell updates of
+    the group's streams that are still inside their sequence.
 
-    acc[b, s] (C,) <- (xp[t, s, chunk b] + bias) + W_rec[b]^T h[s] (recurrent rows only; xp holds
-    the input projection); then c[s, chunk b] and mb[s, chunk b] = o * h_act(c)."""
-    n, C, uc, hp, out, D = meta[M_N], meta[M_C], meta[M_UC], meta[M_HP], meta[M_OUT], meta[M_D]
+    acc[s] (C,) <- (xp[t, s] + bias) + W_rec^T h[s] over the range's columns (recurrent rows only;
+    xp holds the input projection); then c[s] and mb[s] = o * h_act(c) of the range's units."""
+    C, hp, out, D = meta[M_C], meta[M_HP], meta[M_OUT], meta[M_D]
     B = h.shape[0]
-    g = q // n
-    b = q % n
+    g = q // R
+    r = q % R
+    u0, u1 = _range_bounds(r, R, hp)
     s0 = 4 * g
     s1 = min(s0 + 4, B)
     rec = M_LD + (l * D + d) * LD_STRIDE
-    A = acc[b, s0:s1]  # (g, C)
-    bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
+    A = acc[s0:s1]  # (g, C)
+    bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
     for s in range(s0, s1):
-        for j in range(C):
-            A[s - s0, j] = xp[t, s, b * C + j] + bias[j]
+        for q4 in range(4):
+            for j in range(q4 * hp + u0, q4 * hp + u1):
+                A[s - s0, j] = xp[t, s, j] + bias[j]
     K = meta[rec + LD_K]
-    w0 = meta[rec + LD_W] + (b * K + K - out) * C
-    _gemm_rows(h[s0:s1], wbuf[w0 : w0 + out * C].reshape((out, C)), A)
-    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if HAS_PEEP
+    w0 = meta[rec + LD_W] + (K - out) * C
+    _product_range(h[s0:s1], wbuf[w0 : w0 + out * C].reshape((out, C)), A, u0, u1, hp, R)
+    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if the model has them
     for s in range(s0, s1):
         if t < lengths[s]:
-            _epilogue(A[s - s0], c[s, b * uc : (b + 1) * uc], mb[s, b * uc : (b + 1) * uc], peep,
-                      b * uc, hp, wbuf, meta, fpar, rec, F_LD + (l * D + d) * F_STRIDE)
+            _epilogue(A[s - s0], c[s], mb[s], peep, u0, u1, hp, wbuf, meta, fpar, rec,
+                      F_LD + (l * D + d) * F_STRIDE)
 
 
 @njit(**_FLAGS)
@@ -563,37 +589,37 @@ def _seq_finish(t, s, l, d, wbuf, meta, h, y, mb):
 
 
 @njit(**_FLAGS)
-def layer_sequence_serial(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
+def layer_sequence_serial(xp, R, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
     """Run layer l, direction d over a sequence of B streams in one call.
 
-    xp (T, B, n*C) input projections (no bias), in packed column order; lengths (B,) valid steps
+    xp (T, B, C) input projections (no bias), in W's column order; lengths (B,) valid steps
     per sequence; h (B, out), c (B, Hp) the state, updated in place; y (T, B, D*out) the layer's
     outputs, pre-zeroed (steps past a sequence's length stay zero), direction d writing columns
-    d*out:(d+1)*out; acc (n, B, C) and mb (B, Hp) scratch.
+    d*out:(d+1)*out; acc (B, C) and mb (B, Hp) scratch.
     Direction 1 (or a REVERSE model) runs backwards from each sequence's last valid step.
-    Streams share the recurrent product in groups of four (:func:`_gemm_rows`), with the float
-    order of a single stream: results do not depend on B.
+    Streams share the recurrent product in groups of four (:func:`_gemm_cols`), with the float
+    order of a single stream: results do not depend on B (nor on R, the unit ranges).
     """
     T, B = xp.shape[0], xp.shape[1]
-    tasks = ((B + 3) // 4) * meta[M_N]
+    tasks = ((B + 3) // 4) * R
     for step in range(T):
         t = T - 1 - step if (d == 1 or meta[M_REVERSE] != 0) else step
         for q in range(tasks):
-            _seq_group(q, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb)
+            _seq_group(q, R, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb)
         for s in range(B):
             if t < lengths[s]:
                 _seq_finish(t, s, l, d, wbuf, meta, h, y, mb)
 
 
 @njit(parallel=True, **_FLAGS)
-def layer_sequence_parallel(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
-    """The parallel twin of :func:`layer_sequence_serial`: prange over (stream group, chunk)."""
+def layer_sequence_parallel(xp, R, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
+    """The parallel twin of :func:`layer_sequence_serial`: prange over (stream group, unit range)."""
     T, B = xp.shape[0], xp.shape[1]
-    tasks = ((B + 3) // 4) * meta[M_N]
+    tasks = ((B + 3) // 4) * R
     for step in range(T):
         t = T - 1 - step if (d == 1 or meta[M_REVERSE] != 0) else step
         for q in prange(tasks):
-            _seq_group(q, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb)
+            _seq_group(q, R, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb)
         for s in range(B):
             if t < lengths[s]:
                 _seq_finish(t, s, l, d, wbuf, meta, h, y, mb)
@@ -601,24 +627,26 @@ def layer_sequence_parallel(xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, m
 
 @njit(**_FLAGS)
 def sequence_cells_serial(t, xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
-    """Time step t of a batched sequence whose recurrent product acc (n, B, C) = h @ W_rec was
+    """Time step t of a batched sequence whose recurrent product acc (B, C) = h @ W_rec was
     done by BLAS: add the input projection and bias, update the cells, write h and y[t]."""
     B = xp.shape[1]
-    n, C, uc, hp, D = meta[M_N], meta[M_C], meta[M_UC], meta[M_HP], meta[M_D]
+    C, hp, D = meta[M_C], meta[M_HP], meta[M_D]
     rec = M_LD + (l * D + d) * LD_STRIDE
-    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if HAS_PEEP
+    bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
+    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if the model has them
     for s in range(B):
         if t < lengths[s]:
-            for b in range(n):
-                a = acc[b, s]  # (C,)
-                bias = wbuf[meta[rec + LD_B] + b * C : meta[rec + LD_B] + (b + 1) * C]  # (C,)
-                for j in range(C):
-                    a[j] += xp[t, s, b * C + j] + bias[j]
-                _epilogue(a, c[s, b * uc : (b + 1) * uc], mb[s, b * uc : (b + 1) * uc], peep,
-                          b * uc, hp, wbuf, meta, fpar, rec, F_LD + (l * D + d) * F_STRIDE)
+            a = acc[s]  # (C,)
+            for j in range(C):
+                a[j] += xp[t, s, j] + bias[j]
+            _epilogue(a, c[s], mb[s], peep, 0, hp, hp, wbuf, meta, fpar, rec,
+                      F_LD + (l * D + d) * F_STRIDE)
             _seq_finish(t, s, l, d, wbuf, meta, h, y, mb)
 
 
+# ---------------------------------------------------------------------------------------------
+# The threading layer (the parallel kernels above are what loads it)
+# ---------------------------------------------------------------------------------------------
 @njit(parallel=True, **_FLAGS)
 def _touch_parallel():
     """A trivial parallel function: calling it makes Numba load its threading layer."""
@@ -628,15 +656,28 @@ def _touch_parallel():
     return acc.sum()
 
 
-@njit(**_FLAGS)
-def stack_run_serial(xs, wbuf, meta, fpar, sbuf, ys):
-    """T steps in one call: xs (T, N*I) -> ys (T, N*O); the state carries over."""
-    for t in range(xs.shape[0]):
-        stack_step_serial(xs[t], wbuf, meta, fpar, sbuf, ys[t])
+_layer_lock = threading.Lock()
+_workqueue_lock = threading.Lock()
+_layer = None
 
 
-@njit(**_FLAGS)
-def stack_run_parallel(xs, wbuf, meta, fpar, sbuf, ys):
-    """T steps in one call with the parallel step kernel."""
-    for t in range(xs.shape[0]):
-        stack_step_parallel(xs[t], wbuf, meta, fpar, sbuf, ys[t])
+def threading_layer() -> str:
+    """The threading layer Numba loaded ("omp", "tbb" or "workqueue"); loads it if needed."""
+    global _layer
+    if _layer is None:
+        with _layer_lock:
+            if _layer is None:
+                try:
+                    _layer = numba.threading_layer()
+                except ValueError:  # not initialised yet: run a trivial parallel function
+                    _touch_parallel()
+                    _layer = numba.threading_layer()
+    return _layer
+
+
+def parallel_guard():
+    """A context manager for calling a parallel kernel: a lock under ``workqueue`` (which aborts
+    the process when two threads enter a parallel region at once), else nothing."""
+    if threading_layer() == "workqueue":
+        return _workqueue_lock
+    return nullcontext()

@@ -82,9 +82,12 @@ def load(path, **options):
                          f"expected some of {sorted(_OPTIONS[kind])}")
     options = {k: v for k, v in options.items() if v is not None}
     if kind == "packed":
+        from .model import LSTMModel
         from .packed import load as load_packed
 
-        return load_packed(path, **options)
+        p = load_packed(path, mmap=options.get("mmap", False))
+        return LSTMModel._from_packed(p.plan, p.wbuf, p.fpar, p.init, p.source,
+                                      options.get("kernel", "auto"))
     if kind == "onnx":
         from lstm_cpu.importers.onnx_lstm import load_onnx
 
@@ -97,7 +100,8 @@ def load(path, **options):
 def warmup(verbose=False):
     """Compile every kernel specialisation a model can use (float32 and float64, serial and
     parallel, step, chunk run and whole sequence), so the first real call hits Numba's cache."""
-    from .model import BLAS_MIN_BATCH, LSTMModel
+    from .model import LSTMModel
+    from .policy import BLAS_MIN_BATCH
     from .spec import LayerParams
 
     rng = np.random.default_rng(0)

@@ -12,35 +12,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import _config, kernels
+from . import _config, kernels, policy
 from . import layout as lay
 from .errors import InputError, InputTypeError, UnsupportedModelError
 from .spec import ACTIVATIONS, Activation, LayerParams, as_activations
 
 _CODE_TO_NAME = {v[0]: k for k, v in ACTIVATIONS.items()}
-
-#: Streams whose model has at least this many weight bytes use the parallel kernel by default.
-#: Measured on 2 cores (bench/results.md, "crossover"): at 0.4 MB parallel is 1.5x slower, at
-#: 3.7 MB a tie, at 14.7 MB 2.5x faster. Below it, waking a thread costs more than it saves; and
-#: on a loaded box a parallel step waits for a descheduled worker (1-16 ms seen), so only models
-#: large enough to gain a lot use it by default.
-PARALLEL_MIN_WEIGHT_BYTES = 8 << 20
-
-_KERNELS = ("auto", "serial", "parallel")
-
-#: A batched stream (2 <= N < BLAS_MIN_BATCH) of an "auto" model uses the parallel kernel once
-#: its weight bytes x N (the bytes its step streams through the product) reach this: its tasks
-#: are (group of four streams, chunk), so even an unsplit model has N/4 of them. Measured on 2
-#: cores, serial vs parallel us per step: (32,64,1) N=16 34/33, N=32 44/28; (64,128,1) N=8
-#: 33/33, N=16 64/59, N=32 148/98; (128,256,2) N=4 145/121, N=32 972/547.
-BATCH_PARALLEL_MIN_BYTES = 2 << 20
-
-#: From this many streams (or sequences in a batch) up, the gate products are numpy BLAS matrix
-#: products; below it, Numba's fused kernel runs them four streams at a time (no Python between
-#: layers or time steps, and one stream's result is bit-identical whatever the batch). Measured on
-#: this 2-core box (bench/results.md, "batched product"): Numba's product 62-70 GFLOP/s vs
-#: OpenBLAS 49 at 16 streams, a tie at 32, OpenBLAS 1.4x-1.8x ahead at 48 and 64.
-BLAS_MIN_BATCH = 40
 
 #: numpy's array flag bits (NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_WRITEABLE, stable
 #: C API values): an array with all three has the exact Numba type the compiled step takes. One
@@ -84,17 +61,17 @@ class LSTMModel:
         layers: ``layers[l][d]`` are :class:`~lstm_cpu.spec.LayerParams` for layer l, direction d
             (1 or 2 directions), canonical gate order. Every layer has the same H and P.
         clip: cell clip (ONNX ``clip``), or None.
-        input_forget: couple the input gate to the forget gate, ``i = 1 - f``.
+        input_forget: couple the forget gate to the input gate, ``f = 1 - i`` (ONNX
+            ``input_forget=1`` as onnxruntime computes it).
         dtype: ``np.float32`` (default; rational tanh/sigmoid, max abs error ~2e-7) or
             ``np.float64`` (libm).
         initial_state: ``(h0 (L*D, out), c0 (L*D, H))`` the model starts from, or None for zeros.
         head: ``(weight (O, D*out), bias (O,) or None)``: a linear layer applied to every output.
         source: provenance shown by :meth:`info`.
-        kernel: "auto" (serial below PARALLEL_MIN_WEIGHT_BYTES, else parallel), "serial" or
-            "parallel": the default for this model's streams and runs. Only a model that will
-            run in parallel ("parallel", or "auto" from that size) is split into one column
-            chunk per thread; others are packed as one chunk, the fastest serial form, and a
-            parallel kernel asked for later has nothing to split.
+        kernel: "auto", "serial" or "parallel": the default request for this model's streams
+            and runs; :func:`lstm_cpu.policy.choose_kernel` turns it into a kernel. The packed
+            weights do not depend on it (nor on the machine): parallel kernels split the hidden
+            units across threads at run time, with the same bits as the serial kernel.
         reverse: a one-direction model that runs backwards in time (ONNX ``direction="reverse"``);
             it needs whole sequences (``run``), like a bidirectional one.
 
@@ -108,8 +85,7 @@ class LSTMModel:
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise InputError(f"dtype must be float32 or float64, got {dtype}")
-        if kernel not in _KERNELS:
-            raise InputError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
+        kernel = policy.check_requested(kernel)
         layers = [list(row) for row in layers]
         self._validate(layers, clip, head)
         if reverse and len(layers[0]) != 1:
@@ -123,45 +99,38 @@ class LSTMModel:
         for row in layers:
             for p in row:
                 p.activations = as_activations(p.activations)
-        # Column chunks only pay off for the parallel kernel: serially, one chunk streams the
-        # weights fastest (measured: a (128,256,2) sequence step 50.5 us with 1 chunk, 58.2 with
-        # 2). So a model is split into one chunk per thread only if it will run in parallel.
-        fused_bytes = sum(4 * H * (np.shape(p.w_ih)[1] + np.shape(p.w_hh)[1]) for row in layers
-                          for p in row) * dtype.itemsize
-        will_parallel = kernel == "parallel" or (kernel == "auto" and fused_bytes >= PARALLEL_MIN_WEIGHT_BYTES)
-        wbuf, meta, fpar = lay.pack(layers, clip=clip, input_forget=input_forget, dtype=dtype, head=head,
-                                    n_threads=_config.num_threads() if will_parallel else 1,
-                                    reverse=bool(reverse))
+        plan, wbuf, fpar = lay.pack(layers, clip=clip, input_forget=input_forget, dtype=dtype,
+                                    head=head, reverse=bool(reverse))
         init = None
         if initial_state is not None:
             h0, c0 = initial_state
             init = (_check_weight(h0, (L * D, out), "initial_state h0").astype(dtype),
                     _check_weight(c0, (L * D, H), "initial_state c0").astype(dtype))
-        self._set_packed(wbuf, meta, fpar, init, dict(source or {}), kernel)
+        self._set_packed(plan, wbuf, fpar, init, dict(source or {}), kernel)
 
-    # -- construction from already-packed buffers (used by packed.load) -----------------------
+    # -- construction from already-packed buffers (used by the packed-file loader) --------------
     @classmethod
-    def _from_packed(cls, wbuf, meta, fpar, initial_state, source, kernel="auto"):
+    def _from_packed(cls, plan, wbuf, fpar, initial_state, source, kernel="auto"):
         self = cls.__new__(cls)
-        self._set_packed(wbuf, meta, fpar, initial_state, source, kernel)
+        self._set_packed(plan, wbuf, fpar, initial_state, source, policy.check_requested(kernel))
         return self
 
-    def _set_packed(self, wbuf, meta, fpar, init, source, kernel):
-        self._wbuf = _readonly(wbuf)  # (total,) packed weights, see layout.py
-        self._meta = _readonly(meta)  # (M_LD + L*D*LD_STRIDE,) int64 sizes and offsets
+    def _set_packed(self, plan, wbuf, fpar, init, source, kernel):
+        self._plan = plan  # layout.Plan: sizes, flags, offsets (the only reader of offsets)
+        self._wbuf = _readonly(wbuf)  # (plan.total,) packed weights, see layout.py
+        self._meta = plan.meta  # (M_LD + L*D*LD_STRIDE,) int64: the plan as the kernels read it
         self._fpar = _readonly(fpar)  # (F_LD + L*D*F_STRIDE,) float64 clip and activation params
         self._init = None if init is None else tuple(_readonly(np.ascontiguousarray(a)) for a in init)
         self._source = source
         self._kernel = kernel
-        m = meta
-        self.input_size = int(m[lay.M_I])
-        self.hidden_size = int(m[lay.M_H])
-        self.proj_size = int(m[lay.M_P])
-        self.num_layers = int(m[lay.M_L])
-        self.num_directions = int(m[lay.M_D])
-        self._out = int(m[lay.M_OUT])
-        self._head_o = int(m[lay.M_HEAD_O])
-        self.output_size = self._head_o or self.num_directions * self._out
+        self.input_size = plan.I
+        self.hidden_size = plan.H
+        self.proj_size = plan.P
+        self.num_layers = plan.L
+        self.num_directions = plan.D
+        self._out = plan.out
+        self._head_o = plan.head_o
+        self.output_size = plan.output_size
         self.dtype = wbuf.dtype
 
     @staticmethod
@@ -210,12 +179,13 @@ class LSTMModel:
 
     @property
     def input_forget(self) -> bool:
-        return bool(self._meta[lay.M_COUPLED])
+        """True when the forget gate is coupled to the input gate: ``f = 1 - i``."""
+        return self._plan.coupled
 
     @property
     def reverse(self) -> bool:
         """True for a one-direction model that runs backwards in time."""
-        return bool(self._meta[lay.M_REVERSE])
+        return self._plan.reverse
 
     @property
     def initial_state(self):
@@ -225,31 +195,32 @@ class LSTMModel:
     @property
     def head(self):
         """``(weight (O, D*out), bias (O,))`` copies, or None."""
-        if not self._head_o:
+        views = self._plan.head(self._wbuf)
+        if views is None:
             return None
-        O, w0, b0 = self._head_o, int(self._meta[lay.M_HEAD_W]), int(self._meta[lay.M_HEAD_B])
-        Dout = self.num_directions * self._out
-        return (self._wbuf[w0 : w0 + Dout * O].reshape(Dout, O).T.copy(), self._wbuf[b0 : b0 + O].copy())
+        return views[0].T.copy(), views[1].copy()
 
     @property
     def weight_bytes(self) -> int:
         return int(self._wbuf.nbytes)
 
+    def _choose(self, kernel, streams: int, job: str = "step") -> policy.KernelChoice:
+        """The policy's kernel for this model: ``kernel`` or the model's own request."""
+        requested = self._kernel if kernel is None else policy.check_requested(kernel)
+        return policy.choose_kernel(self.weight_bytes, streams,
+                                    _config.num_threads(), requested, job)
+
     @property
     def default_kernel(self) -> str:
-        """The kernel "auto" resolves to for this model."""
-        if self._kernel != "auto":
-            return self._kernel
-        if int(self._meta[lay.M_N]) > 1 and self.weight_bytes >= PARALLEL_MIN_WEIGHT_BYTES:
-            return "parallel"
-        return "serial"
+        """The kernel a lone stream of this model runs by default ("serial" or "parallel")."""
+        return self._choose(None, 1).name
 
     def activations(self, layer=0, direction=0):
-        rec = lay.M_LD + (layer * self.num_directions + direction) * lay.LD_STRIDE
+        codes = self._plan.act_codes[layer * self.num_directions + direction]
         frec = lay.F_LD + (layer * self.num_directions + direction) * lay.F_STRIDE
         return tuple(
-            Activation(_CODE_TO_NAME[int(self._meta[rec + lay.LD_ACT + j])],
-                       float(self._fpar[frec + 2 * j]), float(self._fpar[frec + 2 * j + 1]))
+            Activation(_CODE_TO_NAME[codes[j]], float(self._fpar[frec + 2 * j]),
+                       float(self._fpar[frec + 2 * j + 1]))
             for j in range(3))
 
     def layer_params(self):
@@ -259,7 +230,7 @@ class LSTMModel:
         for l in range(self.num_layers):
             row = []
             for d in range(self.num_directions):
-                w_cat, bias, peep, w_hr = lay.unpack_layer(wbuf, self._meta, l, d)
+                w_cat, bias, peep, w_hr = lay.unpack_layer(self._plan, wbuf, l, d)
                 fan_in = w_cat.shape[1] - self._out
                 row.append(LayerParams(w_cat[:, :fan_in].copy(), w_cat[:, fan_in:].copy(), bias.copy(),
                                        None if w_hr is None else w_hr.copy(),
@@ -276,7 +247,7 @@ class LSTMModel:
             per = 4 * H * (fan_in + out) + 4 * H
             if self.proj_size:
                 per += self.proj_size * H
-            if self._meta[lay.M_PEEP]:
+            if self._plan.has_peep:
                 per += 3 * H
             n += D * per
         if self._head_o:
@@ -300,12 +271,11 @@ class LSTMModel:
             "clip": self.clip,
             "input_forget": self.input_forget,
             "reverse": self.reverse,
-            "peepholes": bool(self._meta[lay.M_PEEP]),
+            "peepholes": self._plan.has_peep,
             "has_initial_state": self._init is not None,
             "dtype": str(self.dtype),
             "parameters": self.parameter_count(),
             "weight_bytes": self.weight_bytes,
-            "chunks": int(self._meta[lay.M_N]),
             "kernel": self.default_kernel,
         }
 
@@ -327,26 +297,9 @@ class LSTMModel:
         """Write the packed model to ``path`` atomically (see :mod:`lstm_cpu.packed`)."""
         from .packed import save
 
-        save(self, path)
+        save(path, self._plan, self._wbuf, self._fpar, self._init, self._source)
 
     # -- whole sequences -------------------------------------------------------------------------
-    def _stream_kernel(self, kernel, N: int) -> str:
-        """The kernel a stream of N (batch) streams runs: ``kernel``, or the model's default,
-        except that "auto" goes parallel for a batch with enough work per step."""
-        name = self._kernel_name(kernel)
-        if ((kernel is None or kernel == "auto") and self._kernel == "auto"
-                and 2 <= N < BLAS_MIN_BATCH and _config.num_threads() > 1
-                and self.weight_bytes * N >= BATCH_PARALLEL_MIN_BYTES):
-            return "parallel"
-        return name
-
-    def _kernel_name(self, kernel):
-        if kernel is None or kernel == "auto":
-            return self.default_kernel
-        if kernel not in _KERNELS:
-            raise InputError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
-        return kernel
-
     def run(self, x, state=None, lengths=None, kernel=None):
         """Run a whole sequence, time-major.
 
@@ -355,8 +308,8 @@ class LSTMModel:
         or None for all T. Returns ``y (T, [B,] D*out or O)`` and the final ``(h, c)``.
         Outputs past a sequence's length are zero and its final state is the state at its
         last valid step; the reverse direction starts from that step.
-        ``kernel``: whole sequences run the serial kernel unless "parallel" is asked for here or
-        at construction (next to BLAS calls the parallel kernel loses, see the code).
+        ``kernel``: "auto" runs whole sequences serially (see :func:`lstm_cpu.policy.choose_kernel`);
+        "parallel" asked for here or at construction splits the units across threads.
         """
         x = _as_float_array(x, self.dtype, "x")
         if x.ndim not in (2, 3) or x.shape[-1] != self.input_size:
@@ -368,52 +321,39 @@ class LSTMModel:
         L, D, H, out = self.num_layers, self.num_directions, self.hidden_size, self._out
         h0, c0 = self._initial_batch(state, B, batched)
         lens = self._lengths(lengths, T, B, batched)
-        meta = self._meta
-        n, C, Hp = int(meta[lay.M_N]), int(meta[lay.M_C]), int(meta[lay.M_HP])
-        # "auto" runs whole sequences serially: the input projection is a BLAS call, and numpy's
-        # OpenBLAS workers keep spinning after each call, starving Numba's workers (measured on 2
-        # cores: the parallel kernel made a (256,512,2) sequence 2.5x slower at batch 1).
-        self._kernel_name(kernel)  # validates
-        parallel = (kernel or self._kernel) == "parallel"  # only when asked for explicitly
-        fn = kernels.layer_sequence_parallel if parallel else kernels.layer_sequence_serial
-        use_blas = B >= BLAS_MIN_BATCH  # the recurrent products by BLAS, one per step and chunk
-        acc = np.empty((n, B, C), self.dtype)  # (n, B, C) gate pre-activations per chunk
+        plan, wbuf, meta = self._plan, self._wbuf, self._meta
+        C, Hp = plan.C, plan.Hp
+        choice = self._choose(kernel, B, job="sequence")
+        fn = kernels.layer_sequence_parallel if choice.parallel else kernels.layer_sequence_serial
+        R = lay.unit_ranges(Hp, _config.num_threads()) if choice.parallel else 1
+        acc = np.empty((B, C), self.dtype)  # (B, C) gate pre-activations
         mb = np.empty((B, Hp), self.dtype)  # (B, Hp) o * h_act(c) before the projection
         hN = np.empty((L * D, B, out), self.dtype)
         cN = np.empty((L * D, B, H), self.dtype)
         inp = xb  # (T, B, fan_in)
         for l in range(L):
             y = np.zeros((T, B, D * out), self.dtype)  # (T, B, D*out) direction d: columns d*out..
+            kin = plan.input_rows(l)
             for d in range(D):
-                rec = lay.M_LD + (l * D + d) * lay.LD_STRIDE
-                K = int(meta[rec + lay.LD_K])
-                kin = K - out
-                w = self._wbuf[meta[rec + lay.LD_W] : meta[rec + lay.LD_W] + n * K * C].reshape(n, K, C)
-                # The input projection of the whole sequence as one matrix product per chunk (the
-                # kernel adds the bias as it reads xp: no extra pass over T*B*n*C floats).
-                flat = inp.reshape(T * B, kin)
-                if n == 1:
-                    xp = np.matmul(flat, w[0, :kin, :]).reshape(T, B, C)  # (T, B, C)
-                else:
-                    xp = np.empty((T, B, n * C), self.dtype)  # (T, B, n*C) packed column order
-                    for b in range(n):
-                        np.matmul(flat, w[b, :kin, :], out=xp.reshape(T * B, n * C)[:, b * C:(b + 1) * C])
+                w = plan.gate_matrix(wbuf, l, d)  # (K, C)
+                # The input projection of the whole sequence as one matrix product (the kernel
+                # adds the bias as it reads xp: no extra pass over T*B*C floats).
+                xp = np.matmul(inp.reshape(T * B, kin), w[:kin]).reshape(T, B, C)  # (T, B, C)
                 h = np.array(h0[l * D + d], order="C")  # (B, out) a copy: never the caller's array
                 c = np.zeros((B, Hp), self.dtype)  # (B, Hp) padded cell state
                 c[:, :H] = c0[l * D + d]
-                if use_blas:  # serial cell updates: never Numba threads next to BLAS calls
-                    w_rec = w[:, kin:, :]  # (n, out, C) recurrent rows of each chunk
-                    args = (xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, y, acc, mb)
+                if choice.blas:  # serial cell updates: never Numba threads next to BLAS calls
+                    w_rec = w[kin:]  # (out, C) recurrent rows
+                    args = (xp, wbuf, meta, self._fpar, l, d, lens, h, c, y, acc, mb)
                     call = kernels.compiled_entry(kernels.sequence_cells_serial, (0,) + args)
                     backward = d == 1 or self.reverse
                     for step in range(T):
                         t = T - 1 - step if backward else step
-                        for b in range(n):
-                            np.matmul(h, w_rec[b], out=acc[b])  # (B, out) @ (out, C)
+                        np.matmul(h, w_rec, out=acc)  # (B, out) @ (out, C)
                         call(t, *args)
                 else:
-                    with (_config.parallel_guard() if parallel else nullcontext()):
-                        fn(xp, self._wbuf, meta, self._fpar, l, d, lens, h, c, y, acc, mb)
+                    with (kernels.parallel_guard() if choice.parallel else nullcontext()):
+                        fn(xp, R, wbuf, meta, self._fpar, l, d, lens, h, c, y, acc, mb)
                 hN[l * D + d], cN[l * D + d] = h, c[:, :H]
             empty = lens == 0  # onnxruntime: a sequence of length 0 ends in a zero state
             if empty.any():
@@ -488,41 +428,39 @@ class Stream:
             batch = int(batch)
         self.model = model
         self.batch = batch
-        self.kernel = model._stream_kernel(kernel, 1 if batch is None else batch)
         N = 1 if batch is None else batch
         self._N = N
-        meta = model._meta
+        choice = model._choose(kernel, N)
+        self.kernel = choice.name  # "serial", "parallel" or "blas" (lstm_cpu.policy)
+        plan, meta = model._plan, model._meta
         h_off, c_off, z_off, acc_off, _m, end = (int(v) for v in lay.sbuf_offsets(meta, N))
         self._sbuf = np.zeros(end, model.dtype)  # state and scratch, see layout.py
-        L, out, Hp = model.num_layers, model._out, int(meta[lay.M_HP])
+        L, out, Hp, C = plan.L, plan.out, plan.Hp, plan.C
         self._h = self._sbuf[h_off:c_off].reshape(L, N, out)  # (L, N, out) view
         self._c = self._sbuf[c_off:z_off].reshape(L, N, Hp)  # (L, N, Hp) view
         self._x = np.zeros(N * model.input_size, model.dtype)  # (N*I,) conversion buffer
-        parallel = self.kernel == "parallel"
-        self._step_fn = kernels.stack_step_parallel if parallel else kernels.stack_step_serial
-        self._run_fn = kernels.stack_run_parallel if parallel else kernels.stack_run_serial
-        self._guard = _config.parallel_guard if parallel else None
-        self._blas = N >= BLAS_MIN_BATCH
+        self._step_fn = kernels.stack_step_parallel if choice.parallel else kernels.stack_step_serial
+        self._run_fn = kernels.stack_run_parallel if choice.parallel else kernels.stack_run_serial
+        self._guard = kernels.parallel_guard if choice.parallel else None
+        R = lay.unit_ranges(Hp, _config.num_threads()) if choice.parallel else 1  # unit ranges
+        self._blas = choice.blas
         if self._blas:
-            # Views for the BLAS path: per layer z (N, K_l), the chunks' W (n, K_l, C), acc (n, N, C).
-            # Its cell updates stay serial even for a parallel stream: numpy's OpenBLAS workers
-            # spin after each product and starve Numba's (a 64-stream (256,512,2) step took 20 ms
-            # with parallel cell updates on 2 cores).
-            n, C = int(meta[lay.M_N]), int(meta[lay.M_C])
-            self._acc = self._sbuf[acc_off : acc_off + n * N * C].reshape(n, N, C)
+            # Views for the BLAS path: acc (N, C) and per layer z (N, K_l) and W (K_l, C). Its cell
+            # updates stay serial: numpy's OpenBLAS workers spin after each product and starve
+            # Numba's (a 64-stream (256,512,2) step took 20 ms with parallel cell updates on 2 cores).
+            self._acc = self._sbuf[acc_off : acc_off + N * C].reshape(N, C)
             self._layers = []
             for l in range(L):
-                rec = lay.M_LD + l * lay.LD_STRIDE
-                K, w0 = int(meta[rec + lay.LD_K]), int(meta[rec + lay.LD_W])
+                K = plan.record(l, 0).K
                 self._layers.append((self._sbuf[z_off : z_off + N * K].reshape(N, K),
-                                     model._wbuf[w0 : w0 + n * K * C].reshape(n, K, C)))
+                                     plan.gate_matrix(model._wbuf, l, 0)))
         # Precomputed for the hot path: kernels take flat x (N*I,) and y (N*O,), stream-major.
         self._dtype = np.dtype(model.dtype)
         self._single = batch is None
         self._want = (model.input_size,) if batch is None else (N, model.input_size)
         self._yshape = (model.output_size,) if batch is None else (N, model.output_size)
         self._ylen = N * model.output_size
-        self._wargs = (model._wbuf, model._meta, model._fpar, self._sbuf)
+        self._wargs = (R, model._wbuf, model._meta, model._fpar, self._sbuf)
         # The compiled kernel for exactly these argument types: step() guarantees them, so the
         # per-call type dispatch of Numba (~1 us, a third of a small model's step) is skipped.
         self._step_call = kernels.compiled_entry(
@@ -618,7 +556,7 @@ class Stream:
         return ret
 
     def _step_blas(self, xk, y):
-        """One step of N >= BLAS_MIN_BATCH streams: the gate products as BLAS matrix products.
+        """One step of many streams (policy: BLAS): the gate products as BLAS matrix products.
 
         xk (N*I,) inputs, y (N*O,) outputs."""
         m = self.model
@@ -626,8 +564,7 @@ class Stream:
         load_z, cells, emit = self._blas_calls
         for l, (z, w) in enumerate(self._layers):
             load_z(l, xk, sbuf, meta)
-            for b in range(w.shape[0]):
-                np.matmul(z, w[b], out=self._acc[b])  # (N, K) @ (K, C) -> (N, C)
+            np.matmul(z, w, out=self._acc)  # (N, K) @ (K, C) -> (N, C)
             cells(l, N, wbuf, meta, fpar, sbuf)
         emit(N, wbuf, meta, sbuf, y)
 

@@ -1,21 +1,24 @@
-"""lstm-cpu's packed file format: the packed buffers in a safetensors-layout file, numpy only.
+"""lstm-cpu's packed file format: a plan's arrays in a safetensors-layout file, numpy only.
 
 Layout (the safetensors layout, so standard tools can list it)::
 
     u64 little-endian  header length n
     n bytes            JSON header: {"meta": {...}, "fpar": {...}, "wbuf": {...},
                                      ["init_h": ..., "init_c": ...],
-                                     "__metadata__": {"format": "lstm-cpu-packed", "version": "1",
-                                                      "sha256": <hex of the data section>,
-                                                      "source": <JSON of model.info()["source"]>}}
+                                     "__metadata__": {"format": "lstm-cpu-packed", "version": "2",
+                                                      "sha256": <hex>, "source": <JSON>}}
     data section       the tensors, 8-byte aligned, at their "data_offsets"
 
+The checksum covers every byte that is read: the length prefix, the header (with the 64 hex
+digits of the digest itself read as zeros) and the data section. Swapping two offsets, shapes or
+dtypes in the header fails it as surely as a flipped weight. With ``mmap=True`` the file is
+mapped once; the bytes hashed are the bytes the arrays view (no second open by path).
+
 Why not pickle or the safetensors package: the runtime must load a model with numpy and numba
-only, and never run code from a file. Loading reads the weights (or memory-maps them with
-``mmap=True``), checks the
-SHA-256 of the data section (a truncated or tampered file is refused, never loaded as garbage),
-and recomputes the packed layout from the sizes the file states (``layout.plan``): the kernels do
-no bounds checks, so a file whose offsets differ from the plan is refused before any kernel runs.
+only, and never run code from a file. This module reads and writes plain arrays; the plan is
+re-derived from the sizes the file states (``layout.Plan.from_meta``) and any difference is
+refused before a kernel runs (the kernels do no bounds checks). It knows nothing of
+``LSTMModel``: ``model.save`` hands it arrays, ``loader`` builds the model from what it returns.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import hashlib
 import json
 import mmap as _mmap
 import os
+import re
 import struct
 import tempfile
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -33,19 +38,39 @@ from . import layout as lay
 from .errors import FormatError, UnsupportedModelError
 
 FORMAT_NAME = "lstm-cpu-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _MAX_HEADER = 1 << 20  # our headers are ~1 KB; anything near this is not ours
 _DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64}
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
-_MAX_DIM = 1 << 24  # no real LSTM has a size near 16M
+_ZERO_DIGEST = "0" * 64
+_DIGEST_FIELD = re.compile(rb'"sha256":"([0-9a-f]{64})"')
 
 
-def save(model, path) -> None:
-    """Write ``model`` to ``path`` atomically: a temporary file in the same folder, then a rename."""
-    tensors = [("meta", model._meta), ("fpar", model._fpar)]
-    if model._init is not None:
-        tensors += [("init_h", model._init[0]), ("init_c", model._init[1])]
-    tensors.append(("wbuf", model._wbuf))
+class Packed(NamedTuple):
+    """What a packed file holds, validated: the plan, its buffers and provenance."""
+
+    plan: lay.Plan
+    wbuf: np.ndarray  # (plan.total,) float32 or float64, read-only
+    fpar: np.ndarray  # (F_LD + L*D*F_STRIDE,) float64
+    init: Optional[Tuple[np.ndarray, np.ndarray]]  # (h0 (L*D, out), c0 (L*D, H)) or None
+    source: dict
+
+
+def _digest(prefix: bytes, header: bytes, data) -> str:
+    """SHA-256 of the length prefix, the header with its digest read as zeros, and the data."""
+    m = _DIGEST_FIELD.search(header)
+    h = hashlib.sha256(prefix)
+    h.update(header[: m.start(1)] + _ZERO_DIGEST.encode() + header[m.end(1):])
+    h.update(data)
+    return h.hexdigest()
+
+
+def save(path, plan: lay.Plan, wbuf, fpar, init=None, source=None) -> None:
+    """Write a packed model atomically: a temporary file in the same folder, then a rename."""
+    tensors = [("meta", plan.meta), ("fpar", fpar)]
+    if init is not None:
+        tensors += [("init_h", init[0]), ("init_c", init[1])]
+    tensors.append(("wbuf", wbuf))
     header, blobs, offset = {}, [], 0
     for name, a in tensors:
         a = np.ascontiguousarray(a)
@@ -59,17 +84,19 @@ def save(model, path) -> None:
     header["__metadata__"] = {
         "format": FORMAT_NAME,
         "version": str(FORMAT_VERSION),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "source": json.dumps(model._source, default=str),
+        "sha256": _ZERO_DIGEST,
+        "source": json.dumps(source or {}, default=str),
     }
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * ((-len(hb)) % 8)
+    prefix = struct.pack("<Q", len(hb))
+    hb = hb.replace(_ZERO_DIGEST.encode(), _digest(prefix, hb, data).encode(), 1)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".lstm-cpu-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(hb)))
+            f.write(prefix)
             f.write(hb)
             f.write(data)
             f.flush()
@@ -83,15 +110,21 @@ def save(model, path) -> None:
         raise
 
 
-def read_header(f, size: int, path: str) -> dict:
-    """Read and bound-check a safetensors-layout header; FormatError on anything off."""
-    if size < 8:
-        raise FormatError(f"{path}: file is {size} bytes, too short for a header")
-    n = struct.unpack("<Q", f.read(8))[0]
-    if n > _MAX_HEADER or n > size - 8:
-        raise FormatError(f"{path}: header length {n} is impossible for a {size}-byte file")
+def resign(image: bytes) -> bytes:
+    """A packed file image with its digest recomputed (for tests that forge headers on purpose);
+    an image without a well-formed header digest field comes back unchanged."""
+    n = struct.unpack("<Q", image[:8])[0] if len(image) >= 8 else 0
+    prefix, hb, data = image[:8], image[8 : 8 + n], image[8 + n:]
+    m = _DIGEST_FIELD.search(hb)
+    if m is None:
+        return image
+    return prefix + hb[: m.start(1)] + _digest(prefix, hb, data).encode() + hb[m.end(1):] + data
+
+
+def parse_header(raw: bytes, path: str) -> dict:
+    """Bound-check and parse a safetensors-layout header; FormatError on anything off."""
     try:
-        header = json.loads(f.read(n).decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: deep nesting
         raise FormatError(f"{path}: header is not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(header, dict):
@@ -99,21 +132,35 @@ def read_header(f, size: int, path: str) -> dict:
     return header
 
 
+def _header_length(prefix: bytes, size: int, path: str) -> int:
+    if size < 8 or len(prefix) < 8:
+        raise FormatError(f"{path}: file is {size} bytes, too short for a header")
+    n = struct.unpack("<Q", prefix[:8])[0]
+    if n > _MAX_HEADER or n > size - 8:
+        raise FormatError(f"{path}: header length {n} is impossible for a {size}-byte file")
+    return n
+
+
+def read_header(f, size: int, path: str) -> dict:
+    """Read the header of an open file (positioned at 0); used by ``loader.sniff`` too."""
+    n = _header_length(f.read(8), size, path)
+    return parse_header(f.read(n), path)
+
+
 def is_packed_header(header: dict) -> bool:
     meta = header.get("__metadata__")
     return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
 
 
-def load(path, kernel="auto", mmap=False):
-    """Load a packed model; FormatError for anything corrupt, truncated or inconsistent.
+def load(path, mmap=False) -> Packed:
+    """Read and validate a packed model; FormatError for anything corrupt, truncated or
+    inconsistent, UnsupportedModelError for a format version this lstm-cpu does not read.
 
-    By default the weights are read into memory. ``mmap=True`` memory-maps them instead (no
-    copy, pages shared between processes): then the file must not be truncated or rewritten in
-    place while the model lives, or the process dies with SIGBUS. ``model.save`` never does that
-    (it writes a new file and renames it over the old one).
+    By default the file is read into memory once. ``mmap=True`` maps it instead (no copy, pages
+    shared between processes): then the file must not be truncated or rewritten in place while
+    the model lives, or the process dies with SIGBUS. ``model.save`` never does that (it writes
+    a new file and renames it over the old one).
     """
-    from .model import LSTMModel
-
     path = os.fspath(path)
     try:
         f = open(path, "rb")
@@ -121,8 +168,12 @@ def load(path, kernel="auto", mmap=False):
         raise FormatError(f"cannot open {path}: {e.strerror}") from None
     with f:
         size = os.fstat(f.fileno()).st_size
-        header = read_header(f, size, path)
-        data_start = 8 + struct.unpack("<Q", _peek8(path))[0]
+        prefix = f.read(8)
+        n = _header_length(prefix, size, path)
+        raw_header = f.read(n)  # the bytes parsed are the bytes hashed
+        if len(raw_header) != n:
+            raise FormatError(f"{path}: the file changed while it was read (short read)")
+        header = parse_header(raw_header, path)
         md = header.get("__metadata__")
         if not is_packed_header(header):
             raise FormatError(f"{path}: not an lstm-cpu packed file (no '{FORMAT_NAME}' metadata)")
@@ -133,6 +184,16 @@ def load(path, kernel="auto", mmap=False):
             raise UnsupportedModelError(
                 f"{path}: packed format version {version} is newer than this lstm-cpu reads "
                 f"(up to {FORMAT_VERSION}); upgrade lstm-cpu")
+        if int(version) < FORMAT_VERSION:
+            raise UnsupportedModelError(
+                f"{path}: packed format version {version} was written by an older lstm-cpu whose "
+                f"layout depended on the machine's thread count; convert the source model again "
+                f"(lstm-cpu convert SOURCE {os.path.basename(path)})")
+        stated = md.get("sha256")
+        fields = _DIGEST_FIELD.findall(raw_header)
+        if not (isinstance(stated, str) and len(fields) == 1 and fields[0].decode() == stated):
+            raise FormatError(f"{path}: the header must carry exactly one 64-hex-digit sha256")
+        data_start = 8 + n
         data_len = size - data_start
         entries = {}
         for name, e in header.items():
@@ -143,37 +204,38 @@ def load(path, kernel="auto", mmap=False):
             if req not in entries:
                 raise FormatError(f"{path}: tensor '{req}' is missing")
         # save() packs the tensors back to back, each padded to 8 bytes: anything after the last
-        # one is not ours (and would cost a hash pass over arbitrary trailing data).
+        # one is not ours (and is refused here, before a hash pass over arbitrary trailing data).
         end = max(b + int(np.prod(shp)) * np.dtype(dt).itemsize for dt, shp, b in entries.values())
         if data_len != end + (-end) % 8:
             raise FormatError(f"{path}: the data section is {data_len} bytes but its tensors end at "
                               f"{end}: the file has trailing bytes or is truncated")
-        if mmap:
-            with _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ) as mm:
-                digest = hashlib.sha256(memoryview(mm)[data_start:]).hexdigest()
-            data = None
+        if mmap and data_len > 0:
+            try:  # one mapping: hashed below, then viewed by the arrays
+                buf = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise FormatError(f"cannot map {path}: {e}") from None
+            data = memoryview(buf)[data_start:]
         else:
-            # One read: the bytes we checksum are the bytes we use (no window to swap the file).
-            f.seek(data_start)
-            data = f.read(data_len)
-            if len(data) != data_len:
+            buf = f.read(data_len)  # one read: the bytes we checksum are the bytes we use
+            if len(buf) != data_len:
                 raise FormatError(f"{path}: the file changed while it was read (short read)")
-            digest = hashlib.sha256(data).hexdigest()
-        if digest != md.get("sha256"):
-            raise FormatError(f"{path}: checksum mismatch: the file is truncated or was modified "
-                              f"(expected sha256 {str(md.get('sha256'))[:16]}..., got {digest[:16]}...)")
+            data, data_start = buf, 0
+    digest = _digest(prefix, raw_header, data)
+    if digest != stated:
+        raise FormatError(f"{path}: checksum mismatch: the file is truncated or was modified "
+                          f"(expected sha256 {stated[:16]}..., got {digest[:16]}...)")
     for name, want in (("meta", np.int64), ("fpar", np.float64)):
         if entries[name][0] is not want:
             raise FormatError(f"{path}: tensor '{name}' must be {np.dtype(want).name}, "
                               f"got {np.dtype(entries[name][0]).name}")
-    arrays = {name: _tensor(path, data_start, data, *e) for name, e in entries.items()}
-    meta, fpar, wbuf = arrays["meta"], arrays["fpar"], arrays["wbuf"]
-    meta = np.array(meta)  # small; a private copy so nothing can change it under the kernels
-    fpar = np.array(fpar)
-    _check_plan(path, meta, fpar, wbuf)
+    arrays = {name: _tensor(buf, data_start, *e) for name, e in entries.items()}
+    meta = np.array(arrays["meta"])  # small; private copies so nothing changes under the kernels
+    fpar = np.array(arrays["fpar"])
+    wbuf = arrays["wbuf"]
+    plan = _check_plan(path, meta, fpar, wbuf)
     init = None
     if "init_h" in arrays or "init_c" in arrays:
-        init = _check_init(path, meta, wbuf.dtype, arrays.get("init_h"), arrays.get("init_c"))
+        init = _check_init(path, plan, wbuf.dtype, arrays.get("init_h"), arrays.get("init_c"))
     try:
         source = json.loads(md.get("source", "{}"))
         if not isinstance(source, dict):
@@ -182,12 +244,7 @@ def load(path, kernel="auto", mmap=False):
         source = {}
     source = dict(source, packed_path=path)
     source.setdefault("format", "lstm-cpu-packed")
-    return LSTMModel._from_packed(wbuf, meta, fpar, init, source, kernel)
-
-
-def _peek8(path):
-    with open(path, "rb") as f:
-        return f.read(8)
+    return Packed(plan, wbuf, fpar, init, source)
 
 
 def _check_entry(path, name, e, data_len):
@@ -209,61 +266,41 @@ def _check_entry(path, name, e, data_len):
     return dt, tuple(shape), b
 
 
-def _tensor(path, data_start, data, dt, shape, begin):
-    """One tensor: from the data we read and checksummed, or memory-mapped (``data`` is None)."""
+def _tensor(buf, data_start, dt, shape, begin):
+    """One tensor, viewing the very buffer (bytes or map) that was checksummed."""
     count = int(np.prod(shape))
     if count == 0:
         return np.zeros(shape, dt)
-    if data is None:
-        # np.asarray: a plain read-only ndarray view of the map (Numba types it like any array)
-        return np.asarray(np.memmap(path, dtype=dt, mode="r", offset=data_start + begin, shape=shape))
-    a = np.frombuffer(data, dtype=dt, count=count, offset=begin).reshape(shape)
+    a = np.frombuffer(buf, dtype=dt, count=count, offset=data_start + begin).reshape(shape)
     return a if a.flags.aligned else a.copy()  # kernels are compiled for aligned arrays
 
 
-def _check_plan(path, meta, fpar, wbuf):
+def _check_plan(path, meta, fpar, wbuf) -> lay.Plan:
     """Recompute the layout from the stated sizes; refuse any difference."""
-    if meta.ndim != 1 or meta.size < lay.M_LD or wbuf.ndim != 1 or fpar.ndim != 1:
-        raise FormatError(f"{path}: meta, fpar and wbuf must be 1-D (meta at least {lay.M_LD} long)")
-    L, D, I, H, P, n = (int(meta[k]) for k in (lay.M_L, lay.M_D, lay.M_I, lay.M_H, lay.M_P, lay.M_N))
-    head_o = int(meta[lay.M_HEAD_O])
-    for what, v, lo in (("layers", L, 1), ("input size", I, 1), ("hidden size", H, 1),
-                        ("projection", P, 0), ("chunks", n, 1), ("head size", head_o, 0)):
-        if not lo <= v <= _MAX_DIM:
-            raise FormatError(f"{path}: {what} {v} is outside [{lo}, {_MAX_DIM}]")
-    if D not in (1, 2) or n > H or L > 4096:
-        raise FormatError(f"{path}: directions {D}, chunks {n} or layers {L} are impossible")
-    if meta.size != lay.M_LD + L * D * lay.LD_STRIDE:
-        raise FormatError(f"{path}: meta has {meta.size} entries, expected {lay.M_LD + L * D * lay.LD_STRIDE}")
-    codes = meta[lay.M_LD:].reshape(L * D, lay.LD_STRIDE)[:, lay.LD_ACT:lay.LD_ACT + 3]
-    if np.any(codes < 0) or np.any(codes > 10):
-        raise FormatError(f"{path}: activation codes must be 0..10, got {codes.tolist()}")
-    flags = {k: int(meta[i]) for k, i in (("has_peep", lay.M_PEEP), ("coupled", lay.M_COUPLED),
-                                           ("general", lay.M_GENERAL), ("approx", lay.M_APPROX),
-                                           ("reverse", lay.M_REVERSE))}
-    if any(v not in (0, 1) for v in flags.values()):
-        raise FormatError(f"{path}: flags must be 0 or 1, got {flags}")
-    expect_dtype = np.float32 if flags["approx"] else np.float64
+    if wbuf.ndim != 1 or fpar.ndim != 1:
+        raise FormatError(f"{path}: fpar and wbuf must be 1-D")
+    try:
+        plan = lay.Plan.from_meta(meta)
+    except lay.PlanError as e:
+        raise FormatError(f"{path}: {e}") from None
+    expect_dtype = np.float32 if plan.approx else np.float64
     if wbuf.dtype != expect_dtype:
         raise FormatError(f"{path}: wbuf is {wbuf.dtype} but the model says {np.dtype(expect_dtype)}")
-    want, total = lay.plan(L, D, I, H, P, n, head_o=head_o, act_codes=codes, **{k: bool(v) for k, v in flags.items()})
-    if not np.array_equal(want, meta):
-        bad = int(np.flatnonzero(want != meta)[0])
-        raise FormatError(f"{path}: layout entry {bad} is {int(meta[bad])}, expected {int(want[bad])} "
-                          f"for a model of these sizes")
-    if wbuf.size != total:
-        raise FormatError(f"{path}: wbuf has {wbuf.size} values, expected {total}")
-    if fpar.size != lay.F_LD + L * D * lay.F_STRIDE or not np.all(np.isfinite(fpar)):
-        raise FormatError(f"{path}: fpar must hold {lay.F_LD + L * D * lay.F_STRIDE} finite values")
+    if wbuf.size != plan.total:
+        raise FormatError(f"{path}: wbuf has {wbuf.size} values, expected {plan.total}")
+    n_fpar = lay.F_LD + plan.L * plan.D * lay.F_STRIDE
+    if fpar.size != n_fpar or not np.all(np.isfinite(fpar)):
+        raise FormatError(f"{path}: fpar must hold {n_fpar} finite values")
     if not np.all(np.isfinite(wbuf)):
         raise FormatError(f"{path}: weights contain NaN or Inf")
+    return plan
 
 
-def _check_init(path, meta, dtype, h, c):
-    L, D, H, out = int(meta[lay.M_L]), int(meta[lay.M_D]), int(meta[lay.M_H]), int(meta[lay.M_OUT])
+def _check_init(path, plan, dtype, h, c):
+    LD, H, out = plan.L * plan.D, plan.H, plan.out
     if h is None or c is None:
         raise FormatError(f"{path}: init_h and init_c must both be present or both absent")
-    if h.shape != (L * D, out) or c.shape != (L * D, H) or h.dtype != dtype or c.dtype != dtype:
-        raise FormatError(f"{path}: initial state must be {np.dtype(dtype)} (L*D, out)=({L * D}, {out}) "
-                          f"and (L*D, H)=({L * D}, {H}), got {h.dtype}{h.shape} and {c.dtype}{c.shape}")
+    if h.shape != (LD, out) or c.shape != (LD, H) or h.dtype != dtype or c.dtype != dtype:
+        raise FormatError(f"{path}: initial state must be {np.dtype(dtype)} (L*D, out)=({LD}, {out}) "
+                          f"and (L*D, H)=({LD}, {H}), got {h.dtype}{h.shape} and {c.dtype}{c.shape}")
     return np.array(h), np.array(c)

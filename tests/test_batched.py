@@ -11,7 +11,7 @@ import pytest
 
 import naive
 from lstm_cpu import LSTMModel
-from lstm_cpu.model import BLAS_MIN_BATCH
+from lstm_cpu.policy import BLAS_MIN_BATCH
 from test_core_naive import rand_layers
 
 # (I, H, L, P): K = I + out covers K % 4 in {0, 1, 2, 3}; P > 0 projects; H=130 pads and, with
@@ -90,7 +90,7 @@ def test_batched_sequence_float64_is_exact_to_reference():
 
 def test_auto_kernel_goes_parallel_for_batches_with_enough_work():
     from lstm_cpu import _config
-    from lstm_cpu.model import BATCH_PARALLEL_MIN_BYTES
+    from lstm_cpu.policy import BATCH_PARALLEL_MIN_BYTES
 
     rng = np.random.default_rng(11)
     m = LSTMModel(rand_layers(rng, 32, 64, 1))  # ~0.1 MB: a lone stream is serial

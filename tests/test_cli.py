@@ -325,10 +325,10 @@ def _has(mod: str) -> bool:
 
 def test_bench_mismatch_is_loud(capsys, monkeypatch):
     pytest.importorskip("torch")
-    from lstm_cpu import _bench
+    from lstm_cpu.bench.runners.torch import TorchRunner
 
-    real = _bench.TorchRunner.outputs
-    monkeypatch.setattr(_bench.TorchRunner, "outputs", lambda self, xs: real(self, xs) + 1e-3)
+    real = TorchRunner.outputs
+    monkeypatch.setattr(TorchRunner, "outputs", lambda self, xs: real(self, xs) + 1e-3)
     res, err = _bench_json(capsys, "--compare", "torch")
     assert res["mismatch"] is True and res["checks"]["torch"]["ok"] is False
     assert "MISMATCH torch" in err
@@ -340,6 +340,24 @@ def test_bench_restores_thread_counts(capsys):
     before = numba.get_num_threads()
     _bench_json(capsys, "--compare", "none", "--threads", "1")
     assert numba.get_num_threads() == before
+
+
+def test_every_subpackage_is_installed():
+    """`lstm-cpu bench` works from a wheel only if pyproject lists lstm_cpu.bench and its runners:
+    every folder of lstm_cpu/ with an __init__.py must be in [tool.setuptools] packages."""
+    import re
+
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        listed = re.search(r"^packages\s*=\s*\[(.*?)\]", f.read(), re.M | re.S).group(1)
+    listed = set(re.findall(r'"([^"]+)"', listed))
+    pkg = os.path.join(ROOT, "lstm_cpu")
+    found = {"lstm_cpu"}
+    for dirpath, dirnames, files in os.walk(pkg):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__" and d != "importers"]
+        if "__init__.py" in files:
+            found.add(os.path.relpath(dirpath, ROOT).replace(os.sep, "."))
+    assert {"lstm_cpu.bench", "lstm_cpu.bench.runners"} <= found
+    assert found <= listed, f"not installed by pyproject: {sorted(found - listed)}"
 
 
 def test_bench_too_many_threads_is_usage_error(capsys):

@@ -30,7 +30,8 @@ import pytest
 
 import lstm_cpu
 from lstm_cpu import FormatError, LayerParams, LSTMError, LSTMModel
-from lstm_cpu.model import BLAS_MIN_BATCH
+from lstm_cpu.packed import resign
+from lstm_cpu.policy import BLAS_MIN_BATCH
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -260,8 +261,7 @@ def test_hidden_size_2_31_refused_packed(tmp_path, small_model):
     b0 = h["meta"]["data_offsets"][0]
     body = bytearray(body)
     body[b0 + 8 * layout.M_H:b0 + 8 * layout.M_H + 8] = struct.pack("<q", 2**31)
-    h["__metadata__"]["sha256"] = hashlib.sha256(bytes(body)).hexdigest()
-    path.write_bytes(join_st(h, bytes(body)))
+    path.write_bytes(resign(join_st(h, bytes(body))))
     with pytest.raises(FormatError, match="hidden size"):
         lstm_cpu.load(path)
 
@@ -322,8 +322,7 @@ def test_packed_weights_nan_refused_even_when_resigned(tmp_path, small_model):
     b0 = h["wbuf"]["data_offsets"][0]
     body = bytearray(body)
     body[b0 + 40:b0 + 44] = np.float32(np.nan).tobytes()
-    h["__metadata__"]["sha256"] = hashlib.sha256(bytes(body)).hexdigest()
-    path.write_bytes(join_st(h, bytes(body)))
+    path.write_bytes(resign(join_st(h, bytes(body))))
     with pytest.raises(FormatError, match="NaN"):
         lstm_cpu.load(path)
 

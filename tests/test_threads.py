@@ -3,7 +3,7 @@
 A model is immutable and streams own their state, so N threads stepping their own streams must
 not perturb each other in any way, with either kernel (``model.stream(kernel="serial" |
 "parallel")``). The parallel kernel is entered from 8 threads at once, which is what aborts a
-process under Numba's ``workqueue`` layer unless the runtime guards it (see lstm_cpu/_config.py).
+process under Numba's ``workqueue`` layer unless the runtime guards it (see lstm_cpu/kernels.py, parallel_guard).
 The model is large enough (H=128, 2 layers) to be split into more than one chunk where the
 machine has more than one thread, so the parallel kernel really runs in parallel.
 """
@@ -168,7 +168,7 @@ def _work_short(model, k, steps, kernel="serial"):
 
 def test_parallel_kernel_from_threads_under_workqueue(tmp_path):
     """Numba's fallback layer aborts the process if two threads enter a parallel region at once;
-    the runtime must serialise parallel calls there (lstm_cpu._config.parallel_guard)."""
+    the runtime must serialise parallel calls there (lstm_cpu.kernels.parallel_guard)."""
     import os
     import subprocess
     import sys

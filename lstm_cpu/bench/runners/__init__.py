@@ -1,0 +1,12 @@
+"""The runners: one module per runtime, each importing its runtime only when built."""
+
+from .base import PeerUnavailable, Runner
+from .bound import BoundRunner
+from .onnx_graph import ExportedGraph
+from .onnxruntime import OnnxRuntimeRunner
+from .openvino import OpenVINORunner
+from .ours import OursRunner
+from .torch import TorchRunner
+
+__all__ = ["PeerUnavailable", "Runner", "BoundRunner", "ExportedGraph", "OnnxRuntimeRunner",
+           "OpenVINORunner", "OursRunner", "TorchRunner"]

@@ -1,0 +1,96 @@
+"""The kernel policy: serial or parallel, Numba or BLAS products, decided in one place.
+
+Every path that runs a model (a stream, N batched streams, a whole sequence) asks
+:func:`choose_kernel`; nothing else compares sizes with thresholds. The thresholds below were
+measured on the project's 2-core machines (bench/results.md); change them only with a new
+measurement.
+
+What the choice never changes: a result's bits. The serial and parallel twins compute every
+output element in the same float order (the parallel one splits units across threads, see
+``layout.py``), and Numba's batched product gives a stream the bits it gets alone. Only the BLAS
+products (from :data:`BLAS_MIN_BATCH` streams or sequences) round differently (about 1e-8
+relative), because numpy's BLAS orders its sums its own way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InputError
+
+#: What callers may ask for. "auto" lets the rules below decide.
+KERNELS = ("auto", "serial", "parallel")
+
+#: A lone stream runs the parallel kernel by default from this many weight bytes. Measured on 2
+#: cores (bench/results.md, "crossover"): at 0.4 MB parallel is 1.5x slower, at 3.7 MB a tie, at
+#: 14.7 MB 2.5x faster. Below it, waking a thread costs more than it saves; and on a loaded box a
+#: parallel step waits for a descheduled worker (1-16 ms seen), so only models large enough to
+#: gain a lot use it by default.
+PARALLEL_MIN_WEIGHT_BYTES = 8 << 20
+
+#: N batched streams (2 <= N < BLAS_MIN_BATCH) run the parallel kernel by default once weight
+#: bytes x N (what a step streams through the product) reach this: their tasks are (group of
+#: four streams, unit range), so even a narrow model has N/4 of them. Measured on 2 cores, serial
+#: vs parallel us per step: (32,64,1) N=16 34/33, N=32 44/28; (64,128,1) N=8 33/33, N=16 64/59,
+#: N=32 148/98; (128,256,2) N=4 145/121, N=32 972/547.
+BATCH_PARALLEL_MIN_BYTES = 2 << 20
+
+#: From this many streams (or sequences in a batch) up, the gate products are numpy BLAS matrix
+#: products with serial Numba cell updates; below it, Numba's fused kernel runs them four streams
+#: at a time (no Python between layers or time steps, bit-identical to a lone stream). Measured
+#: on 2 cores (bench/results.md, "batched product"): Numba 62-70 GFLOP/s vs OpenBLAS 49 at 16
+#: streams, a tie at 32, OpenBLAS 1.4x-1.8x ahead at 48 and 64.
+BLAS_MIN_BATCH = 40
+
+JOBS = ("step", "sequence")
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """What runs: ``parallel`` (Numba's prange twin) and ``blas`` (numpy matrix products for the
+    gates, Numba serial cell updates; never Numba threads next to BLAS calls)."""
+
+    parallel: bool
+    blas: bool
+
+    @property
+    def name(self) -> str:
+        """"serial", "parallel" or "blas", as ``Stream.kernel`` and ``info()`` report it."""
+        return "blas" if self.blas else ("parallel" if self.parallel else "serial")
+
+
+def check_requested(requested) -> str:
+    """``requested`` (None means "auto") validated against :data:`KERNELS`."""
+    if requested is None:
+        return "auto"
+    if requested not in KERNELS:
+        raise InputError(f"kernel must be one of {KERNELS}, got {requested!r}")
+    return requested
+
+
+def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto",
+                  job: str = "step") -> KernelChoice:
+    """The kernel for ``streams`` streams (or sequences) of a model whose gate matrices take
+    ``weight_bytes``, on ``threads`` Numba threads.
+
+    ``requested`` "serial" / "parallel" is honoured for the Numba kernels; "auto" follows the
+    measured thresholds above. ``job`` "sequence" (``model.run``) stays serial under "auto": its
+    input projection is one BLAS call, and numpy's OpenBLAS workers keep spinning after it,
+    starving Numba's (measured on 2 cores: a (256,512,2) sequence 2.5x slower in parallel).
+    """
+    requested = check_requested(requested)
+    if job not in JOBS:
+        raise ValueError(f"job must be one of {JOBS}, got {job!r}")
+    if streams >= BLAS_MIN_BATCH:
+        return KernelChoice(parallel=False, blas=True)
+    if requested != "auto":
+        return KernelChoice(parallel=requested == "parallel", blas=False)
+    if threads <= 1 or job == "sequence":
+        return KernelChoice(parallel=False, blas=False)
+    if streams == 1:
+        return KernelChoice(parallel=weight_bytes >= PARALLEL_MIN_WEIGHT_BYTES, blas=False)
+    return KernelChoice(parallel=weight_bytes * streams >= BATCH_PARALLEL_MIN_BYTES, blas=False)
+
+
+__all__ = ["KERNELS", "KernelChoice", "choose_kernel", "check_requested", "PARALLEL_MIN_WEIGHT_BYTES",
+           "BATCH_PARALLEL_MIN_BYTES", "BLAS_MIN_BATCH"]

@@ -1,0 +1,131 @@
+"""lstm_cpu/policy.py: one kernel policy, used by every path, and results that do not depend on it
+or on the machine's thread count."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from lstm_cpu import InputError, LayerParams, LSTMModel, policy
+from lstm_cpu.policy import (BATCH_PARALLEL_MIN_BYTES, BLAS_MIN_BATCH, PARALLEL_MIN_WEIGHT_BYTES,
+                             choose_kernel)
+
+MB = 1 << 20
+
+
+@pytest.mark.parametrize("wbytes,streams,threads,requested,job,want", [
+    # a lone stream: parallel only for big models and more than one thread
+    (PARALLEL_MIN_WEIGHT_BYTES - 1, 1, 2, "auto", "step", "serial"),
+    (PARALLEL_MIN_WEIGHT_BYTES, 1, 2, "auto", "step", "parallel"),
+    (PARALLEL_MIN_WEIGHT_BYTES, 1, 1, "auto", "step", "serial"),
+    # batched streams: bytes x streams decide
+    (BATCH_PARALLEL_MIN_BYTES // 8, 8, 2, "auto", "step", "parallel"),
+    (BATCH_PARALLEL_MIN_BYTES // 8 - 1, 8, 2, "auto", "step", "serial"),
+    # many streams: BLAS products, whatever was asked for
+    (1, BLAS_MIN_BATCH, 2, "auto", "step", "blas"),
+    (1, BLAS_MIN_BATCH, 2, "parallel", "step", "blas"),
+    (1, BLAS_MIN_BATCH, 2, "auto", "sequence", "blas"),
+    # an explicit request wins below the BLAS threshold
+    (1, 1, 1, "parallel", "step", "parallel"),
+    (64 * MB, 1, 2, "serial", "step", "serial"),
+    # whole sequences stay serial under "auto" (numpy's BLAS projection starves Numba's threads)
+    (64 * MB, 1, 2, "auto", "sequence", "serial"),
+    (1, 1, 2, "parallel", "sequence", "parallel"),
+])
+def test_choose_kernel_table(wbytes, streams, threads, requested, job, want):
+    assert choose_kernel(wbytes, streams, threads, requested, job).name == want
+
+
+def test_bad_request_is_a_typed_error():
+    with pytest.raises(InputError, match="kernel must be one of"):
+        choose_kernel(1, 1, 1, "fast")
+    with pytest.raises(InputError):
+        LSTMModel(_layers(np.random.default_rng(0), 3, 8), kernel="gpu")
+
+
+def _layers(rng, I, H, L=1):
+    return [[LayerParams(rng.normal(size=(4 * H, I if l == 0 else H)), rng.normal(size=(4 * H, H)),
+                         rng.normal(size=4 * H))] for l in range(L)]
+
+
+def test_every_path_asks_the_policy(monkeypatch):
+    """Streams, batched streams and run() all go through policy.choose_kernel, and do what it says."""
+    calls = []
+    real = policy.choose_kernel
+
+    def spy(wbytes, streams, threads, requested="auto", job="step"):
+        choice = real(wbytes, streams, threads, requested, job)
+        calls.append((streams, requested, job, choice.name))
+        return choice
+
+    monkeypatch.setattr(policy, "choose_kernel", spy)
+    m = LSTMModel(_layers(np.random.default_rng(1), 4, 16))
+    assert m.stream().kernel == calls[-1][3] and calls[-1][:3] == (1, "auto", "step")
+    assert m.stream(batch=BLAS_MIN_BATCH).kernel == "blas" == calls[-1][3]
+    assert m.stream(batch=5, kernel="parallel").kernel == "parallel"
+    assert calls[-1] == (5, "parallel", "step", "parallel")
+    m.run(np.zeros((3, 2, 4), np.float32))
+    assert calls[-1][:3] == (2, "auto", "sequence")
+    assert m.default_kernel == calls[-1][3]
+
+
+_PROBE = textwrap.dedent("""
+    import hashlib, json, sys
+    import numpy as np
+    import lstm_cpu
+    from lstm_cpu import LayerParams, LSTMModel
+    from lstm_cpu.policy import BLAS_MIN_BATCH
+
+    rng = np.random.default_rng(7)
+    I, H = 12, 200     # Hp = 208: up to 3 unit ranges
+    layers = [[LayerParams(rng.normal(size=(4 * H, I if l == 0 else H)) * 0.2,
+                           rng.normal(size=(4 * H, H)) * 0.2, rng.normal(size=4 * H) * 0.2)]
+              for l in range(2)]
+    x = rng.normal(size=(9, 6, I)).astype(np.float32)
+    xbig = rng.normal(size=(3, BLAS_MIN_BATCH + 1, I)).astype(np.float32)
+    out = {}
+    for kernel in ("serial", "parallel"):
+        m = LSTMModel(layers, kernel=kernel)
+        m.save(sys.argv[1] + "." + kernel)
+        s = m.stream()
+        ys = [s.step(x[t, 0]) for t in range(9)]
+        b = m.stream(batch=6)
+        yb = [b.step(x[t]) for t in range(9)]
+        big = m.stream(batch=BLAS_MIN_BATCH + 1)
+        ybig = big.run(xbig)
+        y, (h, c) = m.run(x)
+        y2, _ = m.run(x[:, :2], kernel=kernel)
+        for name, a in (("step", ys), ("batch", yb), ("blas", ybig), ("run", [y, h, c]), ("run2", y2)):
+            out[kernel + "/" + name] = hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes()
+                                                               for v in a)).hexdigest()
+        out[kernel + "/kernels"] = [s.kernel, b.kernel, big.kernel]
+    print(json.dumps(out))
+""")
+
+
+def test_results_are_bit_identical_across_numba_thread_counts(tmp_path):
+    """Issue 13: the same weights built and run under NUMBA_NUM_THREADS=1 and 2 (and a packed
+    file written under either) give the same bytes, for step, batched streams, BLAS streams and
+    run; and the serial and parallel kernels agree with each other."""
+    results = {}
+    for n in ("1", "2"):
+        env = dict(os.environ, NUMBA_NUM_THREADS=n)
+        p = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path / f"m{n}")], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        results[n] = json.loads(p.stdout.strip().splitlines()[-1])
+    assert results["1"] == results["2"]
+    r = results["2"]
+    for name in ("step", "batch", "blas", "run", "run2"):
+        assert r[f"serial/{name}"] == r[f"parallel/{name}"], name
+    assert r["parallel/kernels"][:2] == ["parallel", "parallel"]
+    for kernel in ("serial", "parallel"):
+        files = [(tmp_path / f"m{n}.{kernel}").read_bytes() for n in ("1", "2")]
+        assert hashlib.sha256(files[0]).digest() == hashlib.sha256(files[1]).digest()
