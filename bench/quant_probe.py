@@ -3,7 +3,7 @@
 Side by side in one process, 1 thread, batch 1, state fed back every step:
 
 * per-layer gate product time (the (K, C) product of the largest layer) for the float32 axpy
-  kernel (``kernels._axpy_rows``) and every kernel of ``kernels_quant``;
+  kernel (``kernels._axpy_cols``) and every kernel of ``kernels_quant``;
 * whole-step time of our simulated int8 / 16-bit stacks (``kernels_quant.i8_stack_step`` /
   ``w_stack_step``: products + activation quantization + float epilogue), lstm-cpu's float32
   stream, onnxruntime float32 and onnxruntime int8 (``quantize_dynamic`` on the torch export:
@@ -300,7 +300,7 @@ def product_times(K, C, n, feats):
     acc = np.zeros(C, np.float32)
     oi = np.zeros(C, np.int32)
     of = np.zeros(C, np.float32)
-    calls = {"fp32 axpy": lambda: K0._axpy_rows(W, z, acc)}
+    calls = {"fp32 axpy": lambda: K0._axpy_cols(W, z, acc, 0, C)}
     checks = {"fp32 axpy": (lambda: acc, W.astype(np.float64).T @ z, 1e-3)}
 
     def reset():
