@@ -267,3 +267,148 @@ __all__ = [
     "pack_pairs", "to_bf16", "from_bf16", "to_f16", "from_f16", "split_bf16", "fuse_gates",
     "fuse_vector", "pack_int8", "quantize_layer",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# A reduced stack, its stream and the conversion error (building blocks for weights=)
+# ---------------------------------------------------------------------------------------------
+#: Weight formats: float32 (the engine's own), int8 (per-column scales; VNNI with per-step
+#: 16-bit activations where the CPU has it) and bfloat16 (the 16-bit format: fastest here).
+FORMATS = ("float32", "int8", "bfloat16")
+
+
+class ReducedStack:
+    """The gate matrices of a unidirectional stack in a reduced format, biases in float32.
+
+    ``layers[l][0]`` canonical :class:`~lstm_cpu.spec.LayerParams` (as ``model.layer_params()``
+    returns them). Supported for now: default activations, no peepholes, projection, clip or
+    coupled gates, one direction (what :func:`kernels_quant.cells` computes); anything else is
+    refused with :class:`UnsupportedModelError`. The kernel is chosen from the host's features
+    (:func:`kernels_quant.select_int8`); ``feats`` overrides them (tests run the portable path).
+    """
+
+    def __init__(self, layers, fmt, feats=None, kernel=None):
+        from . import kernels_quant as KQ
+
+        if fmt not in ("int8", "bfloat16"):
+            raise UnsupportedModelError(f"reduced weights are 'int8' or 'bfloat16', got {fmt!r}")
+        for row in layers:
+            p = row[0]
+            if len(row) != 1 or p.peephole is not None or p.w_hr is not None or (
+                    p.activations is not None and [a.name for a in p.activations] != ["Sigmoid", "Tanh", "Tanh"]):
+                raise UnsupportedModelError(
+                    f"{fmt} weights need a one-direction stack with default activations and no "
+                    "peepholes or projection (for now)")
+        self.fmt = fmt
+        self.L = len(layers)
+        self.H = layers[0][0].hidden_size
+        self.I = np.shape(layers[0][0].w_ih)[1]
+        Hp = padded_units(self.H)
+        self.C = 4 * Hp
+        biases = [np.zeros(4 * self.H) if r[0].bias is None else r[0].bias for r in layers]
+        if fmt == "int8":
+            self.kind, self.kern = KQ.select_int8(feats) if kernel is None else kernel
+            packed = [quantize_layer(r[0].w_ih, r[0].w_hh, b)[0] for r, b in zip(layers, biases)]
+            self.W = tuple(p["Wq4"] if self.kind == "a16" else p["Wp"] for p in packed)
+            self.sw = tuple(p["sw"] for p in packed)
+            self.colsum = tuple(p["colsum"] for p in packed)
+            self.krows = np.stack([p["krows"] for p in packed])
+            self.qrows = np.stack([p["qrows"] for p in packed])
+            self.bias = tuple(p["bias"] for p in packed)
+            self.deq = [[_deq_params(r[0], p)] for r, p in zip(layers, packed)]
+        else:
+            dp = KQ.has_bf16dp(feats) if kernel is None else kernel[0] == "dp"
+            self.kind, self.kern = ("dp", KQ.bf16_dp) if dp else ("fma", KQ.fma_panels)
+            Ws = [fuse_gates(r[0].w_ih, r[0].w_hh) for r in layers]  # (K, C) each
+            B = [to_bf16(W) for W in Ws]
+            pairs = [pack_pairs(b, np.array([0, W.shape[0]])) for b, W in zip(B, Ws)]
+            self.W = tuple(p[0] for p in pairs) if dp else tuple(pack_panels(b) for b in B)
+            self.krows = np.stack([np.array([0, W.shape[0]]) for W in Ws])
+            self.qrows = np.stack([p[1] for p in pairs])
+            self.sw = tuple(np.ones((1, self.C), np.float32) for _ in Ws)
+            self.bias = tuple(fuse_vector(b, self.H).astype(np.float32) for b in biases)
+            self.deq = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the reduced gate matrices and their scales (what a step reads)."""
+        return int(sum(w.nbytes for w in self.W) + sum(s.nbytes for s in self.sw))
+
+    def stream(self) -> "ReducedStream":
+        return ReducedStream(self)
+
+
+def _deq_params(p, packed):
+    """The LayerParams an int8 layer stands for (float64 dequantized weights, float32 bias)."""
+    from .spec import LayerParams
+
+    H = p.hidden_size
+    kin = np.shape(p.w_ih)[1]
+    Hp = padded_units(H)
+    cols = np.concatenate([g * Hp + np.arange(H) for g in range(4)])  # real columns, gate-major
+    K = packed["krows"][-1]
+    Wq = np.zeros((int(K), len(cols)))  # (K, 4H) dequantized
+    Wp = packed["Wp"]  # (P, K, 16)
+    full = Wp.transpose(1, 0, 2).reshape(int(K), -1)[:, cols].astype(np.float64)  # (K, 4H)
+    sw = packed["sw"][:, cols].astype(np.float64)  # (2, 4H)
+    Wq[:kin] = full[:kin] * sw[0]
+    Wq[kin:] = full[kin:] * sw[1]
+    return LayerParams(w_ih=Wq[:kin].T, w_hh=Wq[kin:].T, bias=packed["bias"][cols].astype(np.float64))
+
+
+class ReducedStream:
+    """One stream over a :class:`ReducedStack`: ``step(x (I,)) -> h (H,)`` float32, state kept."""
+
+    def __init__(self, stack: ReducedStack):
+        from . import kernels as K0
+        from . import kernels_quant as KQ
+
+        s = stack
+        self.stack = s
+        Hp = s.C // 4
+        self.h = np.zeros((s.L, s.H), np.float32)  # (L, H)
+        self.c = np.zeros((s.L, Hp), np.float32)  # (L, Hp)
+        z = np.zeros(int(s.krows[:, -1].max()), np.float32)  # (Kmax,)
+        acc = np.zeros(s.C, np.float32)  # (C,)
+        x0 = np.zeros(s.I, np.float32)
+        if s.kind == "a16":
+            n = 4 * int(s.qrows[:, -1].max())
+            args = (s.W, s.krows, s.qrows, s.sw, s.colsum, s.bias, self.h, self.c, z,
+                    np.full(n, 128, np.uint8), np.zeros(n, np.uint8), np.zeros(s.C, np.int32),
+                    np.zeros(s.C, np.int32), acc)
+            fn, lead = KQ.i8a16_stack_step, (s.kern,)
+        elif s.kind == "dp":
+            n = 2 * int(s.qrows[:, -1].max())
+            args = (s.W, s.krows, s.qrows, s.bias, self.h, self.c, z, np.zeros(n, np.uint16),
+                    np.zeros(n, np.uint16), np.zeros(s.C, np.float32), acc)
+            fn, lead = KQ.bf16_stack_step, ()
+        else:
+            args = (s.W, s.krows, s.sw, s.bias, self.h, self.c, z, np.zeros(s.C, np.float32), acc)
+            fn, lead = KQ.w_stack_step, (s.kern,)
+        self._args, self._lead = args, lead
+        self._call = K0.compiled_entry(fn, (*lead, x0, *args))
+
+    def reset(self):
+        self.h[...] = 0
+        self.c[...] = 0
+
+    def step(self, x):
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.stack.I)
+        self._call(*self._lead, x, *self._args)
+        return self.h[-1].copy()
+
+
+def error_estimate(model, fmt, steps=1000, seed=0) -> float:
+    """The max abs output error of ``model``'s gate weights in ``fmt`` against the float32 model
+    over a fixed random stream: ``steps`` inputs N(0, 1) from ``numpy.random.default_rng(seed)``,
+    state fed back (issue 11's definition, measured at conversion and kept in the file)."""
+    if model.head is not None or model.clip is not None or model.input_forget or model.reverse:
+        raise UnsupportedModelError(f"{fmt} weights need a model without head, clip, coupled gates "
+                                    "or reverse direction (for now)")
+    rs = ReducedStack(model.layer_params(), fmt).stream()
+    fs = model.stream()
+    xs = np.random.default_rng(seed).standard_normal((steps, model.input_size)).astype(np.float32)
+    err = 0.0
+    for x in xs:
+        err = max(err, float(np.abs(rs.step(x) - fs.step(x)).max()))
+    return err

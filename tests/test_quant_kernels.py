@@ -305,3 +305,71 @@ def test_bf16_gates_split_the_activations_exactly_enough(rng):
     exact = Q.from_bf16(B).astype(np.float64)
     ref = z.astype(np.float64) @ exact + bias
     assert np.all(np.abs(acc - ref) <= 2.0**-14 * (np.abs(z) @ np.abs(exact) + np.abs(bias)))
+
+
+# ---------------------------------------------------------------------------------------------
+# ReducedStack / error_estimate: the building blocks for LSTMModel(weights=...)
+# ---------------------------------------------------------------------------------------------
+def _model(rng, I=9, H=24, L=2):
+    from lstm_cpu import LSTMModel
+
+    layers = [[LayerParams(w_ih=rng.uniform(-0.4, 0.4, (4 * H, I if l == 0 else H)),
+                           w_hh=rng.uniform(-0.4, 0.4, (4 * H, H)), bias=rng.uniform(-0.5, 0.5, 4 * H))]
+              for l in range(L)]
+    return LSTMModel(layers)
+
+
+@pytest.mark.parametrize("kernel", [None, ("deq", KQ.fma_panels), ("a16", KQ.i8a16_portable)],
+                         ids=["host", "deq", "portable"])
+def test_reduced_int8_stream_follows_its_dequantized_weights(kernel, rng):
+    model = _model(rng)
+    rs = Q.ReducedStack(model.layer_params(), "int8", kernel=kernel)
+    xs = rng.standard_normal((40, model.input_size)).astype(np.float32)
+    s = rs.stream()
+    ys = np.stack([s.step(x) for x in xs])
+    ref, _ = naive.run(rs.deq, xs[:, None, :].astype(np.float64))
+    assert np.abs(ys - ref[:, 0]).max() < 2e-4
+
+
+def test_reduced_weights_are_a_quarter_and_a_half(rng):
+    model = _model(rng, I=64, H=128)
+    assert Q.ReducedStack(model.layer_params(), "int8").nbytes <= 0.26 * model.weight_bytes
+    assert Q.ReducedStack(model.layer_params(), "bfloat16").nbytes <= 0.51 * model.weight_bytes
+
+
+@pytest.mark.parametrize("kernel", [None, ("fma", KQ.fma_panels)], ids=["host", "fma"])
+def test_reduced_bfloat16_stream_follows_bf16_weights(kernel, rng):
+    model = _model(rng)
+    params = model.layer_params()
+    rs = Q.ReducedStack(params, "bfloat16", kernel=kernel)
+    bf = [[LayerParams(w_ih=Q.from_bf16(Q.to_bf16(p.w_ih)).astype(np.float64),
+                       w_hh=Q.from_bf16(Q.to_bf16(p.w_hh)).astype(np.float64),
+                       bias=p.bias.astype(np.float32).astype(np.float64))] for (p,) in params]
+    xs = rng.standard_normal((40, model.input_size)).astype(np.float32)
+    s = rs.stream()
+    ys = np.stack([s.step(x) for x in xs])
+    ref, _ = naive.run(bf, xs[:, None, :].astype(np.float64))
+    assert np.abs(ys - ref[:, 0]).max() < 1e-4
+
+
+def test_error_estimate_is_deterministic_and_bounded(rng):
+    model = _model(rng)
+    e8 = Q.error_estimate(model, "int8", steps=200)
+    assert e8 == Q.error_estimate(model, "int8", steps=200)
+    assert 0 < e8 < 2e-2
+    assert 0 < Q.error_estimate(model, "bfloat16", steps=200) < 2e-2
+
+
+def test_reduced_formats_refuse_what_the_cell_cannot_run(rng):
+    from lstm_cpu import LSTMModel
+
+    H = 16
+    p = LayerParams(w_ih=rng.standard_normal((4 * H, 3)), w_hh=rng.standard_normal((4 * H, H)),
+                    peephole=rng.standard_normal(3 * H))
+    with pytest.raises(UnsupportedModelError, match="peepholes"):
+        Q.ReducedStack([[p]], "int8")
+    with pytest.raises(UnsupportedModelError, match="'int8' or 'bfloat16'"):
+        Q.ReducedStack([[p]], "float16")
+    clipped = LSTMModel([[LayerParams(w_ih=p.w_ih, w_hh=p.w_hh)]], clip=3.0)
+    with pytest.raises(UnsupportedModelError, match="clip"):
+        Q.error_estimate(clipped, "int8")
