@@ -360,4 +360,28 @@ def _read_quantized(src, node):
                       initial_state, source)
 
 
-__all__ = ["read_quantized", "QuantModel", "QuantLayer", "is_quantized_lstm", "OP_TYPE", "DOMAIN"]
+def holds_quantized_lstm(path) -> bool:
+    """Whether the file at ``path`` mentions the op (a cheap byte scan: op types are stored
+    verbatim); :func:`load_quantized` then reads it properly."""
+    try:
+        with open(path, "rb") as f:
+            return OP_TYPE.encode() in f.read()
+    except OSError:
+        return False
+
+
+def load_quantized(src, node: Optional[str] = None):
+    """An ONNX model with DynamicQuantizeLSTM nodes -> LSTMModel with its int8 weights kept
+    exactly (``model.weights == "int8"``; W and R keep their own scales)."""
+    from lstm_cpu.model import LSTMModel
+    from lstm_cpu.quant import ReducedLayer
+
+    qm = read_quantized(src, node)
+    reduced = [[ReducedLayer("int8", q.w_ih, q.w_hh, np.asarray(q.s_ih, np.float32), np.asarray(q.s_hh, np.float32))
+                for q in row] for row in qm.layers]
+    return LSTMModel(qm.dequantized(), clip=qm.clip, input_forget=qm.input_forget,
+                     initial_state=qm.initial_state, source=qm.source, reverse=qm.direction == "reverse",
+                     weights="int8", reduced=reduced)
+
+
+__all__ = ["read_quantized", "load_quantized", "holds_quantized_lstm", "QuantModel", "QuantLayer", "is_quantized_lstm", "OP_TYPE", "DOMAIN"]

@@ -18,10 +18,10 @@ from .errors import FormatError, InputError
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # legacy torch.save
 _OPTIONS = {
-    "packed": {"kernel", "mmap"},
-    "onnx": {"node", "dtype"},
-    "torch": {"prefix", "head", "dtype"},
-    "safetensors": {"prefix", "head", "dtype"},
+    "packed": {"kernel", "mmap", "weights"},
+    "onnx": {"node", "dtype", "weights"},
+    "torch": {"prefix", "head", "dtype", "weights"},
+    "safetensors": {"prefix", "head", "dtype", "weights"},
 }
 
 
@@ -81,16 +81,32 @@ def load(path, **options):
         raise InputError(f"option(s) {sorted(unknown)} do not apply to a {kind} file; "
                          f"expected some of {sorted(_OPTIONS[kind])}")
     options = {k: v for k, v in options.items() if v is not None}
+    weights = options.pop("weights", None)
+    if weights is not None:
+        from .quant import check_format
+
+        check_format(weights)
+    model = _load_kind(path, kind, options)
+    # no weights=: the file's own format (float, or the int8 of a quantized file) is kept
+    return model if weights is None else model.with_weights(weights)
+
+
+def _load_kind(path, kind, options):
     if kind == "packed":
         from .model import LSTMModel
         from .packed import load as load_packed
 
         p = load_packed(path, mmap=options.get("mmap", False))
         return LSTMModel._from_packed(p.plan, p.wbuf, p.fpar, p.init, p.source,
-                                      options.get("kernel", "auto"))
+                                      options.get("kernel", "auto"), p.weights, p.reduced, p.weight_error)
     if kind == "onnx":
         from lstm_cpu.importers.onnx_lstm import load_onnx
+        from lstm_cpu.importers.onnx_quant import holds_quantized_lstm, load_quantized
 
+        if holds_quantized_lstm(path):  # onnxruntime's DynamicQuantizeLSTM: kept in int8
+            if options.get("dtype", np.float32) != np.float32:
+                raise InputError("a quantized ONNX model runs in float32; dtype does not apply")
+            return load_quantized(path, options.get("node"))
         return load_onnx(path, **options)
     from lstm_cpu.importers.torch_lstm import load_torch_file
 

@@ -255,18 +255,8 @@ def pack_int8(w_ih, w_hh, s_ih, s_hh, bias=None) -> dict:
 def quantize_layer(w_ih, w_hh, bias=None):
     """Float canonical gate rows -> (:func:`pack_int8` arrays, w_ih_q, w_hh_q, scale (4H,)):
     symmetric per-output-channel int8, one scale per gate row over its fused [w_ih | w_hh] row."""
-    w_cat = np.concatenate([np.asarray(w_ih, np.float64), np.asarray(w_hh, np.float64)], axis=1)  # (4H, K)
-    q, sc = quantize_columns(w_cat.T)  # (K, 4H), (1, 4H)
-    kin = np.shape(w_ih)[1]
-    qt = np.ascontiguousarray(q.T)  # (4H, K)
-    return pack_int8(qt[:, :kin], qt[:, kin:], sc[0], sc[0], bias), qt[:, :kin], qt[:, kin:], sc[0]
-
-
-__all__ = [
-    "quantize_columns", "dequantize", "pack_quads", "column_sums", "quad_rows", "pack_panels",
-    "pack_pairs", "to_bf16", "from_bf16", "to_f16", "from_f16", "split_bf16", "fuse_gates",
-    "fuse_vector", "pack_int8", "quantize_layer",
-]
+    q = ReducedLayer.convert(w_ih, w_hh, "int8")
+    return pack_int8(q.w_ih, q.w_hh, q.s_ih, q.s_hh, bias), q.w_ih, q.w_hh, q.s_ih
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,97 +267,137 @@ __all__ = [
 FORMATS = ("float32", "int8", "bfloat16")
 
 
-class ReducedStack:
-    """The gate matrices of a unidirectional stack in a reduced format, biases in float32.
+def check_format(weights) -> str:
+    if weights not in FORMATS:
+        from .errors import InputError
 
-    ``layers[l][0]`` canonical :class:`~lstm_cpu.spec.LayerParams` (as ``model.layer_params()``
-    returns them). Supported for now: default activations, no peepholes, projection, clip or
-    coupled gates, one direction (what :func:`kernels_quant.cells` computes); anything else is
-    refused with :class:`UnsupportedModelError`. The kernel is chosen from the host's features
-    (:func:`kernels_quant.select_int8`); ``feats`` overrides them (tests run the portable path).
+        raise InputError(f"weights must be one of {FORMATS}, got {weights!r}")
+    return weights
+
+
+class ReducedLayer:
+    """The gate matrices of one (layer, direction) in a reduced format, canonical gate rows.
+
+    int8: ``w_ih (4H, in)``, ``w_hh (4H, out)`` int8 and per-row scales ``s_ih``, ``s_hh (4H,)``
+    float32 (equal for our own conversion: one scale per gate row over the fused [w_ih | w_hh]
+    row; separate for an imported DynamicQuantizeLSTM). bfloat16: int16 bit patterns, no scales.
     """
 
-    def __init__(self, layers, fmt, feats=None, kernel=None):
+    def __init__(self, fmt, w_ih, w_hh, s_ih=None, s_hh=None):
+        self.fmt, self.w_ih, self.w_hh, self.s_ih, self.s_hh = fmt, w_ih, w_hh, s_ih, s_hh
+
+    @classmethod
+    def convert(cls, w_ih, w_hh, fmt) -> "ReducedLayer":
+        """Float canonical rows -> int8 (symmetric per gate row) or bfloat16 (RNE)."""
+        if fmt == "int8":
+            w_cat = np.concatenate([np.asarray(w_ih, np.float64), np.asarray(w_hh, np.float64)], axis=1)
+            q, sc = quantize_columns(w_cat.T)  # (K, 4H), (1, 4H)
+            kin = np.shape(w_ih)[1]
+            qt = np.ascontiguousarray(q.T)  # (4H, K)
+            return cls(fmt, np.ascontiguousarray(qt[:, :kin]), np.ascontiguousarray(qt[:, kin:]), sc[0], sc[0])
+        return cls(fmt, to_bf16(w_ih), to_bf16(w_hh))
+
+    def weights(self):
+        """What these weights stand for, as float64 (w_ih (4H, in), w_hh (4H, out))."""
+        if self.fmt == "int8":
+            return (self.s_ih.astype(np.float64)[:, None] * self.w_ih,
+                    self.s_hh.astype(np.float64)[:, None] * self.w_hh)
+        return from_bf16(self.w_ih).astype(np.float64), from_bf16(self.w_hh).astype(np.float64)
+
+    @property
+    def nbytes(self) -> int:
+        scales = 0 if self.s_ih is None else self.s_ih.nbytes + self.s_hh.nbytes
+        return int(self.w_ih.nbytes + self.w_hh.nbytes + scales)
+
+
+def reduced_stream_supported(layers, *, head=None, clip=None, input_forget=False, reverse=False) -> bool:
+    """Whether :class:`ReducedStack` can step this model: one direction, default activations,
+    no peepholes, projection, head, clip or coupled gates (what :func:`kernels_quant.cells` is)."""
+    if head is not None or clip or input_forget or reverse:
+        return False
+    for row in layers:
+        p = row[0]
+        if len(row) != 1 or p.peephole is not None or p.w_hr is not None or (
+                p.activations is not None and [a.name for a in p.activations] != ["Sigmoid", "Tanh", "Tanh"]):
+            return False
+    return True
+
+
+class ReducedStack:
+    """The gate matrices of a unidirectional stack in a reduced format, biases in float32, with
+    the host's kernels (:func:`kernels_quant.select_int8`; ``feats`` or ``kernel`` override).
+
+    ``layers[l][0]`` canonical :class:`~lstm_cpu.spec.LayerParams` (biases; and the weights to
+    convert when ``reduced`` is None); ``reduced[l]``: the layer's :class:`ReducedLayer` when the
+    weights are already reduced (a loaded file, an imported quantized node). Models outside
+    :func:`reduced_stream_supported` are refused with :class:`UnsupportedModelError`.
+    """
+
+    def __init__(self, layers, fmt, feats=None, kernel=None, reduced=None):
         from . import kernels_quant as KQ
+        from .spec import LayerParams
 
         if fmt not in ("int8", "bfloat16"):
             raise UnsupportedModelError(f"reduced weights are 'int8' or 'bfloat16', got {fmt!r}")
-        for row in layers:
-            p = row[0]
-            if len(row) != 1 or p.peephole is not None or p.w_hr is not None or (
-                    p.activations is not None and [a.name for a in p.activations] != ["Sigmoid", "Tanh", "Tanh"]):
-                raise UnsupportedModelError(
-                    f"{fmt} weights need a one-direction stack with default activations and no "
-                    "peepholes or projection (for now)")
+        if not reduced_stream_supported(layers):
+            raise UnsupportedModelError(
+                f"{fmt} weights need a one-direction stack with default activations and no "
+                "peepholes or projection (for now)")
+        if reduced is None:
+            reduced = [ReducedLayer.convert(r[0].w_ih, r[0].w_hh, fmt) for r in layers]
         self.fmt = fmt
+        self.reduced = reduced
         self.L = len(layers)
         self.H = layers[0][0].hidden_size
         self.I = np.shape(layers[0][0].w_ih)[1]
-        Hp = padded_units(self.H)
-        self.C = 4 * Hp
+        self.C = 4 * padded_units(self.H)
         biases = [np.zeros(4 * self.H) if r[0].bias is None else r[0].bias for r in layers]
         if fmt == "int8":
             self.kind, self.kern = KQ.select_int8(feats) if kernel is None else kernel
-            packed = [quantize_layer(r[0].w_ih, r[0].w_hh, b)[0] for r, b in zip(layers, biases)]
+            packed = [pack_int8(q.w_ih, q.w_hh, q.s_ih, q.s_hh, b) for q, b in zip(reduced, biases)]
             self.W = tuple(p["Wq4"] if self.kind == "a16" else p["Wp"] for p in packed)
             self.sw = tuple(p["sw"] for p in packed)
             self.colsum = tuple(p["colsum"] for p in packed)
             self.krows = np.stack([p["krows"] for p in packed])
             self.qrows = np.stack([p["qrows"] for p in packed])
             self.bias = tuple(p["bias"] for p in packed)
-            self.deq = [[_deq_params(r[0], p)] for r, p in zip(layers, packed)]
         else:
             dp = KQ.has_bf16dp(feats) if kernel is None else kernel[0] == "dp"
             self.kind, self.kern = ("dp", KQ.bf16_dp) if dp else ("fma", KQ.fma_panels)
-            Ws = [fuse_gates(r[0].w_ih, r[0].w_hh) for r in layers]  # (K, C) each
-            B = [to_bf16(W) for W in Ws]
-            pairs = [pack_pairs(b, np.array([0, W.shape[0]])) for b, W in zip(B, Ws)]
+            B = [fuse_gates(q.w_ih, q.w_hh).astype(np.int16) for q in reduced]  # (K, C) bit patterns
+            pairs = [pack_pairs(b, np.array([0, b.shape[0]])) for b in B]
             self.W = tuple(p[0] for p in pairs) if dp else tuple(pack_panels(b) for b in B)
-            self.krows = np.stack([np.array([0, W.shape[0]]) for W in Ws])
+            self.krows = np.stack([np.array([0, b.shape[0]]) for b in B])
             self.qrows = np.stack([p[1] for p in pairs])
-            self.sw = tuple(np.ones((1, self.C), np.float32) for _ in Ws)
+            self.sw = tuple(np.ones((1, self.C), np.float32) for _ in B)
             self.bias = tuple(fuse_vector(b, self.H).astype(np.float32) for b in biases)
-            self.deq = None
+        #: what the reduced weights stand for: float64 LayerParams with the float32 biases
+        self.deq = [[LayerParams(*q.weights(), bias=np.asarray(b, np.float32).astype(np.float64))]
+                    for q, b in zip(reduced, biases)]
 
     @property
     def nbytes(self) -> int:
         """Bytes of the reduced gate matrices and their scales (what a step reads)."""
         return int(sum(w.nbytes for w in self.W) + sum(s.nbytes for s in self.sw))
 
-    def stream(self) -> "ReducedStream":
-        return ReducedStream(self)
-
-
-def _deq_params(p, packed):
-    """The LayerParams an int8 layer stands for (float64 dequantized weights, float32 bias)."""
-    from .spec import LayerParams
-
-    H = p.hidden_size
-    kin = np.shape(p.w_ih)[1]
-    Hp = padded_units(H)
-    cols = np.concatenate([g * Hp + np.arange(H) for g in range(4)])  # real columns, gate-major
-    K = packed["krows"][-1]
-    Wq = np.zeros((int(K), len(cols)))  # (K, 4H) dequantized
-    Wp = packed["Wp"]  # (P, K, 16)
-    full = Wp.transpose(1, 0, 2).reshape(int(K), -1)[:, cols].astype(np.float64)  # (K, 4H)
-    sw = packed["sw"][:, cols].astype(np.float64)  # (2, 4H)
-    Wq[:kin] = full[:kin] * sw[0]
-    Wq[kin:] = full[kin:] * sw[1]
-    return LayerParams(w_ih=Wq[:kin].T, w_hh=Wq[kin:].T, bias=packed["bias"][cols].astype(np.float64))
+    def stream(self, h=None, c=None) -> "ReducedStream":
+        return ReducedStream(self, h, c)
 
 
 class ReducedStream:
-    """One stream over a :class:`ReducedStack`: ``step(x (I,)) -> h (H,)`` float32, state kept."""
+    """One stream over a :class:`ReducedStack`: ``step(x (I,)) -> h (H,)`` float32. The state
+    ``h (L, H)``, ``c (L, Hp)`` float32 C-contiguous is its own, or views the caller passes
+    (``Stream`` passes its state buffer, so ``state``/``reset`` work unchanged)."""
 
-    def __init__(self, stack: ReducedStack):
+    def __init__(self, stack: ReducedStack, h=None, c=None):
         from . import kernels as K0
         from . import kernels_quant as KQ
 
         s = stack
         self.stack = s
         Hp = s.C // 4
-        self.h = np.zeros((s.L, s.H), np.float32)  # (L, H)
-        self.c = np.zeros((s.L, Hp), np.float32)  # (L, Hp)
+        self.h = np.zeros((s.L, s.H), np.float32) if h is None else h  # (L, H)
+        self.c = np.zeros((s.L, Hp), np.float32) if c is None else c  # (L, Hp)
         z = np.zeros(int(s.krows[:, -1].max()), np.float32)  # (Kmax,)
         acc = np.zeros(s.C, np.float32)  # (C,)
         x0 = np.zeros(s.I, np.float32)
@@ -397,18 +427,22 @@ class ReducedStream:
         self._call(*self._lead, x, *self._args)
         return self.h[-1].copy()
 
+    def step_into(self, x, y):
+        """The hot path for ``Stream``: x (I,) float32 C-contiguous, writable; y (H,) <- h[L-1]."""
+        self._call(*self._lead, x, *self._args)
+        y[:] = self.h[-1]
 
-def error_estimate(model, fmt, steps=1000, seed=0) -> float:
-    """The max abs output error of ``model``'s gate weights in ``fmt`` against the float32 model
-    over a fixed random stream: ``steps`` inputs N(0, 1) from ``numpy.random.default_rng(seed)``,
-    state fed back (issue 11's definition, measured at conversion and kept in the file)."""
-    if model.head is not None or model.clip is not None or model.input_forget or model.reverse:
-        raise UnsupportedModelError(f"{fmt} weights need a model without head, clip, coupled gates "
-                                    "or reverse direction (for now)")
-    rs = ReducedStack(model.layer_params(), fmt).stream()
-    fs = model.stream()
+
+def error_estimate(reference, model, steps=1000, seed=0) -> float:
+    """The max abs output error of ``model`` (reduced weights) against ``reference`` (the same
+    model in float32) over a fixed random input: ``steps`` inputs N(0, 1) from
+    ``numpy.random.default_rng(seed)``, state fed back (issue 11's definition). Streamed step by
+    step when the model streams (so the reduced step kernels are what is measured), else one
+    whole sequence through ``run``."""
     xs = np.random.default_rng(seed).standard_normal((steps, model.input_size)).astype(np.float32)
-    err = 0.0
-    for x in xs:
-        err = max(err, float(np.abs(rs.step(x) - fs.step(x)).max()))
-    return err
+    if model.num_directions == 1 and not model.reverse:
+        a, b = reference.stream(kernel="serial"), model.stream(kernel="serial")
+        return float(max(np.abs(a.step(x) - b.step(x)).max() for x in xs))
+    ya, _ = reference.run(xs)
+    yb, _ = model.run(xs)
+    return float(np.abs(ya - yb).max())
