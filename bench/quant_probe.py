@@ -178,8 +178,10 @@ class OursStep:
 
 
 class Fp32Step:
-    def __init__(self, m):
-        self.model = lstm_cpu.from_torch(m)
+    """lstm-cpu's own stream (weights="float32", or the integrated int8 / bfloat16 path)."""
+
+    def __init__(self, m, weights="float32"):
+        self.model = lstm_cpu.from_torch(m, weights=weights)
         self.s = self.model.stream(kernel="serial")
 
     def step(self, x):
@@ -255,7 +257,9 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             s32, s8 = onnx_sessions(m, I, H, L, tmp)
             runners = {"ort-fp32": lambda: OrtStep(s32, L, H), "ort-int8": lambda: OrtStep(s8, L, H),
-                       "lstm-cpu fp32": lambda: Fp32Step(m)}
+                       "lstm-cpu fp32": lambda: Fp32Step(m),
+                       "lstm-cpu int8": lambda: Fp32Step(m, "int8"),
+                       "lstm-cpu bfloat16": lambda: Fp32Step(m, "bfloat16")}
             for name, kern in i8_kerns.items():
                 runners[name] = lambda kern=kern: OursStep(layers, I, H, "i8q", kern)
             for name, kern in a16_kerns.items():
