@@ -140,7 +140,8 @@ class OursStep:
             self.zq = np.full(4 * int(self.qrows[:, -1].max()), 128, np.uint8)
             self.iacc = np.zeros(C, np.int32)
             self.zlo = np.zeros_like(self.zq)
-            self.ilo = np.zeros(C, np.int32)
+            self.ihi = np.zeros((2, C), np.int32)  # (segments, C): x rows and h_prev rows
+            self.ilo = np.zeros((2, C), np.int32)
         else:
             self.facc = np.zeros(C, np.float32)
         if kind == "bf16dp":
@@ -153,9 +154,9 @@ class OursStep:
         if self.kind == "i8a16":
             if self.entry is None:
                 self.entry = K0.compiled_entry(KQ.i8a16_stack_step, (self.kern, x, self.Ws, self.krows, self.qrows, self.sws, self.css, self.bs,
-                                self.h, self.c, self.z, self.zq, self.zlo, self.iacc, self.ilo, self.acc))
+                                self.h, self.c, self.z, self.zq, self.zlo, self.ihi, self.ilo, self.acc))
             self.entry(self.kern, x, self.Ws, self.krows, self.qrows, self.sws, self.css, self.bs,
-                                self.h, self.c, self.z, self.zq, self.zlo, self.iacc, self.ilo, self.acc)
+                                self.h, self.c, self.z, self.zq, self.zlo, self.ihi, self.ilo, self.acc)
         elif self.kind == "bf16dp":
             if self.entry is None:
                 self.entry = K0.compiled_entry(KQ.bf16_stack_step, (x, self.Ws, self.krows, self.qrows, self.bs,

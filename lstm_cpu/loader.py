@@ -142,4 +142,11 @@ def warmup(verbose=False):
         done.append(f"{np.dtype(dtype).name}/blas-batch")
         if verbose:
             print("compiled", done[-1])
+    for weights in ("int8", "bfloat16"):  # the reduced step kernels this CPU selects
+        s = LSTMModel(layers, weights=weights).stream()
+        s.step(np.zeros(I, np.float32))
+        s.run(np.zeros((2, I), np.float32))
+        done.append(f"{weights}/serial")
+        if verbose:
+            print("compiled", done[-1])
     return done

@@ -403,9 +403,10 @@ class ReducedStream:
         x0 = np.zeros(s.I, np.float32)
         if s.kind == "a16":
             n = 4 * int(s.qrows[:, -1].max())
+            S = s.krows.shape[1] - 1
             args = (s.W, s.krows, s.qrows, s.sw, s.colsum, s.bias, self.h, self.c, z,
-                    np.full(n, 128, np.uint8), np.zeros(n, np.uint8), np.zeros(s.C, np.int32),
-                    np.zeros(s.C, np.int32), acc)
+                    np.full(n, 128, np.uint8), np.zeros(n, np.uint8), np.zeros((S, s.C), np.int32),
+                    np.zeros((S, s.C), np.int32), acc)
             fn, lead = KQ.i8a16_stack_step, (s.kern,)
         elif s.kind == "dp":
             n = 2 * int(s.qrows[:, -1].max())

@@ -63,11 +63,12 @@ def test_int8_x_16bit_product_is_exact(kern, rng):
     Wq, Wq4, qr = _quads(rng, K, C, rows)
     zhi = rng.integers(0, 256, size=4 * int(qr[-1])).astype(np.uint8)
     zlo = rng.integers(0, 256, size=4 * int(qr[-1])).astype(np.uint8)
+    ohi, olo = np.full((2, C), -7, np.int32), np.full((2, C), -7, np.int32)
+    kern(Wq4, zhi, zlo, qr, 1, 3, ohi, olo)  # panels 1 and 2 only
     for s in range(2):
-        ohi, olo = np.zeros(C, np.int32), np.zeros(C, np.int32)
-        kern(Wq4, zhi, zlo, qr[s], qr[s + 1], 0, C // 16, ohi, olo)
-        np.testing.assert_array_equal(ohi, _int_ref(Wq, rows, zhi, qr, s, slice(None)))
-        np.testing.assert_array_equal(olo, _int_ref(Wq, rows, zlo, qr, s, slice(None)))
+        np.testing.assert_array_equal(ohi[s, 16:48], _int_ref(Wq, rows, zhi, qr, s, slice(16, 48)))
+        np.testing.assert_array_equal(olo[s, 16:48], _int_ref(Wq, rows, zlo, qr, s, slice(16, 48)))
+    assert np.all(ohi[:, :16] == -7) and np.all(olo[:, 48:] == -7)
 
 
 def test_16bit_activation_digits_reconstruct_the_rounded_value(rng):
@@ -210,7 +211,7 @@ def test_int8_gates_within_the_activation_quantization_bound(kern, rng):
     zhi, zlo = np.full(4 * K4, 128, np.uint8), np.zeros(4 * K4, np.uint8)
     acc = np.zeros(C, np.float32)
     KQ.i8a16_gates(kern, pk["Wq4"], z, pk["krows"], pk["qrows"], pk["sw"], pk["colsum"], pk["bias"],
-                   zhi, zlo, np.zeros(C, np.int32), np.zeros(C, np.int32), acc)
+                   zhi, zlo, np.zeros((2, C), np.int32), np.zeros((2, C), np.int32), acc)
     ref = z.astype(np.float64) @ Wd + pk["bias"]
     # each activation is off by at most half a step s_seg / 2 = max|z_seg| / 65534
     step = np.concatenate([np.full(I, np.abs(z[:I]).max()), np.full(H, np.abs(z[I:]).max())]) / 65534
@@ -242,7 +243,7 @@ def _run_i8a16(kern, packed, xs, H):
                             tuple(p["colsum"] for p in packed), tuple(p["bias"] for p in packed), h, c,
                             np.zeros(max(p["krows"][-1] for p in packed), np.float32),
                             np.full(4 * K4, 128, np.uint8), np.zeros(4 * K4, np.uint8),
-                            np.zeros(C, np.int32), np.zeros(C, np.int32), np.zeros(C, np.float32))
+                            np.zeros((2, C), np.int32), np.zeros((2, C), np.int32), np.zeros(C, np.float32))
         ys.append(h[-1].copy())
     return np.stack(ys)
 

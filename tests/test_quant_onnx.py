@@ -112,7 +112,7 @@ def test_int8_kernels_run_the_imported_weights(tmp_path, L):
                             tuple(p["sw"] for p in packed), tuple(p["colsum"] for p in packed),
                             tuple(p["bias"] for p in packed), h, c, np.zeros(2 * H, np.float32),
                             np.full(4 * K4, 128, np.uint8), np.zeros(4 * K4, np.uint8),
-                            np.zeros(C, np.int32), np.zeros(C, np.int32), np.zeros(C, np.float32))
+                            np.zeros((2, C), np.int32), np.zeros((2, C), np.int32), np.zeros(C, np.float32))
         ys.append(h[-1].copy())
     ys = np.stack(ys)
     assert np.abs(ys - ref[:, 0]).max() < 2e-4  # our 16-bit activation rounding only
