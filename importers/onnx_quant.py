@@ -37,6 +37,7 @@ of another type than its weights, and a truncated blob are :class:`FormatError`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -55,6 +56,7 @@ from .onnx_lstm import (
     _external_bytes,
     _file_errors,
     _Chains,
+    _PROTOBUF_LIMIT,
     _Graph,
     _links,
     _node_label,
@@ -361,11 +363,22 @@ def _read_quantized(src, node):
 
 
 def holds_quantized_lstm(path) -> bool:
-    """Whether the file at ``path`` mentions the op (a cheap byte scan: op types are stored
-    verbatim); :func:`load_quantized` then reads it properly."""
+    """Whether the file at ``path`` mentions the op: a byte scan in 1 MB chunks (op types are
+    stored verbatim), so memory stays flat; :func:`load_quantized` then reads it properly. A file
+    too large for protobuf is left to the ONNX reader, which refuses it from its size."""
+    needle = OP_TYPE.encode()
     try:
         with open(path, "rb") as f:
-            return OP_TYPE.encode() in f.read()
+            if os.fstat(f.fileno()).st_size >= _PROTOBUF_LIMIT:
+                return False
+            tail = b""
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    return False
+                if needle in tail + chunk:
+                    return True
+                tail = chunk[-len(needle):]
     except OSError:
         return False
 
