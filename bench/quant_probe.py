@@ -15,6 +15,20 @@ Every variant is validated (its first outputs against the reference) before it i
 is in interleaved rounds (one block per runtime per round, rotating order); p50 over calls.
 
     PYTHONPATH=$PWD python bench/quant_probe.py [--sizes 128,256,2 ...] [--steps 2000] [--cpu 1]
+
+Last run (AMD EPYC, AVX-512 VNNI + BF16, 2 cores shared with other jobs: load average 7-8, so
+every memory-bound figure is inflated; µs per step, p50, error vs the float32 torch model):
+
+| (I, H, L)    | ort int8        | lstm-cpu int8          | ort fp32 | lstm-cpu fp32 | lstm-cpu bfloat16      |
+|--------------|-----------------|------------------------|----------|---------------|------------------------|
+| 128, 256, 2  | 39.5 (1.14e-3)  | 22.7 (6.6e-4) 1.74x    | 70.5     | 61.1          | 30.7 (2.3e-4) 1.99x fp32 |
+| 256, 512, 2  | 83.3 (1.20e-3)  | 64.2 (6.1e-4) 1.30x    | 280.3    | 286.6         | 101.7 (2.8e-4) 2.8x fp32 |
+| 512, 1024, 1 | 105.8 (6.34e-3) | 95.0 (2.9e-3) 1.11x    | 682.4    | 786.5         | 180.3 (1.1e-3) 4.4x fp32 |
+
+Per-layer products at (512, 1024): int8 VNNI 92 G MAC/s (~92 GB/s of int8 weights, the
+memory floor here: software prefetch did not help), bf16 ``vdpbf16ps`` 42-44, int8/f16/bf16
+converted in the loop 28-31. The "fp32 axpy" product row is far slower than the engine's own
+fp32 step since the merge (``_axpy_cols`` timed from Python; not investigated): compare steps.
 """
 
 from __future__ import annotations

@@ -173,3 +173,18 @@ def test_cli_convert_weights_and_info(models, tmp_path, capsys):
     assert cli.main(["info", str(tmp_path / "q.lstm")]) == 0
     out = capsys.readouterr().out
     assert "int8" in out and "max abs output vs float32" in out
+
+
+def test_bidirectional_model_accepts_reduced_weights(tmp_path):
+    """No reduced step kernel for it (it needs run): the float kernels run the int8 weights."""
+    rng = np.random.default_rng(7)
+    layers = [[LayerParams(rng.uniform(-0.3, 0.3, (64, 6)), rng.uniform(-0.3, 0.3, (64, 16)),
+                           rng.uniform(-0.5, 0.5, 64)) for _ in range(2)]]
+    m = LSTMModel(layers, weights="int8")
+    assert m.weights == "int8" and m._rstack is None and 0 < m.weight_error < 2e-2
+    x = rng.standard_normal((25, 2, 6)).astype(np.float32)
+    y, _ = m.run(x)
+    ref, _ = naive.run(m.layer_params(), x.astype(np.float64))
+    assert np.abs(y - ref).max() < 1e-5
+    m.save(tmp_path / "b.lstm")
+    np.testing.assert_array_equal(lstm_cpu.load(tmp_path / "b.lstm").run(x)[0], y)
