@@ -117,7 +117,9 @@ class LSTMModel:
             for p in row:
                 p.activations = as_activations(p.activations)
         reference = None
-        if weights != "float32":
+        if weights == "float32":
+            reduced = weight_error = None
+        else:
             if reduced is None:
                 reference = layers
                 reduced = [[quant.ReducedLayer.convert(p.w_ih, p.w_hh, weights) for p in row] for row in layers]
