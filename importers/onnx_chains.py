@@ -440,15 +440,57 @@ def static_sizes(model, infos: List[NodeInfo]) -> Dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # Putting it together
 # ---------------------------------------------------------------------------------------------
-def _links(g, infos, known, opset) -> Dict[int, int]:
-    """id(LSTM node) -> id(the LSTM node whose Y is its X), for the nodes of graph g."""
-    ev = _Chains(g, infos, known, opset)
+def links(g, infos, known, opset, evaluator=None) -> Dict[int, int]:
+    """id(LSTM node) -> id(the LSTM node whose Y is its X), for the nodes of graph g.
+    ``evaluator``: a :class:`_Chains` subclass for other recurrent ops (DynamicQuantizeLSTM)."""
+    ev = (evaluator or _Chains)(g, infos, known, opset)
     pred = {}
     for k, info in infos.items():
         p = ev.link(info)
         if p is not None and p != k:
             pred[k] = p
     return pred
+
+
+def walk_chains(nodes, infos, pred) -> List[list]:
+    """Follow the links from every node that nothing feeds: the chains, bottom layer first. A Y
+    feeding two nodes is a branch, not a stack: those links are dropped."""
+    succ: Dict[int, List[int]] = {}
+    for b, a in pred.items():
+        succ.setdefault(a, []).append(b)
+    pred = dict(pred)
+    for a, bs in succ.items():
+        if len(bs) > 1:
+            for b in bs:
+                pred.pop(b, None)
+    nxt = {a: b for b, a in pred.items()}
+    chains = []
+    for n in nodes:
+        if id(n) in pred:
+            continue
+        chain, k, seen = [], id(n), set()
+        while k is not None and k not in seen:
+            seen.add(k)
+            chain.append(infos[k])
+            k = nxt.get(k)
+        chains.append(chain)
+    return chains
+
+
+def stacked_state(chain, D: int, H: int):
+    """The chain's constant initial states stacked (h0 (L*D, H), c0 (L*D, H)), or None when
+    every node starts from zeros."""
+    if all(i.h0 is None and i.c0 is None for i in chain):
+        return None
+    L = len(chain)
+    h0 = np.zeros((L * D, H), np.float64)
+    c0 = np.zeros((L * D, H), np.float64)
+    for l, info in enumerate(chain):
+        if info.h0 is not None:
+            h0[l * D : (l + 1) * D] = info.h0
+        if info.c0 is not None:
+            c0[l * D : (l + 1) * D] = info.c0
+    return (h0, c0) if (np.any(h0) or np.any(c0)) else None
 
 
 def find_chains(model, graphs, opset, folder, label) -> List[List[NodeInfo]]:
@@ -461,34 +503,18 @@ def find_chains(model, graphs, opset, folder, label) -> List[List[NodeInfo]]:
             continue
         version = version or lstm_version(opset, label)
         infos = {id(n): parse_node(g, n, version, fold, label) for n in nodes}
-        pred = _links(g, infos, {}, opset)
+        pred = links(g, infos, {}, opset)
         # A static export (dynamo) reshapes to constant sizes: retry with T and N from shape
         # inference when some node's X is computed but did not link symbolically.
         if g.parent is None and len(nodes) > 1 and any(
                 id(n) not in pred and n.input[0] in g.producers for n in nodes):
             known = static_sizes(model, list(infos.values()))
             if known:
-                pred = _links(g, infos, known, opset)
+                pred = links(g, infos, known, opset)
         # An encoder feeding a decoder of another size (or other attributes) is two LSTMs, not
         # one stack: each stays a candidate of its own.
         pred = {b: a for b, a in pred.items() if _stackable(infos[a], infos[b])}
-        succ: Dict[int, List[int]] = {}
-        for b, a in pred.items():
-            succ.setdefault(a, []).append(b)
-        for a, bs in succ.items():  # a Y feeding two LSTMs is a branch, not a stack
-            if len(bs) > 1:
-                for b in bs:
-                    pred.pop(b, None)
-        nxt = {a: b for b, a in pred.items()}
-        for n in nodes:
-            if id(n) in pred:
-                continue
-            chain, k, seen = [], id(n), set()
-            while k is not None and k not in seen:
-                seen.add(k)
-                chain.append(infos[k])
-                k = nxt.get(k)
-            chains.append(chain)
+        chains.extend(walk_chains(nodes, infos, pred))
     return chains
 
 

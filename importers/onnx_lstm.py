@@ -42,10 +42,11 @@ from .onnx_graph import read_model
 from .onnx_lstm_op import ONNX_GATE_ORDER, ORT_ACTIVATION_DEFAULTS, SUPPORTED_VERSIONS, is_lstm
 from .onnx_cells import find_cells
 from .onnx_operators import find_operators
+from .onnx_quant import find_quantized
 
 
 #: The finders run on every ONNX file, in order (see :mod:`.onnx_found` for the contract).
-FINDERS = (find_operators, find_cells)
+FINDERS = (find_operators, find_cells, find_quantized)
 
 
 def _run_finders(model, folder, label) -> List[Found]:
@@ -154,6 +155,8 @@ def load_onnx(src, node: Optional[str] = None, dtype=np.float32):
     from lstm_cpu.model import LSTMModel  # the runtime: numpy + numba only
 
     layers, options = onnx_to_params(src, node)
+    if options.get("weights") == "int8" and np.dtype(dtype) != np.float32:
+        raise InputError("a quantized ONNX model (DynamicQuantizeLSTM) runs in float32; dtype does not apply")
     return LSTMModel(layers, dtype=dtype, **options)  # a finder's options are LSTMModel keywords
 
 

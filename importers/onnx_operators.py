@@ -21,7 +21,7 @@ import numpy as np
 
 from lstm_cpu.candidates import Candidate
 
-from .onnx_chains import check_chain, check_constant_lengths, find_chains, trailing_head
+from .onnx_chains import check_chain, check_constant_lengths, find_chains, stacked_state, trailing_head
 from .onnx_fold import Folder
 from .onnx_found import Found
 from .onnx_graph import all_graphs, default_opset
@@ -76,17 +76,7 @@ def _params(model, chain: List[NodeInfo], opset: int, label, folder):
     first = chain[0]
     layers = [info.params for info in chain]
     L, D, H = len(chain), first.D, first.H
-    initial_state = None
-    if any(i.h0 is not None or i.c0 is not None for i in chain):
-        h0 = np.zeros((L * D, H), np.float64)
-        c0 = np.zeros((L * D, H), np.float64)
-        for l, info in enumerate(chain):
-            if info.h0 is not None:
-                h0[l * D : (l + 1) * D] = info.h0
-            if info.c0 is not None:
-                c0[l * D : (l + 1) * D] = info.c0
-        if np.any(h0) or np.any(c0):
-            initial_state = (h0, c0)
+    initial_state = stacked_state(chain, D, H)
     head = trailing_head(chain[-1], opset, Folder.of(model, folder), label)
     x_name = first.inputs["X"]
     source = {

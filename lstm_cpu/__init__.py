@@ -24,13 +24,15 @@ __all__ = [
 ]
 
 
-def from_torch(obj, prefix=None, head=None, dtype=None):
-    """Convert ``nn.LSTM``, ``nn.LSTMCell``, a module holding exactly one of them, or a state dict."""
+def from_torch(obj, prefix=None, head=None, dtype=None, weights=None):
+    """Convert ``nn.LSTM``, ``nn.LSTMCell``, a module holding exactly one of them, or a state dict.
+    ``weights``: "float32" (default), "int8" or "bfloat16" gate matrices (see LSTMModel)."""
     import numpy as np
 
     from lstm_cpu.importers.torch_lstm import from_torch as _from_torch
 
-    return _from_torch(obj, prefix=prefix, head=head, dtype=np.float32 if dtype is None else dtype)
+    model = _from_torch(obj, prefix=prefix, head=head, dtype=np.float32 if dtype is None else dtype)
+    return model if weights is None else model.with_weights(weights)
 
 
 def load(path, **options) -> LSTMModel:
@@ -39,6 +41,8 @@ def load(path, **options) -> LSTMModel:
     Formats: ONNX (``node=``), PyTorch ``.pt``/``.pth`` (weights-only; ``prefix=``, ``head=``),
     TorchScript archives (weights read without running anything; ``prefix=``, ``head=``),
     ``.safetensors`` state dicts (``prefix=``, ``head=``), and lstm-cpu's packed format.
+    ``weights=`` "float32", "int8" or "bfloat16" converts the gate matrices; without it a file
+    keeps its own format (a packed int8 file, or onnxruntime's DynamicQuantizeLSTM, stays int8).
     """
     from .loader import load as _load
 

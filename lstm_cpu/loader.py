@@ -19,11 +19,11 @@ from .errors import FormatError, InputError
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # legacy torch.save
 _OPTIONS = {
-    "packed": {"kernel", "mmap"},
-    "onnx": {"node", "dtype"},
-    "torch": {"prefix", "head", "dtype"},
-    "torchscript": {"prefix", "head", "dtype"},
-    "safetensors": {"prefix", "head", "dtype"},
+    "packed": {"kernel", "mmap", "weights"},
+    "onnx": {"node", "dtype", "weights"},
+    "torch": {"prefix", "head", "dtype", "weights"},
+    "torchscript": {"prefix", "head", "dtype", "weights"},
+    "safetensors": {"prefix", "head", "dtype", "weights"},
 }
 
 
@@ -122,16 +122,26 @@ def load(path, **options):
         raise InputError(f"option(s) {sorted(unknown)} do not apply to a {kind} file; "
                          f"expected some of {sorted(_OPTIONS[kind])}")
     options = {k: v for k, v in options.items() if v is not None}
+    weights = options.pop("weights", None)
+    if weights is not None:
+        from .quant import check_format
+
+        check_format(weights)
+    model = _load_kind(path, kind, options)
+    # no weights=: the file's own format (float, or the int8 of a quantized file) is kept
+    return model if weights is None else model.with_weights(weights)
+
+
+def _load_kind(path, kind, options):
     if kind == "packed":
         from .model import LSTMModel
         from .packed import load as load_packed
 
         p = load_packed(path, mmap=options.get("mmap", False))
         return LSTMModel._from_packed(p.plan, p.wbuf, p.fpar, p.init, p.source,
-                                      options.get("kernel", "auto"))
+                                      options.get("kernel", "auto"), p.weights, p.reduced, p.weight_error)
     if kind == "onnx":
         from lstm_cpu.importers.onnx_lstm import load_onnx
-
         return load_onnx(path, **options)
     if kind == "torchscript":
         from lstm_cpu.importers.torchscript import load_torchscript
@@ -194,6 +204,13 @@ def warmup(verbose=False):
         sb.run(np.zeros((2, BLAS_MIN_BATCH, I), dtype))
         m.run(np.zeros((2, BLAS_MIN_BATCH, I), dtype))
         done.append(f"{np.dtype(dtype).name}/blas-batch")
+        if verbose:
+            print("compiled", done[-1])
+    for weights in ("int8", "bfloat16"):  # the reduced step kernels this CPU selects
+        s = LSTMModel(layers, weights=weights).stream()
+        s.step(np.zeros(I, np.float32))
+        s.run(np.zeros((2, I), np.float32))
+        done.append(f"{weights}/serial")
         if verbose:
             print("compiled", done[-1])
     return done

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _config, kernels, policy
 from . import layout as lay
+from . import quant
 from .errors import InputError, InputTypeError, UnsupportedModelError
 from .spec import ACTIVATIONS, Activation, LayerParams, as_activations
 
@@ -74,6 +75,19 @@ class LSTMModel:
             units across threads at run time, with the same bits as the serial kernel.
         reverse: a one-direction model that runs backwards in time (ONNX ``direction="reverse"``);
             it needs whole sequences (``run``), like a bidirectional one.
+        weights: the format of the gate matrices, ``"float32"`` (default), ``"int8"`` (symmetric,
+            one scale per gate row over the fused [w_ih | w_hh] row) or ``"bfloat16"`` (round to
+            nearest even). Activations, state and outputs stay float32; biases, peepholes,
+            projection and head stay float. A lone stream of a one-direction model with default
+            activations (no peepholes, projection, head, clip or coupling) steps through the
+            reduced kernels (``lstm_cpu/kernels_quant.py``: int8 with per-step 16-bit activations
+            on AVX-512 VNNI, bfloat16 with ``vdpbf16ps``); everything else runs the float kernels
+            over the weights the reduced ones stand for (same values, ~1e-5 apart from the
+            reduced step's activation rounding). ``model.weight_error`` is the max abs output
+            error against the float32 model over a fixed random 1,000-step stream, measured here.
+        reduced: internal: per (layer, direction) :class:`lstm_cpu.quant.ReducedLayer` already
+            reduced (a packed file, an imported quantized node); ``layers`` then supplies the rest.
+        weight_error: internal: the stored conversion error (a packed file).
 
     Semantics that follow onnxruntime: ``input_forget`` sets ``f = 1 - i``; in ``run`` with
     ``lengths``, a sequence of length 0 ends in a zero state.
@@ -81,10 +95,13 @@ class LSTMModel:
 
     def __init__(self, layers: Sequence[Sequence[LayerParams]], *, clip=None, input_forget=False,
                  dtype=np.float32, initial_state=None, head=None, source=None, kernel="auto",
-                 reverse=False):
+                 reverse=False, weights="float32", reduced=None, weight_error=None):
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise InputError(f"dtype must be float32 or float64, got {dtype}")
+        weights = quant.check_format(weights)
+        if weights != "float32" and dtype != np.dtype(np.float32):
+            raise InputError(f"weights={weights!r} computes in float32; dtype={dtype} is not available with it")
         kernel = policy.check_requested(kernel)
         layers = [list(row) for row in layers]
         self._validate(layers, clip, head)
@@ -99,6 +116,16 @@ class LSTMModel:
         for row in layers:
             for p in row:
                 p.activations = as_activations(p.activations)
+        reference = None
+        if weights == "float32":
+            reduced = weight_error = None
+        else:
+            if reduced is None:
+                reference = layers
+                reduced = [[quant.ReducedLayer.convert(p.w_ih, p.w_hh, weights) for p in row] for row in layers]
+            # the float kernels run what the reduced weights stand for
+            layers = [[LayerParams(*q.weights(), p.bias, p.w_hr, p.peephole, p.activations)
+                       for p, q in zip(row, qrow)] for row, qrow in zip(layers, reduced)]
         plan, wbuf, fpar = lay.pack(layers, clip=clip, input_forget=input_forget, dtype=dtype,
                                     head=head, reverse=bool(reverse))
         init = None
@@ -106,16 +133,36 @@ class LSTMModel:
             h0, c0 = initial_state
             init = (_check_weight(h0, (L * D, out), "initial_state h0").astype(dtype),
                     _check_weight(c0, (L * D, H), "initial_state c0").astype(dtype))
-        self._set_packed(plan, wbuf, fpar, init, dict(source or {}), kernel)
+        self._set_packed(plan, wbuf, fpar, init, dict(source or {}), kernel, weights, reduced, weight_error)
+        if reference is not None:  # measured once, at conversion (a packed file keeps it)
+            ref = LSTMModel(reference, clip=clip, input_forget=input_forget, initial_state=initial_state,
+                            head=head, reverse=reverse)
+            self.weight_error = quant.error_estimate(ref, self)
+
+    def with_weights(self, weights: str) -> "LSTMModel":
+        """This model with its gate matrices in another format (``quant.FORMATS``); the same
+        model when it already has that format. Converting a reduced model starts from the
+        weights it stands for (its error is then measured against those)."""
+        weights = quant.check_format(weights)
+        if weights == self.weights:
+            return self
+        return LSTMModel(self.layer_params(), clip=self.clip, input_forget=self.input_forget,
+                         dtype=np.float32 if weights != "float32" else self.dtype,
+                         initial_state=None if self._init is None else (self._init[0], self._init[1][:, : self.hidden_size]),
+                         head=self.head, source=dict(self._source, weights_from=self.weights),
+                         kernel=self._kernel, reverse=self.reverse, weights=weights)
 
     # -- construction from already-packed buffers (used by the packed-file loader) --------------
     @classmethod
-    def _from_packed(cls, plan, wbuf, fpar, initial_state, source, kernel="auto"):
+    def _from_packed(cls, plan, wbuf, fpar, initial_state, source, kernel="auto", weights="float32",
+                     reduced=None, weight_error=None):
         self = cls.__new__(cls)
-        self._set_packed(plan, wbuf, fpar, initial_state, source, policy.check_requested(kernel))
+        self._set_packed(plan, wbuf, fpar, initial_state, source, policy.check_requested(kernel),
+                         weights, reduced, weight_error)
         return self
 
-    def _set_packed(self, plan, wbuf, fpar, init, source, kernel):
+    def _set_packed(self, plan, wbuf, fpar, init, source, kernel, weights="float32", reduced=None,
+                    weight_error=None):
         self._plan = plan  # layout.Plan: sizes, flags, offsets (the only reader of offsets)
         self._wbuf = _readonly(wbuf)  # (plan.total,) packed weights, see layout.py
         self._meta = plan.meta  # (M_LD + L*D*LD_STRIDE,) int64: the plan as the kernels read it
@@ -132,6 +179,16 @@ class LSTMModel:
         self._head_o = plan.head_o
         self.output_size = plan.output_size
         self.dtype = wbuf.dtype
+        #: the gate-matrix format: "float32", "int8" or "bfloat16" (see the class docstring)
+        self.weights = weights
+        self.weight_error = weight_error  # float or None (float32 weights: exact)
+        self._reduced = reduced  # [[quant.ReducedLayer per direction] per layer] or None
+        self._rstack = None  # quant.ReducedStack: the reduced step of a lone stream, if it applies
+        if reduced is not None:
+            layers = self.layer_params()
+            if quant.reduced_stream_supported(layers, head=self.head, clip=self.clip,
+                                              input_forget=self.input_forget, reverse=self.reverse):
+                self._rstack = quant.ReducedStack(layers, weights, reduced=[row[0] for row in reduced])
 
     @staticmethod
     def _validate(layers, clip, head):
@@ -202,7 +259,13 @@ class LSTMModel:
 
     @property
     def weight_bytes(self) -> int:
-        return int(self._wbuf.nbytes)
+        """Bytes of the packed float weights; for a reduced model, with its gate matrices counted
+        in their reduced format (what a reduced step reads and a packed file stores)."""
+        if self._reduced is None:
+            return int(self._wbuf.nbytes)
+        gates = sum(self._plan.gate_matrix(self._wbuf, l, d).nbytes
+                    for l in range(self.num_layers) for d in range(self.num_directions))
+        return int(self._wbuf.nbytes - gates + sum(q.nbytes for row in self._reduced for q in row))
 
     def _choose(self, kernel, streams: int, job: str = "step") -> policy.KernelChoice:
         """The policy's kernel for this model: ``kernel`` or the model's own request."""
@@ -276,6 +339,8 @@ class LSTMModel:
             "dtype": str(self.dtype),
             "parameters": self.parameter_count(),
             "weight_bytes": self.weight_bytes,
+            "weights": self.weights,
+            "weight_error": self.weight_error,
             "kernel": self.default_kernel,
         }
 
@@ -297,7 +362,8 @@ class LSTMModel:
         """Write the packed model to ``path`` atomically (see :mod:`lstm_cpu.packed`)."""
         from .packed import save
 
-        save(path, self._plan, self._wbuf, self._fpar, self._init, self._source)
+        save(path, self._plan, self._wbuf, self._fpar, self._init, self._source, self.weights,
+             self._reduced, self.weight_error)
 
     # -- whole sequences -------------------------------------------------------------------------
     def run(self, x, state=None, lengths=None, kernel=None):
@@ -444,6 +510,11 @@ class Stream:
         self._guard = kernels.parallel_guard if choice.parallel else None
         R = lay.unit_ranges(Hp, _config.num_threads()) if choice.parallel else 1  # unit ranges
         self._blas = choice.blas
+        # A lone serial stream of a reduced model steps through the reduced kernels, on views of
+        # this stream's own h and c (so state, reset and snapshots work unchanged).
+        self._rstep = None
+        if model._rstack is not None and batch is None and not choice.parallel and not choice.blas:
+            self._rstep = model._rstack.stream(self._h[:, 0, :], self._c[:, 0, :]).step_into
         if self._blas:
             # Views for the BLAS path: acc (N, C) and per layer z (N, K_l) and W (K_l, C). Its cell
             # updates stay serial: numpy's OpenBLAS workers spin after each product and starve
@@ -546,7 +617,9 @@ class Stream:
                     f"{getattr(out, 'shape', '')}")
             y = out if self._single else out.reshape(-1)
             ret = out
-        if self._blas:
+        if self._rstep is not None:
+            self._rstep(xk, y)
+        elif self._blas:
             self._step_blas(xk, y)
         elif self._guard is None:
             self._step_call(xk, *self._wargs, y)
@@ -588,7 +661,10 @@ class Stream:
         T = xa.shape[0]
         xk = xa.reshape(T, N * I)  # (T, N*I)
         ys = np.empty((T, self._ylen), self._dtype)  # (T, N*O)
-        if T and self._blas:
+        if self._rstep is not None:
+            for t in range(T):
+                self._rstep(xk[t], ys[t])
+        elif T and self._blas:
             for t in range(T):
                 self._step_blas(xk[t], ys[t])
         elif T:

@@ -40,7 +40,7 @@ from .errors import FormatError, UnsupportedModelError
 FORMAT_NAME = "lstm-cpu-packed"
 FORMAT_VERSION = 2
 _MAX_HEADER = 1 << 20  # our headers are ~1 KB; anything near this is not ours
-_DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64}
+_DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I8": np.int8, "I16": np.int16}
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _ZERO_DIGEST = "0" * 64
 _DIGEST_FIELD = re.compile(rb'"sha256":"([0-9a-f]{64})"')
@@ -54,6 +54,43 @@ class Packed(NamedTuple):
     fpar: np.ndarray  # (F_LD + L*D*F_STRIDE,) float64
     init: Optional[Tuple[np.ndarray, np.ndarray]]  # (h0 (L*D, out), c0 (L*D, H)) or None
     source: dict
+    weights: str = "float32"  # the gate matrices' format (lstm_cpu.quant.FORMATS)
+    reduced: Optional[list] = None  # [[quant.ReducedLayer per direction] per layer]
+    weight_error: Optional[float] = None  # max abs output error measured at conversion
+
+
+# Reduced files ("weights" in the metadata is "int8" or "bfloat16") store the gate matrices only
+# in their format, per (layer l, direction d): "gates_ih_l_d" (4H, in_l) and "gates_hh_l_d"
+# (4H, out) as int8 (or int16 bfloat16 bit patterns), and for int8 "scales_ih_l_d",
+# "scales_hh_l_d" (4H,) float32; "wbuf" then holds everything else of the plan's buffer, the gate
+# regions cut out (the loader puts back what the reduced weights stand for).
+def _gate_regions(plan: lay.Plan):
+    """(start, end) of every gate matrix in wbuf, in order."""
+    out = []
+    for l in range(plan.L):
+        for d in range(plan.D):
+            r = plan.record(l, d)
+            out.append((r.w, r.w + r.K * plan.C))
+    return out
+
+
+def _cut_gates(plan, wbuf):
+    keep, prev = [], 0
+    for a, b in _gate_regions(plan):
+        keep.append(wbuf[prev:a])
+        prev = b
+    keep.append(wbuf[prev:])
+    return np.concatenate(keep)
+
+
+def _reduced_tensors(reduced):
+    out = []
+    for l, row in enumerate(reduced):
+        for d, q in enumerate(row):
+            out += [(f"gates_ih_{l}_{d}", q.w_ih), (f"gates_hh_{l}_{d}", q.w_hh)]
+            if q.s_ih is not None:
+                out += [(f"scales_ih_{l}_{d}", q.s_ih), (f"scales_hh_{l}_{d}", q.s_hh)]
+    return out
 
 
 def _digest(prefix: bytes, header: bytes, data) -> str:
@@ -65,12 +102,18 @@ def _digest(prefix: bytes, header: bytes, data) -> str:
     return h.hexdigest()
 
 
-def save(path, plan: lay.Plan, wbuf, fpar, init=None, source=None) -> None:
-    """Write a packed model atomically: a temporary file in the same folder, then a rename."""
+def save(path, plan: lay.Plan, wbuf, fpar, init=None, source=None, weights="float32", reduced=None,
+         weight_error=None) -> None:
+    """Write a packed model atomically: a temporary file in the same folder, then a rename.
+    ``reduced``: a reduced model's gate matrices, stored instead of wbuf's float ones."""
     tensors = [("meta", plan.meta), ("fpar", fpar)]
     if init is not None:
         tensors += [("init_h", init[0]), ("init_c", init[1])]
-    tensors.append(("wbuf", wbuf))
+    if reduced is not None:
+        tensors.append(("wbuf", _cut_gates(plan, np.asarray(wbuf))))
+        tensors += _reduced_tensors(reduced)
+    else:
+        tensors.append(("wbuf", wbuf))
     header, blobs, offset = {}, [], 0
     for name, a in tensors:
         a = np.ascontiguousarray(a)
@@ -87,6 +130,9 @@ def save(path, plan: lay.Plan, wbuf, fpar, init=None, source=None) -> None:
         "sha256": _ZERO_DIGEST,
         "source": json.dumps(source or {}, default=str),
     }
+    if reduced is not None:
+        header["__metadata__"]["weights"] = weights
+        header["__metadata__"]["weight_error"] = repr(float(weight_error)) if weight_error is not None else ""
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * ((-len(hb)) % 8)
     prefix = struct.pack("<Q", len(hb))
@@ -232,6 +278,10 @@ def load(path, mmap=False) -> Packed:
     meta = np.array(arrays["meta"])  # small; private copies so nothing changes under the kernels
     fpar = np.array(arrays["fpar"])
     wbuf = arrays["wbuf"]
+    weights = md.get("weights", "float32")
+    reduced = weight_error = None
+    if weights != "float32":
+        wbuf, reduced, weight_error = _restore_reduced(path, meta, md, weights, wbuf, arrays)
     plan = _check_plan(path, meta, fpar, wbuf)
     init = None
     if "init_h" in arrays or "init_c" in arrays:
@@ -244,7 +294,65 @@ def load(path, mmap=False) -> Packed:
         source = {}
     source = dict(source, packed_path=path)
     source.setdefault("format", "lstm-cpu-packed")
-    return Packed(plan, wbuf, fpar, init, source)
+    return Packed(plan, wbuf, fpar, init, source, weights, reduced, weight_error)
+
+
+def _restore_reduced(path, meta, md, weights, rest, arrays):
+    """A reduced file's wbuf (float32, the gate regions filled with what the reduced weights
+    stand for), its ReducedLayers and its stored error; FormatError on anything inconsistent."""
+    from . import quant
+
+    if weights not in quant.FORMATS:
+        raise FormatError(f"{path}: weights format {weights!r} is not one of {quant.FORMATS}")
+    try:
+        plan = lay.Plan.from_meta(meta)
+    except lay.PlanError as e:
+        raise FormatError(f"{path}: {e}") from None
+    if not plan.approx:
+        raise FormatError(f"{path}: {weights} weights need a float32 model")
+    regions = _gate_regions(plan)
+    if rest.ndim != 1 or rest.dtype != np.float32 or rest.size != plan.total - sum(b - a for a, b in regions):
+        raise FormatError(f"{path}: wbuf of a {weights} file must hold the plan's "
+                          f"{plan.total - sum(b - a for a, b in regions)} non-gate float32 values")
+    wbuf = np.empty(plan.total, np.float32)
+    reduced, prev, src = [], 0, 0
+    H = plan.H
+    for l in range(plan.L):
+        row = []
+        for d in range(plan.D):
+            a, b = regions[l * plan.D + d]
+            wbuf[prev:a] = rest[src : src + a - prev]
+            src += a - prev
+            prev = b
+            kin = plan.input_rows(l)
+            want = {f"gates_ih_{l}_{d}": (4 * H, kin), f"gates_hh_{l}_{d}": (4 * H, plan.out)}
+            if weights == "int8":
+                want.update({f"scales_ih_{l}_{d}": (4 * H,), f"scales_hh_{l}_{d}": (4 * H,)})
+            got = {}
+            for name, shape in want.items():
+                arr = arrays.get(name)
+                dt = np.float32 if name.startswith("scales") else (np.int8 if weights == "int8" else np.int16)
+                if arr is None or arr.shape != shape or arr.dtype != dt:
+                    raise FormatError(f"{path}: tensor {name!r} must be {np.dtype(dt).name} of shape "
+                                      f"{list(shape)}, got {None if arr is None else (arr.dtype.name, list(arr.shape))}")
+                got[name] = arr
+            if weights == "int8":
+                s_ih, s_hh = got[f"scales_ih_{l}_{d}"], got[f"scales_hh_{l}_{d}"]
+                if not (np.all(np.isfinite(s_ih)) and np.all(s_ih > 0) and np.all(np.isfinite(s_hh)) and np.all(s_hh > 0)):
+                    raise FormatError(f"{path}: int8 scales of layer {l}, direction {d} must be finite and > 0")
+                q = quant.ReducedLayer("int8", got[f"gates_ih_{l}_{d}"], got[f"gates_hh_{l}_{d}"], s_ih, s_hh)
+            else:
+                q = quant.ReducedLayer("bfloat16", got[f"gates_ih_{l}_{d}"], got[f"gates_hh_{l}_{d}"])
+            wbuf[a:b] = quant.fuse_gates(*q.weights()).astype(np.float32).ravel()  # (K, C)
+            row.append(q)
+        reduced.append(row)
+    wbuf[prev:] = rest[src:]
+    try:
+        err = md.get("weight_error", "")
+        weight_error = float(err) if err else None
+    except (TypeError, ValueError):
+        raise FormatError(f"{path}: weight_error must be a number, got {md.get('weight_error')!r}") from None
+    return wbuf, reduced, weight_error
 
 
 def _check_entry(path, name, e, data_len):

@@ -1,0 +1,839 @@
+"""Gate-product kernels over reduced-precision weights: int8 and 16-bit.
+
+Each kernel computes a range of *panels* of the gate product ``acc (C,) = W (K, C)^T z (K,)``
+for one (layer, direction); a panel is 16 consecutive columns of ``W`` (the packed layouts are
+in ``quant.py``; the gate blocks i, f, g, o are each ``Hp`` wide, ``Hp`` a multiple of 16, so a
+unit range of the lead's parallel split is four panel ranges). Kernels are plain ``@njit``
+functions over arrays and scalars and trust their callers; ``quant.py`` validates.
+
+Variants (numbered side by side, as bench/quant_probe.py times them)
+--------------------------------------------------------------------
+* ``i8_vnni``  int8 weights x uint8 activations -> int32 (the activations quantized per step,
+  as onnxruntime's DynamicQuantizeLSTM does), one AVX-512 VNNI ``vpdpbusd`` per 16 columns x
+  4 rows. Weights ``Wq4 (P, K4, 64)`` int8: panel-major, so one panel streams contiguously, and
+  within a row quad the 16 columns x 4 consecutive rows that ``vpdpbusd`` wants. Four
+  independent accumulators per panel (rows quads q, q+1, q+2, q+3 interleaved; integer sums,
+  so the order does not matter and the result is exact). PERF_NOTES measured one dependency
+  chain at 73 G MAC/s.
+* ``i8_vnni256`` the same with 256-bit ``vpdpbusd`` (AVX512VL or AVX-VNNI; LLVM picks the
+  VEX encoding when only AVX-VNNI is present), 8 columns per instruction.
+* ``i8_portable`` the same arithmetic as plain loops (no intrinsic): for machines without VNNI
+  and as the reference the VNNI path is tested against (int32 results are exactly equal).
+* ``i8a16_vnni`` int8 weights x 16-bit activations: the activations quantized per step to
+  16 bits and split into two byte digits, two ``vpdpbusd`` per weight load (one per digit).
+  Activation error ~1/65534 of the range instead of 1/254: the accuracy of float activations
+  at the speed of the int8 path where the product is memory-bound. ``i8a16_portable``: its
+  plain twin.
+* ``fma_panels`` weights converted in the loop, FMA with float32 activations; ``Wp (P, K, 16)``
+  whose dtype tells the format: int8 values (sign-extend, convert), uint16 IEEE half bit
+  patterns (LLVM ``fpext half`` -> F16C ``vcvtph2ps``) or int16 bfloat16 bit patterns
+  (``<< 16``, exact).
+* ``bf16_dp``  bfloat16 weights as pairs ``Wb2 (P, K2, 32)`` and AVX512_BF16 ``vdpbf16ps``;
+  the float32 activations are split into ``hi + lo`` bfloat16 parts (two dot instructions),
+  so the activations lose ~2^-16 instead of bf16's 2^-9.
+
+Assembly (``dispatcher.inspect_asm(sig)``, LLVM 22, znver4 target, AMD EPYC with AVX-512)
+----------------------------------------------------------------------------------------
+:func:`asm_report` recompiles each kernel uncached and counts; what we saw (tests check it):
+
+* ``i8_vnni``: 22 ``vpdpbusd`` on zmm, each with a ``vpbroadcastd`` of 4 activation bytes and
+  the weights as a memory operand; the main loop keeps four accumulators in zmm0-3 (LLVM does
+  not merge them: the intrinsic is opaque to it). ``i8a16_vnni``: 44, two per weight load.
+* ``i8_vnni256``: 36 ``vpdpbusd`` on ymm (the EVEX form here; the VEX form on AVX-VNNI CPUs).
+* ``bf16_dp``: 40 ``vdpbf16ps`` on zmm, the activation pairs by ``vbroadcastss``.
+* ``fma_panels``: int8 -> ``vpmovsxbd`` + ``vcvtdq2ps`` + ``vfmadd``; float16 -> ``vcvtph2ps``
+  zmm + ``vfmadd``; bfloat16 -> ``vpmovzxwd`` + ``vpslld`` + ``vfmadd``. The activation is a
+  ``{1to16}`` broadcast memory operand of the FMA: the raw-pointer broadcast (``bcast_ld_f``)
+  removed four scalar instructions per FMA that Numba's negative-index wraparound had added.
+* ``i8_portable`` (plain loops): LLVM itself chose ``vpdpwssd`` (AVX512-VNNI on 16-bit words)
+  here; on an AVX2 machine it becomes ``vpmaddwd`` code.
+
+Which variant ships, and why (bench/quant_probe.py, 1 thread, one process, side by side)
+--------------------------------------------------------------------------------------
+* int8: ``i8a16_vnni``. Quantizing activations to 8 bits per step (``i8_vnni``, what
+  onnxruntime does) is the fastest, but its error against the float32 torch model was *larger*
+  than onnxruntime int8's (1.33e-3 vs 1.14e-3 at (128,256,2), 300 steps): it fails the accuracy
+  target. 16-bit activations (two byte digits) cost a second ``vpdpbusd`` per weight load, which
+  the memory-bound product mostly hides, and leave only the weight rounding: 6.6e-4, the same as
+  float activations with weights dequantized in the loop (``fma_panels`` on int8), which is
+  2-3x slower (it converts and multiplies 16 weights per 3 instructions, ``vpdpbusd`` 64 per 1).
+* 16-bit: bfloat16 through ``vdpbf16ps`` with the activations split into bf16 hi + lo. float16
+  (F16C convert + FMA) is 8x more accurate (3e-5 vs 2.3e-4 at (128,256,2), both far inside the
+  2e-3 target) but compute-bound at ~30 G MAC/s here (one convert and one FMA per 16 weights),
+  while ``vdpbf16ps`` does 32 MACs per instruction and keeps up with memory. Without
+  AVX512_BF16 the bfloat16 path converts by ``<< 16`` in ``fma_panels`` (exact, any x86-64).
+
+Runtime selection
+-----------------
+Instructions the host lacks make LLVM fail at compile time ("Cannot select") or the CPU fault at
+run time, so a SIMD kernel is only ever *compiled* after :func:`host_features` says the target
+has the feature (Numba's own target features, which honour ``NUMBA_CPU_NAME`` /
+``NUMBA_CPU_FEATURES``). :func:`select` returns the fastest variant the host supports.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+from . import _config
+from .kernels import _tanh_f32
+
+_FLAGS = dict(nogil=True, cache=_config.CACHE, fastmath=_config.FASTMATH, error_model="numpy")
+
+#: columns per panel (one zmm of int32 or float32)
+PANEL = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Host features
+# ---------------------------------------------------------------------------------------------
+def host_features() -> frozenset:
+    """The CPU features Numba compiles for (e.g. ``{"avx2", "avx512vnni", ...}``)."""
+    try:
+        from numba.core.registry import cpu_target
+
+        feats = cpu_target.target_context.codegen()._tm_features
+        on = {f[1:] for f in feats.split(",") if f.startswith("+")}
+        if on:
+            return frozenset(on)
+    except Exception:  # pragma: no cover - a Numba without these internals
+        pass
+    import llvmlite.binding as llvm
+
+    return frozenset(k for k, v in llvm.get_host_cpu_features().items() if v)
+
+
+def has_vnni512(feats=None) -> bool:
+    f = host_features() if feats is None else feats
+    return {"avx512f", "avx512bw", "avx512vnni"} <= f
+
+
+def has_vnni256(feats=None) -> bool:
+    f = host_features() if feats is None else feats
+    return "avxvnni" in f or {"avx512vl", "avx512vnni"} <= f
+
+
+def has_avx512(feats=None) -> bool:
+    f = host_features() if feats is None else feats
+    return {"avx512f", "avx512bw"} <= f
+
+
+def has_bf16dp(feats=None) -> bool:
+    f = host_features() if feats is None else feats
+    return {"avx512f", "avx512bf16"} <= f
+
+
+def has_f16c(feats=None) -> bool:
+    f = host_features() if feats is None else feats
+    return "f16c" in f
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny SIMD vector type for Numba: an LLVM <n x T> value kept in registers across a loop
+# ---------------------------------------------------------------------------------------------
+class VecType(types.Type):
+    def __init__(self, dtype, n):
+        self.dtype = dtype
+        self.n = n
+        super().__init__(name=f"Vec{n}x{dtype}")
+
+
+@register_model(VecType)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        be = ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), fe_type.n)
+        super().__init__(dmm, fe_type, be)
+
+
+@intrinsic
+def _u32_as_f32(typingctx, x):
+    """The float32 with the bit pattern of uint32 x."""
+    return types.float32(types.uint32), lambda ctx, b, sig, args: b.bitcast(args[0], _F32)
+
+
+@intrinsic
+def _f32_as_u32(typingctx, x):
+    """The bit pattern of float32 x as uint32."""
+    return types.uint32(types.float32), lambda ctx, b, sig, args: b.bitcast(args[0], _I32)
+
+
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` (llvmlite.ir has no class for it; the IR is textual)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_I32 = ir.IntType(32)
+_I16 = ir.IntType(16)
+_I8 = ir.IntType(8)
+_F32 = ir.FloatType()
+
+
+def _ptr(context, builder, arrty, arr, idx, elem_ptr_type):
+    """&arr[idx] (1-D, C-contiguous) bitcast to ``elem_ptr_type``."""
+    ary = context.make_array(arrty)(context, builder, arr)
+    p = builder.gep(ary.data, [idx])
+    return builder.bitcast(p, elem_ptr_type)
+
+
+def _splat(builder, value, vty):
+    undef = ir.Constant(vty, ir.Undefined)
+    v = builder.insert_element(undef, value, ir.Constant(_I32, 0))
+    mask = ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count)
+    return builder.shuffle_vector(v, undef, mask)
+
+
+def _load(builder, ptr, align):
+    v = builder.load(ptr)
+    v.align = align
+    return v
+
+
+def _vec_ops(n):
+    """Intrinsics on <n x i32> / <n x float> (n = 16: zmm, n = 8: ymm)."""
+    VI = VecType(types.int32, n)
+    VF = VecType(types.float32, n)
+    li = ir.VectorType(_I32, n)
+    lf = ir.VectorType(_F32, n)
+    ops = {}
+
+    @intrinsic
+    def zero_i(typingctx):
+        return VI(), lambda ctx, b, sig, args: ir.Constant(li, None)
+
+    @intrinsic
+    def zero_f(typingctx):
+        return VF(), lambda ctx, b, sig, args: ir.Constant(lf, None)
+
+    @intrinsic
+    def load_i(typingctx, arr, i):
+        """n int32 lanes from the 4n bytes at arr[i] (any 1-byte or 4-byte array)."""
+
+        def cg(ctx, b, sig, args):
+            return _load(b, _ptr(ctx, b, sig.args[0], args[0], args[1], li.as_pointer()), 1)
+
+        return VI(arr, i), cg
+
+    @intrinsic
+    def bcast4(typingctx, arr, i):
+        """The 4 bytes arr[i:i+4] as one int32, in every lane."""
+
+        def cg(ctx, b, sig, args):
+            v = _load(b, _ptr(ctx, b, sig.args[0], args[0], args[1], _I32.as_pointer()), 1)
+            return _splat(b, v, li)
+
+        return VI(arr, i), cg
+
+    @intrinsic
+    def dpbusd(typingctx, acc, a, w):
+        """acc + sum over 4 byte pairs of u8(a) * s8(w), per int32 lane (vpdpbusd)."""
+        name = "llvm.x86.avx512.vpdpbusd.512" if n == 16 else "llvm.x86.avx512.vpdpbusd.256"
+
+        def cg(ctx, b, sig, args):
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(li, [li, li, li]), name)
+            return b.call(fn, args)
+
+        return VI(VI, VI, VI), cg
+
+    @intrinsic
+    def add_i(typingctx, a, c):
+        return VI(VI, VI), lambda ctx, b, sig, args: b.add(args[0], args[1])
+
+    @intrinsic
+    def add_f(typingctx, a, c):
+        return VF(VF, VF), lambda ctx, b, sig, args: b.fadd(args[0], args[1])
+
+    @intrinsic
+    def store_i(typingctx, arr, i, v):
+        def cg(ctx, b, sig, args):
+            st = b.store(args[2], _ptr(ctx, b, sig.args[0], args[0], args[1], li.as_pointer()))
+            st.align = 4
+            return ctx.get_dummy_value()
+
+        return types.none(arr, i, VI), cg
+
+    @intrinsic
+    def store_f(typingctx, arr, i, v):
+        def cg(ctx, b, sig, args):
+            st = b.store(args[2], _ptr(ctx, b, sig.args[0], args[0], args[1], lf.as_pointer()))
+            st.align = 4
+            return ctx.get_dummy_value()
+
+        return types.none(arr, i, VF), cg
+
+    @intrinsic
+    def bcast_f(typingctx, x):
+        def cg(ctx, b, sig, args):
+            return _splat(b, args[0], lf)
+
+        return VF(types.float32), cg
+
+    @intrinsic
+    def bcast_ld_f(typingctx, arr, i):
+        """arr[i] (float32) in every lane; a raw load, without Numba's negative-index wraparound
+        (which costs four scalar instructions per use in these loops)."""
+
+        def cg(ctx, b, sig, args):
+            v = _load(b, _ptr(ctx, b, sig.args[0], args[0], args[1], _F32.as_pointer()), 4)
+            return _splat(b, v, lf)
+
+        return VF(arr, i), cg
+
+    @intrinsic
+    def fma_f(typingctx, a, x, c):
+        """a * x + c, fused (llvm.fma)."""
+        name = f"llvm.fma.v{n}f32"
+
+        def cg(ctx, b, sig, args):
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(lf, [lf, lf, lf]), name)
+            return b.call(fn, args)
+
+        return VF(VF, VF, VF), cg
+
+    @intrinsic
+    def load_wf(typingctx, arr, i):
+        """n weights at arr[i] -> n float32, the format told by the array's dtype: int8 values,
+        uint16 IEEE half bit patterns (F16C vcvtph2ps) or int16 bfloat16 bit patterns (<< 16)."""
+        dt = arr.dtype
+
+        def cg(ctx, b, sig, args):
+            if dt == types.int8:
+                v = _load(b, _ptr(ctx, b, sig.args[0], args[0], args[1], ir.VectorType(_I8, n).as_pointer()), 1)
+                return b.sitofp(b.sext(v, li), lf)
+            v = _load(b, _ptr(ctx, b, sig.args[0], args[0], args[1], ir.VectorType(_I16, n).as_pointer()), 2)
+            if dt == types.uint16:
+                return b.fpext(b.bitcast(v, ir.VectorType(ir.HalfType(), n)), lf)
+            return b.bitcast(b.shl(b.zext(v, li), ir.Constant(li, [16] * n)), lf)
+
+        if dt not in (types.int8, types.uint16, types.int16):
+            return None
+        return VF(arr, i), cg
+
+    @intrinsic
+    def dpbf16(typingctx, acc, a, w):
+        """acc + a[2j] * w[2j] + a[2j+1] * w[2j+1] per float lane, a and w as int32 lanes that
+        each hold two bfloat16 (vdpbf16ps)."""
+        lb = ir.VectorType(_BFloat(), 2 * n)
+        name = "llvm.x86.avx512bf16.dpbf16ps.512" if n == 16 else "llvm.x86.avx512bf16.dpbf16ps.256"
+
+        def cg(ctx, b, sig, args):
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(lf, [lf, lb, lb]), name)
+            return b.call(fn, [args[0], b.bitcast(args[1], lb), b.bitcast(args[2], lb)])
+
+        return VF(VF, VI, VI), cg
+
+    for k, v in list(locals().items()):
+        if k in ("zero_i", "zero_f", "load_i", "bcast4", "dpbusd", "add_i", "add_f", "store_i",
+                 "store_f", "bcast_f", "bcast_ld_f", "fma_f", "load_wf", "dpbf16"):
+            ops[k] = v
+    return ops
+
+
+_V16 = _vec_ops(16)
+_V8 = _vec_ops(8)
+_zi, _zf, _ldi, _bc4, _dp = _V16["zero_i"], _V16["zero_f"], _V16["load_i"], _V16["bcast4"], _V16["dpbusd"]
+_addi, _addf, _sti, _stf = _V16["add_i"], _V16["add_f"], _V16["store_i"], _V16["store_f"]
+_bcl, _fma, _ldw, _dpbf = _V16["bcast_ld_f"], _V16["fma_f"], _V16["load_wf"], _V16["dpbf16"]
+_zi8, _ldi8, _bc48, _dp8, _addi8, _sti8 = (_V8["zero_i"], _V8["load_i"], _V8["bcast4"], _V8["dpbusd"],
+                                           _V8["add_i"], _V8["store_i"])
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 x uint8 -> int32 (activations quantized per step)
+# ---------------------------------------------------------------------------------------------
+@njit(**_FLAGS)
+def i8_vnni(Wq4, zq, q0, q1, p0, p1, out):
+    """out[16p : 16p+16] (int32) = sum over row quads q in [q0, q1) of zq[4q:4q+4] . Wq4[p, q],
+    for panels p in [p0, p1).
+
+    Wq4 (P, K4, 64) int8: Wq4[p, q, 4j + r] = W[4q + r, 16p + j]; zq (4*K4,) uint8; out (16P,) int32.
+    """
+    K4 = Wq4.shape[1]
+    W = Wq4.reshape(Wq4.size)  # (P*K4*64,) flat view: byte offsets below
+    for p in range(p0, p1):
+        base = p * K4 * 64
+        a0 = _zi()
+        a1 = _zi()
+        a2 = _zi()
+        a3 = _zi()
+        q = q0
+        while q + 4 <= q1:
+            o = base + q * 64
+            a0 = _dp(a0, _bc4(zq, 4 * q), _ldi(W, o))
+            a1 = _dp(a1, _bc4(zq, 4 * q + 4), _ldi(W, o + 64))
+            a2 = _dp(a2, _bc4(zq, 4 * q + 8), _ldi(W, o + 128))
+            a3 = _dp(a3, _bc4(zq, 4 * q + 12), _ldi(W, o + 192))
+            q += 4
+        while q < q1:
+            a0 = _dp(a0, _bc4(zq, 4 * q), _ldi(W, base + q * 64))
+            q += 1
+        _sti(out, 16 * p, _addi(_addi(a0, a1), _addi(a2, a3)))
+
+
+@njit(**_FLAGS)
+def i8_vnni256(Wq4, zq, q0, q1, p0, p1, out):
+    """:func:`i8_vnni` with 256-bit ``vpdpbusd`` (two 8-column halves per panel)."""
+    K4 = Wq4.shape[1]
+    W = Wq4.reshape(Wq4.size)
+    for p in range(p0, p1):
+        base = p * K4 * 64
+        a0 = _zi8()
+        a1 = _zi8()
+        b0 = _zi8()
+        b1 = _zi8()
+        q = q0
+        while q + 2 <= q1:
+            o = base + q * 64
+            z0 = _bc48(zq, 4 * q)
+            z1 = _bc48(zq, 4 * q + 4)
+            a0 = _dp8(a0, z0, _ldi8(W, o))
+            b0 = _dp8(b0, z0, _ldi8(W, o + 32))
+            a1 = _dp8(a1, z1, _ldi8(W, o + 64))
+            b1 = _dp8(b1, z1, _ldi8(W, o + 96))
+            q += 2
+        while q < q1:
+            o = base + q * 64
+            z0 = _bc48(zq, 4 * q)
+            a0 = _dp8(a0, z0, _ldi8(W, o))
+            b0 = _dp8(b0, z0, _ldi8(W, o + 32))
+            q += 1
+        _sti8(out, 16 * p, _addi8(a0, a1))
+        _sti8(out, 16 * p + 8, _addi8(b0, b1))
+
+
+@njit(**_FLAGS)
+def i8_portable(Wq4, zq, q0, q1, p0, p1, out):
+    """:func:`i8_vnni` as plain loops: any CPU. Same int32 results, exactly."""
+    for p in range(p0, p1):
+        acc = np.zeros(16, dtype=np.int32)
+        for q in range(q0, q1):
+            for j in range(16):
+                s = np.int32(0)
+                for r in range(4):
+                    s += np.int32(zq[4 * q + r]) * np.int32(Wq4[p, q, 4 * j + r])
+                acc[j] += s
+        for j in range(16):
+            out[16 * p + j] = acc[j]
+
+
+@njit(**_FLAGS)
+def quantize_u8(z, k0, k1, zq, d0):
+    """zq[d0 : d0 + k1-k0] = rint(z[k0:k1] / s) + 128 (uint8, symmetric, zero point 128), with
+    s = max|z[k0:k1]| / 127; returns s (1.0 for an all-zero segment; NaN/Inf as
+    :func:`quantize_a16`)."""
+    m = _absmax(z, k0, k1)
+    s = np.float32(1.0) if m == 0 else m / np.float32(127.0)
+    inv = np.float32(1.0) / s
+    lo_ = np.float32(-127.0)
+    hi_ = np.float32(127.0)
+    for k in range(k0, k1):
+        v = np.rint(z[k] * inv)
+        v = lo_ if v < lo_ else v
+        v = hi_ if v > hi_ else v
+        zq[d0 + k - k0] = np.uint8(np.int32(v) + 128)
+    return s
+
+
+@njit(**_FLAGS)
+def _absmax(z, k0, k1):
+    """max |z[k0:k1]| as float32; NaN if any element is NaN. An integer max over the bit patterns
+    with the sign cleared (ordered like the floats, NaN above Inf), which vectorises."""
+    b = z.view(np.uint32)
+    m = np.uint32(0)
+    for k in range(k0, k1):
+        v = b[k] & np.uint32(0x7FFFFFFF)
+        m = v if v > m else m
+    return _u32_as_f32(m)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 weights x 16-bit activations (two byte digits; activation error ~1/65534 of the range)
+# ---------------------------------------------------------------------------------------------
+@njit(**_FLAGS)
+def i8a16_vnni(Wq4, zhi, zlo, qrows, p0, p1, ohi, olo):
+    """int8 weights x 16-bit activations as two byte digits, one weight load for both:
+    ohi[s, 16p + j] = sum over the row quads q of segment s (qrows[s] <= q < qrows[s+1]) of
+    zhi[4q:4q+4] . Wq4[p, q, 4j:4j+4], and olo likewise with zlo, for panels p in [p0, p1).
+    Wq4 (P, K4, 64) int8; zhi, zlo (4*K4,) uint8 (see :func:`quantize_a16`); qrows (S+1,);
+    ohi, olo (S, 16P) int32. Each panel is streamed once, all segments in one contiguous pass
+    (one call per segment cost ~25% more at (256, 512)). Eight independent accumulators."""
+    K4 = Wq4.shape[1]
+    W = Wq4.reshape(Wq4.size)
+    C = ohi.shape[1]
+    oh = ohi.reshape(ohi.size)
+    ol = olo.reshape(olo.size)
+    for p in range(p0, p1):
+        base = p * K4 * 64
+        for s in range(qrows.shape[0] - 1):
+            h0 = _zi()
+            h1 = _zi()
+            h2 = _zi()
+            h3 = _zi()
+            l0 = _zi()
+            l1 = _zi()
+            l2 = _zi()
+            l3 = _zi()
+            q = qrows[s]
+            q1 = qrows[s + 1]
+            while q + 4 <= q1:
+                o = base + q * 64
+                w0 = _ldi(W, o)
+                w1 = _ldi(W, o + 64)
+                w2 = _ldi(W, o + 128)
+                w3 = _ldi(W, o + 192)
+                h0 = _dp(h0, _bc4(zhi, 4 * q), w0)
+                l0 = _dp(l0, _bc4(zlo, 4 * q), w0)
+                h1 = _dp(h1, _bc4(zhi, 4 * q + 4), w1)
+                l1 = _dp(l1, _bc4(zlo, 4 * q + 4), w1)
+                h2 = _dp(h2, _bc4(zhi, 4 * q + 8), w2)
+                l2 = _dp(l2, _bc4(zlo, 4 * q + 8), w2)
+                h3 = _dp(h3, _bc4(zhi, 4 * q + 12), w3)
+                l3 = _dp(l3, _bc4(zlo, 4 * q + 12), w3)
+                q += 4
+            while q < q1:
+                w0 = _ldi(W, base + q * 64)
+                h0 = _dp(h0, _bc4(zhi, 4 * q), w0)
+                l0 = _dp(l0, _bc4(zlo, 4 * q), w0)
+                q += 1
+            _sti(oh, s * C + 16 * p, _addi(_addi(h0, h1), _addi(h2, h3)))
+            _sti(ol, s * C + 16 * p, _addi(_addi(l0, l1), _addi(l2, l3)))
+
+
+@njit(**_FLAGS)
+def i8a16_portable(Wq4, zhi, zlo, qrows, p0, p1, ohi, olo):
+    """:func:`i8a16_vnni` as plain loops (:func:`i8_portable` per segment and digit): any CPU,
+    the same int32 results."""
+    for s in range(qrows.shape[0] - 1):
+        i8_portable(Wq4, zhi, qrows[s], qrows[s + 1], p0, p1, ohi[s])
+        i8_portable(Wq4, zlo, qrows[s], qrows[s + 1], p0, p1, olo[s])
+
+
+@njit(**_FLAGS)
+def quantize_a16(z, k0, k1, zhi, zlo, d0):
+    """16-bit symmetric quantization of z[k0:k1] as two byte digits at zhi/zlo[d0 : d0 + k1-k0]:
+    v = rint(z / s) in [-32767, 32767], s = max|z| / 32767, v = 256 * hi + lo with lo in
+    [0, 255]; zhi = hi + 128 (uint8), zlo = lo. Then sum_k v_k w_k = 256 * (dot(zhi, w) - 128 *
+    colsum) + dot(zlo, w), exactly. Returns s: 1.0 for an all-zero segment; NaN or Inf if z holds
+    one (the digits are then meaningless and the caller's s * dot is NaN: a non-finite input
+    makes the quantized step NaN)."""
+    m = _absmax(z, k0, k1)
+    s = np.float32(1.0) if m == 0 else m / np.float32(32767.0)
+    inv = np.float32(1.0) / s
+    lo_ = np.float32(-32767.0)
+    hi_ = np.float32(32767.0)
+    for k in range(k0, k1):
+        v = np.rint(z[k] * inv)
+        v = lo_ if v < lo_ else v
+        v = hi_ if v > hi_ else v
+        iv = np.int32(v) + 32768  # [1, 65535]: hi + 128 = iv >> 8, lo = iv & 255
+        zhi[d0 + k - k0] = np.uint8(iv >> 8)
+        zlo[d0 + k - k0] = np.uint8(iv & 255)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Reduced weights x float32 activations (weights converted in the loop)
+# ---------------------------------------------------------------------------------------------
+@njit(**_FLAGS)
+def fma_panels(Wp, z, k0, k1, p0, p1, out):
+    """out[16p : 16p+16] (float32) = sum over rows k in [k0, k1) of z[k] * float(Wp[p, k]), for
+    panels p in [p0, p1). Wp (P, K, 16): int8 values (the caller applies the column scales),
+    uint16 IEEE half or int16 bfloat16 bit patterns (the dtype says which); z (K,) float32."""
+    K = Wp.shape[1]
+    W = Wp.reshape(Wp.size)
+    for p in range(p0, p1):
+        base = p * K * 16
+        a0 = _zf()
+        a1 = _zf()
+        a2 = _zf()
+        a3 = _zf()
+        k = k0
+        while k + 4 <= k1:
+            o = base + k * 16
+            a0 = _fma(_ldw(W, o), _bcl(z, k), a0)
+            a1 = _fma(_ldw(W, o + 16), _bcl(z, k + 1), a1)
+            a2 = _fma(_ldw(W, o + 32), _bcl(z, k + 2), a2)
+            a3 = _fma(_ldw(W, o + 48), _bcl(z, k + 3), a3)
+            k += 4
+        while k < k1:
+            a0 = _fma(_ldw(W, base + k * 16), _bcl(z, k), a0)
+            k += 1
+        _stf(out, 16 * p, _addf(_addf(a0, a1), _addf(a2, a3)))
+
+
+@njit(**_FLAGS)
+def bf16_dp(Wb2, zhi, zlo, q0, q1, p0, p1, out):
+    """out[16p : 16p+16] = sum over row pairs q in [q0, q1) of (zhi + zlo)[2q:2q+2] . Wb2[p, q],
+    with ``vdpbf16ps``. Wb2 (P, K2, 32) uint16 bfloat16: Wb2[p, q, 2j + r] = W[2q + r, 16p + j];
+    zhi, zlo (2*K2,) uint16 bfloat16: the activations' rounded high part and the rest.
+
+    Four panels at a time: each broadcast pair of activations feeds four panels, and the
+    4 panels x (hi, lo) accumulators are eight independent chains (``vdpbf16ps`` has a latency
+    of several cycles; one chain per panel measured ~1.4x slower)."""
+    K2 = Wb2.shape[1]
+    W = Wb2.reshape(Wb2.size)
+    n = K2 * 32  # elements per panel
+    p = p0
+    while p < p1:
+        b0 = p * n
+        b1 = b0 + n if p + 1 < p1 else b0  # past the range end: recompute panel p, store nothing
+        b2 = b0 + 2 * n if p + 2 < p1 else b0
+        b3 = b0 + 3 * n if p + 3 < p1 else b0
+        a0 = _zf()
+        a1 = _zf()
+        a2 = _zf()
+        a3 = _zf()
+        c0 = _zf()
+        c1 = _zf()
+        c2 = _zf()
+        c3 = _zf()
+        for q in range(q0, q1):
+            o = q * 32
+            hi = _bc4(zhi, 2 * q)
+            lo = _bc4(zlo, 2 * q)
+            w0 = _ldi(W, b0 + o)
+            w1 = _ldi(W, b1 + o)
+            w2 = _ldi(W, b2 + o)
+            w3 = _ldi(W, b3 + o)
+            a0 = _dpbf(a0, hi, w0)
+            c0 = _dpbf(c0, lo, w0)
+            a1 = _dpbf(a1, hi, w1)
+            c1 = _dpbf(c1, lo, w1)
+            a2 = _dpbf(a2, hi, w2)
+            c2 = _dpbf(c2, lo, w2)
+            a3 = _dpbf(a3, hi, w3)
+            c3 = _dpbf(c3, lo, w3)
+        _stf(out, 16 * p, _addf(a0, c0))
+        if p + 1 < p1:
+            _stf(out, 16 * p + 16, _addf(a1, c1))
+        if p + 2 < p1:
+            _stf(out, 16 * p + 32, _addf(a2, c2))
+        if p + 3 < p1:
+            _stf(out, 16 * p + 48, _addf(a3, c3))
+        p += 4
+
+
+@njit(**_FLAGS)
+def split_bf16(z, k0, k1, zhi, zlo, d0):
+    """zhi/zlo[d0 : d0 + k1-k0] <- z[k0:k1] as bfloat16 hi + lo (uint16 bit patterns, round to
+    nearest even): hi = bf16(z), lo = bf16(z - hi), so hi + lo = z to ~2^-16 relative. Inf and
+    NaN pass through hi (lo is then NaN or 0)."""
+    b = z.view(np.uint32)
+    for k in range(k0, k1):
+        u = b[k]
+        h = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16
+        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: keep it quiet, not Inf
+            h = (u >> 16) | np.uint32(0x40)
+        zhi[d0 + k - k0] = np.uint16(h)
+        r = z[k] - _u32_as_f32(h << 16)
+        v = _f32_as_u32(r)
+        zlo[d0 + k - k0] = np.uint16((v + np.uint32(0x7FFF) + ((v >> 16) & np.uint32(1))) >> 16)
+
+
+@njit(**_FLAGS)
+def bf16_gates(Wb2, z, krows, prows, bias, zhi, zlo, facc, acc):
+    """acc (C,) <- bias + W^T z with :func:`bf16_dp`; z split into bf16 hi + lo per step.
+    Wb2 (P, K2, 32); krows, prows (S+1,) segment bounds in rows and row pairs; zhi, zlo (2*K2,)
+    uint16 scratch (pair padding: 0); facc (C,) float32 scratch."""
+    C = acc.shape[0]
+    acc[:] = bias
+    for s in range(krows.shape[0] - 1):
+        split_bf16(z, krows[s], krows[s + 1], zhi, zlo, 2 * prows[s])
+    bf16_dp(Wb2, zhi, zlo, 0, prows[-1], 0, C // PANEL, facc)
+    for j in range(C):
+        acc[j] += facc[j]
+
+
+@njit(**_FLAGS)
+def deq_portable(W16, z, k0, k1, p0, p1, out):
+    """:func:`fma_panels` on float32 weights (P, K, 16) already converted: any CPU."""
+    for p in range(p0, p1):
+        acc = np.zeros(16, dtype=np.float32)
+        for k in range(k0, k1):
+            zk = z[k]
+            for j in range(16):
+                acc[j] += W16[p, k, j] * zk
+        for j in range(16):
+            out[16 * p + j] = acc[j]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gate pre-activations of one (layer, direction) and a whole unidirectional stack step
+# ---------------------------------------------------------------------------------------------
+# The product kernel is passed in as an argument (a Numba dispatcher): each choice compiles its
+# own specialization, so a host without VNNI never compiles (or runs) the VNNI code.
+@njit(**_FLAGS)
+def i8_gates(kern, Wq4, z, krows, qrows, sw, colsum, bias, zq, iacc, acc):
+    """acc (C,) <- bias + sum over row segments s of sz_s * sw[s] * (dot_s - 128 * colsum[s]),
+    the activations z (K,) quantized per segment (:func:`quantize_u8`) into zq (4*K4,) uint8.
+
+    krows, qrows (S+1,) segment bounds in rows and in row quads; sw (S, C) float32 weight scales;
+    colsum (S, C) int32; bias (C,) float32; iacc (C,) int32 scratch; kern: i8_vnni | i8_vnni256 |
+    i8_portable. Quad padding bytes of zq: any value (their weights are 0)."""
+    C = acc.shape[0]
+    acc[:] = bias
+    for s in range(krows.shape[0] - 1):
+        sz = quantize_u8(z, krows[s], krows[s + 1], zq, 4 * qrows[s])
+        kern(Wq4, zq, qrows[s], qrows[s + 1], 0, C // PANEL, iacc)
+        for j in range(C):
+            acc[j] += (sz * sw[s, j]) * np.float32(iacc[j] - 128 * colsum[s, j])
+
+
+@njit(**_FLAGS)
+def i8a16_gates(kern, Wq4, z, krows, qrows, sw, colsum, bias, zhi, zlo, ihi, ilo, acc):
+    """:func:`i8_gates` with 16-bit activations (:func:`quantize_a16`): acc (C,) <- bias + sum
+    over segments s of sz_s * sw[s] * (256 * (dot_hi - 128 * colsum[s]) + dot_lo). kern:
+    i8a16_vnni | i8a16_portable; zhi, zlo (4*K4,) uint8; ihi, ilo (S, C) int32 scratch."""
+    C = acc.shape[0]
+    S = krows.shape[0] - 1
+    acc[:] = bias
+    sz = np.empty(S, np.float32)
+    for s in range(S):
+        sz[s] = quantize_a16(z, krows[s], krows[s + 1], zhi, zlo, 4 * qrows[s])
+    kern(Wq4, zhi, zlo, qrows, 0, C // PANEL, ihi, ilo)
+    for s in range(S):
+        for j in range(C):
+            d = np.float32(256.0) * np.float32(ihi[s, j] - 128 * colsum[s, j]) + np.float32(ilo[s, j])
+            acc[j] += (sz[s] * sw[s, j]) * d
+
+
+@njit(**_FLAGS)
+def w_gates(kern, Wp, z, krows, sw, bias, facc, acc):
+    """acc (C,) <- bias + sum over row segments s of sw[s] * (Wp^T z over the segment's rows)
+    with float32 activations: ``fma_panels`` (int8 with sw the column scales, or 16-bit with sw
+    ones) or ``deq_portable``. Wp (P, K, 16); facc (C,) float32 scratch."""
+    C = acc.shape[0]
+    acc[:] = bias
+    for s in range(krows.shape[0] - 1):
+        kern(Wp, z, krows[s], krows[s + 1], 0, C // PANEL, facc)
+        for j in range(C):
+            acc[j] += sw[s, j] * facc[j]
+
+
+@njit(**_FLAGS)
+def cells(acc, c, h):
+    """Default LSTM cell (sigmoid, tanh, tanh; gates i, f, g, o each Hp wide in acc (4*Hp,)):
+    c (Hp,) updated in place, h (H,) <- o * tanh(c)[:H]. The float32 rational tanh of kernels.py."""
+    hp = c.shape[0]
+    half = np.float32(0.5)
+    for u in range(h.shape[0]):  # padded units never feed a real one: skipped
+        i = half * _tanh_f32(half * acc[u]) + half
+        f = half * _tanh_f32(half * acc[hp + u]) + half
+        cn = f * c[u] + i * _tanh_f32(acc[2 * hp + u])
+        c[u] = cn
+        h[u] = (half * _tanh_f32(half * acc[3 * hp + u]) + half) * _tanh_f32(cn)
+
+
+@njit(**_FLAGS)
+def load_z(l, x, h, z):
+    """z <- [input of layer l | h[l]]: x (I,) for layer 0, else h[l-1]; h (L, H)."""
+    H = h.shape[1]
+    kin = x.shape[0] if l == 0 else H
+    for k in range(kin):
+        z[k] = x[k] if l == 0 else h[l - 1, k]
+    for k in range(H):
+        z[kin + k] = h[l, k]
+
+
+# Whole steps of a unidirectional stack, for the probe and the tests: x (I,); per layer l
+# (tuples): weights, sws[l] (S, C), colsums[l] (S, C) int32, biases[l] (C,); krows, qrows (L, S+1);
+# h (L, H), c (L, Hp) the state, updated (the output is h[L-1]); the rest scratch: z (Kmax,)
+# float32, zq/zhi/zlo (4*K4max,) uint8, iacc (C,) and ihi/ilo (S, C) int32, facc/acc (C,) float32.
+@njit(**_FLAGS)
+def i8_stack_step(kern, x, Wq4s, krows, qrows, sws, colsums, biases, h, c, z, zq, iacc, acc):
+    for l in range(h.shape[0]):
+        load_z(l, x, h, z)
+        i8_gates(kern, Wq4s[l], z, krows[l], qrows[l], sws[l], colsums[l], biases[l], zq, iacc, acc)
+        cells(acc, c[l], h[l])
+
+
+@njit(**_FLAGS)
+def i8a16_stack_step(kern, x, Wq4s, krows, qrows, sws, colsums, biases, h, c, z, zhi, zlo, ihi, ilo, acc):
+    for l in range(h.shape[0]):
+        load_z(l, x, h, z)
+        i8a16_gates(kern, Wq4s[l], z, krows[l], qrows[l], sws[l], colsums[l], biases[l], zhi, zlo,
+                    ihi, ilo, acc)
+        cells(acc, c[l], h[l])
+
+
+@njit(**_FLAGS)
+def bf16_stack_step(x, Wb2s, krows, prows, biases, h, c, z, zhi, zlo, facc, acc):
+    for l in range(h.shape[0]):
+        load_z(l, x, h, z)
+        bf16_gates(Wb2s[l], z, krows[l], prows[l], biases[l], zhi, zlo, facc, acc)
+        cells(acc, c[l], h[l])
+
+
+@njit(**_FLAGS)
+def w_stack_step(kern, x, Wps, krows, sws, biases, h, c, z, facc, acc):
+    for l in range(h.shape[0]):
+        load_z(l, x, h, z)
+        w_gates(kern, Wps[l], z, krows[l], sws[l], biases[l], facc, acc)
+        cells(acc, c[l], h[l])
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime selection
+# ---------------------------------------------------------------------------------------------
+def select_int8(feats=None):
+    """The int8 gate product for this host: ``("a16", i8a16_vnni)`` with AVX-512 VNNI (int8
+    weights x per-step 16-bit activations, exact int32 sums), else ``("deq", fma_panels)``
+    (int8 weights converted in the loop, float32 activations; plain LLVM vector code that any
+    x86-64 runs, split into 256-bit halves on AVX2). ``i8a16_portable`` is the exact twin of
+    the VNNI kernel, for tests; it is too slow to ship."""
+    if has_vnni512(feats):
+        return "a16", i8a16_vnni
+    return "deq", fma_panels
+
+
+def select_16bit(fmt, feats=None):
+    """The 16-bit gate product: ``fma_panels`` converts in the loop (F16C for float16); without
+    F16C a float16 model should be widened to float32 at load (returns None)."""
+    if fmt == "float16" and not has_f16c(feats):
+        return None
+    return fma_panels
+
+
+def asm_report(feats=None) -> dict:
+    """Compile each SIMD kernel the host supports on tiny arrays and count, in its assembly,
+    the instructions that matter: {kernel: {"vpdpbusd": n, "vdpbf16ps": n, "vcvtph2ps": n,
+    "vfmadd": n, "zmm": bool}}. For checking (tests, the docstring), not for the hot path."""
+    import re
+
+    f = host_features() if feats is None else feats
+    i32 = np.zeros(64, np.int32)
+    f32 = np.zeros(64, np.float32)
+    u8 = np.zeros(64, np.uint8)
+    cases = {}
+    if has_vnni512(f):
+        q = np.zeros((4, 4, 64), np.int8)
+        cases["i8_vnni"] = (i8_vnni, (q, u8, 0, 4, 0, 4, i32))
+        i2 = np.zeros((2, 64), np.int32)
+        cases["i8a16_vnni"] = (i8a16_vnni, (q, u8, u8, np.array([0, 2, 4]), 0, 4, i2, i2.copy()))
+    if has_vnni256(f):
+        cases["i8_vnni256"] = (i8_vnni256, (np.zeros((4, 4, 64), np.int8), u8, 0, 4, 0, 4, i32))
+    if has_bf16dp(f):
+        cases["bf16_dp"] = (bf16_dp, (np.zeros((4, 4, 32), np.uint16), np.zeros(8, np.uint16),
+                                      np.zeros(8, np.uint16), 0, 4, 0, 4, f32))
+    for name, dt in (("int8", np.int8), ("float16", np.uint16), ("bfloat16", np.int16)):
+        cases[f"fma_panels[{name}]"] = (fma_panels, (np.zeros((4, 8, 16), dt), f32, 0, 8, 0, 4, f32))
+    out = {}
+    flags = dict(_FLAGS, cache=False)  # Numba cannot show the assembly of cached code
+    for name, (fn, args) in cases.items():
+        fresh = njit(**flags)(fn.py_func)
+        fresh(*args)
+        asm = fresh.inspect_asm(fresh.signatures[0])
+        out[name] = {k: len(re.findall(rf"\b{k}\w*\b", asm)) for k in ("vpdpbusd", "vdpbf16ps", "vcvtph2ps", "vfmadd")}
+        out[name]["zmm"] = "zmm" in asm
+    return out
