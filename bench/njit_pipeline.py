@@ -6,7 +6,7 @@ Three ways to step one stream T times, same inputs, validated bit for bit first,
 interleaved rounds (best per step):
 * ``step``: a Python loop of ``stream.step(x, out=y)`` (the hot path of the public API);
 * ``run``: ``stream.run(xs)``, the chunk API (all T inputs known up front);
-* ``njit``: a user's @njit loop calling ``lstm_cpu.kernels.stream_step`` on
+* ``njit``: a user's @njit loop calling ``lstm_cpu.kernels.stack_step_serial`` on
   ``stream.numba_args()``, with a feature step in front (a first difference) as in a pipeline.
 """
 
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numba  # noqa: E402
 
 from lstm_cpu import LayerParams, LSTMModel  # noqa: E402
-from lstm_cpu.kernels import stream_step  # noqa: E402
+from lstm_cpu.kernels import stack_step_serial  # noqa: E402
 
 
 @numba.njit
@@ -34,7 +34,7 @@ def pipeline(xs, wbuf, meta, fpar, sbuf, ys):
     for t in range(xs.shape[0]):
         for i in range(x.shape[0]):
             x[i] = (xs[t, i] - xs[t - 1, i]) if t > 0 else xs[t, i]
-        stream_step(x, wbuf, meta, fpar, sbuf, ys[t])
+        stack_step_serial(x, wbuf, meta, fpar, sbuf, ys[t])
 
 
 def main():

@@ -531,7 +531,8 @@ class Stream:
         self._want = (model.input_size,) if batch is None else (N, model.input_size)
         self._yshape = (model.output_size,) if batch is None else (N, model.output_size)
         self._ylen = N * model.output_size
-        self._wargs = (R, model._wbuf, model._meta, model._fpar, self._sbuf)
+        # The kernels' arguments after x: the parallel twin also takes its unit ranges R.
+        self._wargs = (((R,) if choice.parallel else ()) + (model._wbuf, model._meta, model._fpar, self._sbuf))
         # The compiled kernel for exactly these argument types: step() guarantees them, so the
         # per-call type dispatch of Numba (~1 us, a third of a small model's step) is skipped.
         self._step_call = kernels.compiled_entry(
@@ -642,11 +643,11 @@ class Stream:
         emit(N, wbuf, meta, sbuf, y)
 
     def numba_args(self):
-        """``(wbuf, meta, fpar, sbuf)`` for ``lstm_cpu.kernels.stream_step(x, wbuf, meta, fpar,
-        sbuf, y)`` called from your own ``@numba.njit`` code: the model's packed arrays and this
-        stream's live state (updated in place by each step, exactly as :meth:`step` does).
+        """``(wbuf, meta, fpar, sbuf)`` for ``lstm_cpu.kernels.stack_step_serial(x, wbuf, meta,
+        fpar, sbuf, y)`` called from your own ``@numba.njit`` code: the model's packed arrays and
+        this stream's live state (updated in place by each step, exactly as :meth:`step` does).
         x (N*I,) and y (N*O,) are flat, stream-major, of the model's dtype."""
-        return self._wargs[1:]
+        return self._wargs[-4:]
 
     def run(self, xs):
         """A chunk of samples: xs (T, I) -> (T, out), or (T, N, I) -> (T, N, out); state carries."""

@@ -1,7 +1,7 @@
 """A stream's step called from the user's own @numba.njit code (issue 12, item 5).
 
 ``stream.numba_args()`` gives the arrays ``(wbuf, meta, fpar, sbuf)`` that
-``lstm_cpu.kernels.stream_step(x, wbuf, meta, fpar, sbuf, y)`` takes; ``sbuf`` is the
+``lstm_cpu.kernels.stack_step_serial(x, wbuf, meta, fpar, sbuf, y)`` takes; ``sbuf`` is the
 stream's live state. A feature -> LSTM -> decision loop then compiles into one function with no
 Python between steps, and must give exactly what ``stream.step`` gives, and leave the stream in
 exactly the state ``stream.step`` would (it can carry on with either).
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lstm_cpu import LayerParams, LSTMModel
-from lstm_cpu.kernels import stream_step
+from lstm_cpu.kernels import stack_step_serial
 
 I, H = 32, 64
 
@@ -45,7 +45,7 @@ def _pipeline(signal, wbuf, meta, fpar, sbuf, out_size):
     decisions = np.empty(T, np.int64)
     for t in range(T):
         _features(signal, t, x)
-        stream_step(x, wbuf, meta, fpar, sbuf, ys[t])
+        stack_step_serial(x, wbuf, meta, fpar, sbuf, ys[t])
         decisions[t] = np.argmax(ys[t])
     return ys, decisions
 

@@ -152,6 +152,8 @@ def test_dynamic_quantize_lstm_file_stays_int8(tmp_path):
         torch.onnx.export(t, (torch.zeros(20, 1, 10),), str(tmp_path / "f.onnx"), input_names=["x"],
                           dynamo=False)
         quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), per_channel=True)
+    (cand,) = lstm_cpu.inspect(tmp_path / "q.onnx")  # the quantized finder: one 2-layer chain
+    assert (cand.kind, cand.num_layers, cand.hidden_size) == ("quantized", 2, 16)
     m = lstm_cpu.load(tmp_path / "q.onnx")
     assert m.weights == "int8" and m.weight_error is None
     x = np.random.default_rng(5).standard_normal((20, 10)).astype(np.float32)
