@@ -13,9 +13,11 @@ Two entry points per job, with the same arithmetic in the same order:
 
 Streams (or sequences of a batch) go through the gate product four at a time (``_gemm_cols``:
 each weight row loaded once per four streams), with the float order of a single stream. The
-parallel twins ``prange`` over (group of four streams, unit range) tasks; a unit range takes the
-same units of all four gates, so the cell update needs no barrier. The number of ranges is
-decided at run time from the thread count (``layout.unit_ranges``), never packed. Results are
+parallel twins run two ``prange`` loops per layer (and time step): the product over (group of
+four streams, column range) tasks, each thread streaming a contiguous part of every row of W,
+then the cell updates over (group, unit range) tasks, a unit range taking the same units of all
+four gates. The number of ranges is decided at run time from the thread count
+(``layout.unit_ranges``), never packed. Results are
 bit-identical however many threads run and however many streams share a call: every output
 element is computed by exactly one thread in a fixed float order.
 """
@@ -193,22 +195,31 @@ def _axpy_cols(W, z, acc, c0, c1):
 
     Four rows per pass over ``acc`` (fewer loads/stores of the accumulator); the sum order per
     column is fixed, so LLVM vectorises across columns without reassociating anything, and a
-    column's result does not depend on which range [c0, c1) it was computed in.
+    column's result does not depend on which range [c0, c1) it was computed in. The segments are
+    taken as 1-D views: indexing W[k, j] with j from a range passed in ran 3x slower inside a
+    parallel region (measured at (K, C) = (1024, 2048)).
     """
     K = W.shape[0]
+    n = c1 - c0
+    a = acc[c0:c1]  # (n,)
     k = 0
     while k + 4 <= K:
         z0 = z[k]
         z1 = z[k + 1]
         z2 = z[k + 2]
         z3 = z[k + 3]
-        for j in range(c0, c1):
-            acc[j] += W[k, j] * z0 + W[k + 1, j] * z1 + W[k + 2, j] * z2 + W[k + 3, j] * z3
+        w0 = W[k, c0:c1]  # (n,) row segments
+        w1 = W[k + 1, c0:c1]
+        w2 = W[k + 2, c0:c1]
+        w3 = W[k + 3, c0:c1]
+        for j in range(n):
+            a[j] += w0[j] * z0 + w1[j] * z1 + w2[j] * z2 + w3[j] * z3
         k += 4
     while k < K:
         zk = z[k]
-        for j in range(c0, c1):
-            acc[j] += W[k, j] * zk
+        w0 = W[k, c0:c1]
+        for j in range(n):
+            a[j] += w0[j] * zk
         k += 1
 
 
@@ -219,37 +230,46 @@ def _gemm_cols(Z, W, A, c0, c1):
 
     Each pass loads four rows of W once and applies them to four streams (4x fewer weight loads
     than four separate axpys); every element gets exactly the sums of ``_axpy_cols`` in the same
-    order, so a stream's result does not depend on how many streams share the call. Direct 2-D
-    indexing (not row views) is what lets LLVM vectorise the four updates across columns.
+    order, so a stream's result does not depend on how many streams share the call.
     """
     N = Z.shape[0]
     K = W.shape[0]
+    n = c1 - c0
     s = 0
     while s + 4 <= N:
+        a0 = A[s, c0:c1]  # (n,) per stream
+        a1 = A[s + 1, c0:c1]
+        a2 = A[s + 2, c0:c1]
+        a3 = A[s + 3, c0:c1]
         k = 0
         while k + 4 <= K:
             z00, z01, z02, z03 = Z[s, k], Z[s, k + 1], Z[s, k + 2], Z[s, k + 3]
             z10, z11, z12, z13 = Z[s + 1, k], Z[s + 1, k + 1], Z[s + 1, k + 2], Z[s + 1, k + 3]
             z20, z21, z22, z23 = Z[s + 2, k], Z[s + 2, k + 1], Z[s + 2, k + 2], Z[s + 2, k + 3]
             z30, z31, z32, z33 = Z[s + 3, k], Z[s + 3, k + 1], Z[s + 3, k + 2], Z[s + 3, k + 3]
-            for j in range(c0, c1):
-                w0 = W[k, j]
-                w1 = W[k + 1, j]
-                w2 = W[k + 2, j]
-                w3 = W[k + 3, j]
-                A[s, j] += w0 * z00 + w1 * z01 + w2 * z02 + w3 * z03
-                A[s + 1, j] += w0 * z10 + w1 * z11 + w2 * z12 + w3 * z13
-                A[s + 2, j] += w0 * z20 + w1 * z21 + w2 * z22 + w3 * z23
-                A[s + 3, j] += w0 * z30 + w1 * z31 + w2 * z32 + w3 * z33
+            r0 = W[k, c0:c1]  # (n,) row segments
+            r1 = W[k + 1, c0:c1]
+            r2 = W[k + 2, c0:c1]
+            r3 = W[k + 3, c0:c1]
+            for j in range(n):
+                w0 = r0[j]
+                w1 = r1[j]
+                w2 = r2[j]
+                w3 = r3[j]
+                a0[j] += w0 * z00 + w1 * z01 + w2 * z02 + w3 * z03
+                a1[j] += w0 * z10 + w1 * z11 + w2 * z12 + w3 * z13
+                a2[j] += w0 * z20 + w1 * z21 + w2 * z22 + w3 * z23
+                a3[j] += w0 * z30 + w1 * z31 + w2 * z32 + w3 * z33
             k += 4
         while k < K:
             z0, z1, z2, z3 = Z[s, k], Z[s + 1, k], Z[s + 2, k], Z[s + 3, k]
-            for j in range(c0, c1):
-                w0 = W[k, j]
-                A[s, j] += w0 * z0
-                A[s + 1, j] += w0 * z1
-                A[s + 2, j] += w0 * z2
-                A[s + 3, j] += w0 * z3
+            r0 = W[k, c0:c1]
+            for j in range(n):
+                w0 = r0[j]
+                a0[j] += w0 * z0
+                a1[j] += w0 * z1
+                a2[j] += w0 * z2
+                a3[j] += w0 * z3
             k += 1
         s += 4
     while s < N:
@@ -328,16 +348,6 @@ def _range_bounds(r, R, hp):
     """Units [u0, u1) of range r of R: multiples of UNIT_ALIGN, as even as that allows."""
     blocks = hp // UNIT_ALIGN
     return (blocks * r // R) * UNIT_ALIGN, (blocks * (r + 1) // R) * UNIT_ALIGN
-
-
-@njit(**_FLAGS)
-def _product_range(Z, W, A, u0, u1, hp, R):
-    """A (g, C) += Z (g, K) @ W (K, C) over the columns of units [u0, u1) of all four gates."""
-    if R == 1:  # the whole row: one contiguous pass
-        _gemm_rows(Z, W, A)
-    else:
-        for q in range(4):
-            _gemm_cols(Z, W, A, q * hp + u0, q * hp + u1)
 
 
 @njit(**_FLAGS)
@@ -450,13 +460,13 @@ def _load_z(l, s, x, sbuf, meta, N):
 
 
 @njit(**_FLAGS)
-def _group_range(q, R, l, N, wbuf, meta, fpar, sbuf):
-    """Task q = (stream group g, unit range r), r fastest: for the streams 4g .. 4g+3 of layer l,
-    acc <- bias + W^T z over the range's columns, then the cell updates of its units."""
-    C, hp = meta[M_C], meta[M_HP]
+def _group_product(q, R, l, N, wbuf, meta, sbuf):
+    """Task q = (stream group g, column range r), r fastest: acc <- bias + W^T z over columns
+    [c0, c1) for the streams 4g .. 4g+3 of layer l. A range is contiguous in every row of W, so
+    each thread streams its own part of the matrix; R == 1 is the whole row in one pass."""
+    C = meta[M_C]
     g = q // R
-    r = q % R
-    u0, u1 = _range_bounds(r, R, hp)
+    c0, c1 = _range_bounds(q % R, R, C)
     rec = M_LD + l * LD_STRIDE
     K = meta[rec + LD_K]
     h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
@@ -465,21 +475,31 @@ def _group_range(q, R, l, N, wbuf, meta, fpar, sbuf):
     bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
     A = sbuf[acc_off + s0 * C : acc_off + s1 * C].reshape((s1 - s0, C))  # (g, C)
     for s in range(s1 - s0):
-        if R == 1:
-            for j in range(C):
-                A[s, j] = bias[j]
-        else:
-            for q4 in range(4):
-                for j in range(q4 * hp + u0, q4 * hp + u1):
-                    A[s, j] = bias[j]
+        for j in range(c0, c1):
+            A[s, j] = bias[j]
     W = wbuf[meta[rec + LD_W] : meta[rec + LD_W] + K * C].reshape((K, C))  # (K, C) fused gates
     Z = sbuf[z_off + s0 * K : z_off + s1 * K].reshape((s1 - s0, K))  # (g, K) [input | h_prev]
-    _product_range(Z, W, A, u0, u1, hp, R)
+    if R == 1:
+        _gemm_rows(Z, W, A)
+    else:
+        _gemm_cols(Z, W, A, c0, c1)
+
+
+@njit(**_FLAGS)
+def _group_cells(q, R, l, N, wbuf, meta, fpar, sbuf):
+    """Task q = (stream group g, unit range r): the cell updates of units [u0, u1) of the streams
+    4g .. 4g+3 of layer l, from acc (all four gates of those units)."""
+    C, hp = meta[M_C], meta[M_HP]
+    g = q // R
+    u0, u1 = _range_bounds(q % R, R, hp)
+    rec = M_LD + l * LD_STRIDE
+    h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
     peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if the model has them
-    for s in range(s0, s1):
+    for s in range(4 * g, min(4 * g + 4, N)):
+        a = sbuf[acc_off + s * C : acc_off + (s + 1) * C]  # (C,)
         c = sbuf[c_off + (l * N + s) * hp : c_off + (l * N + s + 1) * hp]  # (Hp,)
         m = sbuf[m_off + s * hp : m_off + (s + 1) * hp]  # (Hp,)
-        _cells(A[s - s0], c, m, peep, u0, u1, hp, wbuf, meta, fpar, rec, F_LD + l * F_STRIDE)
+        _cells(a, c, m, peep, u0, u1, hp, wbuf, meta, fpar, rec, F_LD + l * F_STRIDE)
 
 
 @njit(**_FLAGS)
@@ -535,13 +555,12 @@ def stack_step_serial(x, wbuf, meta, fpar, sbuf, y):
     N is. Also the step for the user's own ``@numba.njit`` code: ``stream.numba_args()`` gives
     ``(wbuf, meta, fpar, sbuf)``."""
     N = x.shape[0] // meta[M_I]
-    R = 1  # one unit range: the whole row in one pass is the fastest serial form
-    tasks = (N + 3) // 4
     for l in range(meta[M_L]):
         for s in range(N):
             _load_z(l, s, x, sbuf, meta, N)
-        for q in range(tasks):
-            _group_range(q, R, l, N, wbuf, meta, fpar, sbuf)
+        for g in range((N + 3) // 4):  # one range: the whole row in one pass
+            _group_product(g, 1, l, N, wbuf, meta, sbuf)
+            _group_cells(g, 1, l, N, wbuf, meta, fpar, sbuf)
         for s in range(N):
             _finish_layer(l, s, wbuf, meta, sbuf, N)
     for s in range(N):
@@ -559,8 +578,10 @@ def stack_step_parallel(x, R, wbuf, meta, fpar, sbuf, y):
     for l in range(meta[M_L]):
         for s in range(N):
             _load_z(l, s, x, sbuf, meta, N)
-        for q in prange(tasks):
-            _group_range(q, R, l, N, wbuf, meta, fpar, sbuf)
+        for q in prange(tasks):  # column ranges: each thread streams its own part of every row
+            _group_product(q, R, l, N, wbuf, meta, sbuf)
+        for q in prange(tasks):  # unit ranges: all four gates of a unit are there now
+            _group_cells(q, R, l, N, wbuf, meta, fpar, sbuf)
         for s in range(N):
             _finish_layer(l, s, wbuf, meta, sbuf, N)
     for s in range(N):
@@ -621,33 +642,43 @@ def batch_emit(N, wbuf, meta, sbuf, y):
 # Whole sequences: the recurrent part of one layer and direction
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)
-def _seq_group(q, R, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb):
-    """Task q = (stream group g, unit range r) at time t: gate product, then the cell updates of
-    the group's streams that are still inside their sequence.
-
-    acc[s] (C,) <- (xp[t, s] + bias) + W_rec^T h[s] over the range's columns (recurrent rows only;
-    xp holds the input projection); then c[s] and mb[s] = o * h_act(c) of the range's units."""
-    C, hp, out, D = meta[M_C], meta[M_HP], meta[M_OUT], meta[M_D]
+def _seq_product(q, R, t, l, d, xp, wbuf, meta, h, acc):
+    """Task q = (stream group g, column range r) at time t: acc[s] (C,) <- (xp[t, s] + bias) +
+    W_rec^T h[s] over columns [c0, c1) (recurrent rows only; xp holds the input projection)."""
+    C, out, D = meta[M_C], meta[M_OUT], meta[M_D]
     B = h.shape[0]
     g = q // R
-    r = q % R
-    u0, u1 = _range_bounds(r, R, hp)
+    c0, c1 = _range_bounds(q % R, R, C)
     s0 = 4 * g
     s1 = min(s0 + 4, B)
     rec = M_LD + (l * D + d) * LD_STRIDE
     A = acc[s0:s1]  # (g, C)
     bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
     for s in range(s0, s1):
-        for q4 in range(4):
-            for j in range(q4 * hp + u0, q4 * hp + u1):
-                A[s - s0, j] = xp[t, s, j] + bias[j]
+        for j in range(c0, c1):
+            A[s - s0, j] = xp[t, s, j] + bias[j]
     K = meta[rec + LD_K]
     w0 = meta[rec + LD_W] + (K - out) * C
-    _product_range(h[s0:s1], wbuf[w0 : w0 + out * C].reshape((out, C)), A, u0, u1, hp, R)
+    W = wbuf[w0 : w0 + out * C].reshape((out, C))  # (out, C) recurrent rows
+    if R == 1:
+        _gemm_rows(h[s0:s1], W, A)
+    else:
+        _gemm_cols(h[s0:s1], W, A, c0, c1)
+
+
+@njit(**_FLAGS)
+def _seq_cells(q, R, t, l, d, wbuf, meta, fpar, lengths, c, acc, mb):
+    """Task q = (stream group g, unit range r) at time t: c[s] and mb[s] = o * h_act(c) of units
+    [u0, u1), for the group's streams still inside their sequence."""
+    hp, D = meta[M_HP], meta[M_D]
+    B = c.shape[0]
+    g = q // R
+    u0, u1 = _range_bounds(q % R, R, hp)
+    rec = M_LD + (l * D + d) * LD_STRIDE
     peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if the model has them
-    for s in range(s0, s1):
+    for s in range(4 * g, min(4 * g + 4, B)):
         if t < lengths[s]:
-            _cells(A[s - s0], c[s], mb[s], peep, u0, u1, hp, wbuf, meta, fpar, rec,
+            _cells(acc[s], c[s], mb[s], peep, u0, u1, hp, wbuf, meta, fpar, rec,
                    F_LD + (l * D + d) * F_STRIDE)
 
 
@@ -681,7 +712,8 @@ def layer_sequence_serial(xp, R, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, 
     for step in range(T):
         t = T - 1 - step if (d == 1 or meta[M_REVERSE] != 0) else step
         for q in range(tasks):
-            _seq_group(q, R, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb)
+            _seq_product(q, R, t, l, d, xp, wbuf, meta, h, acc)
+            _seq_cells(q, R, t, l, d, wbuf, meta, fpar, lengths, c, acc, mb)
         for s in range(B):
             if t < lengths[s]:
                 _seq_finish(t, s, l, d, wbuf, meta, h, y, mb)
@@ -694,8 +726,10 @@ def layer_sequence_parallel(xp, R, wbuf, meta, fpar, l, d, lengths, h, c, y, acc
     tasks = ((B + 3) // 4) * R
     for step in range(T):
         t = T - 1 - step if (d == 1 or meta[M_REVERSE] != 0) else step
-        for q in prange(tasks):
-            _seq_group(q, R, t, l, d, xp, wbuf, meta, fpar, lengths, h, c, acc, mb)
+        for q in prange(tasks):  # column ranges
+            _seq_product(q, R, t, l, d, xp, wbuf, meta, h, acc)
+        for q in prange(tasks):  # unit ranges
+            _seq_cells(q, R, t, l, d, wbuf, meta, fpar, lengths, c, acc, mb)
         for s in range(B):
             if t < lengths[s]:
                 _seq_finish(t, s, l, d, wbuf, meta, h, y, mb)

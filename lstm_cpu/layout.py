@@ -20,10 +20,9 @@ over rows (``acc[:] += W[k, :] * z[k]``), which vectorises across contiguous col
 reassociating any sum: each output element gets the same sums in the same order whichever
 columns a thread computes, so results do not depend on the thread count.
 
-The plan depends on the model alone, never on the machine: a parallel kernel splits the units
-into ranges *at run time* (a range takes the same units of all four gates, so a thread does the
-product and the cell update of its units with no barrier). A packed file therefore runs
-identically on any machine and any number of threads.
+The plan depends on the model alone, never on the machine: a parallel kernel splits the columns
+(for the product) and the units (for the cell update) into ranges *at run time*. A packed file
+therefore runs identically on any machine and any number of threads.
 
 Model buffers
 -------------
