@@ -80,7 +80,8 @@ def _peer_list(text: str) -> List[str]:
     if text.strip().lower() in ("", "none"):
         return []
     names = [p.strip().lower() for p in text.split(",") if p.strip()]
-    aliases = {"ort": "onnxruntime", "onnx": "onnxruntime", "pytorch": "torch", "ov": "openvino"}
+    aliases = {"ort": "onnxruntime", "onnx": "onnxruntime", "pytorch": "torch", "ov": "openvino",
+               "ort-int8": "onnxruntime-int8"}
     names = [aliases.get(n, n) for n in names]
     bad = [n for n in names if n not in PEERS]
     if bad:
@@ -153,8 +154,9 @@ def build_parser() -> _Parser:
     b.add_argument("--batch", type=_positive_int, metavar="N",
                    help="batch size: streams (default 64) or sequence (default 1) mode")
     b.add_argument("--compare", type=_peer_list, metavar="PEERS",
-                   help="comma-separated peers among onnxruntime,torch,openvino, or 'none' "
-                        "(default: those installed)")
+                   help="comma-separated peers among onnxruntime,torch,openvino,onnxruntime-int8 "
+                        "(quantize_dynamic of the same model), or 'none' (default: those of the "
+                        "first three installed)")
     b.add_argument("--size", type=_size, metavar="I,H,L",
                    help="input size, hidden size and layers of the embedded model (default: 64,256,2)")
     b.add_argument("--seed", type=int, default=0, help="seed of the embedded model (default: 0)")
@@ -623,7 +625,7 @@ def cmd_bench(args) -> int:
     compare = args.compare
     if compare is None:
         compare = bench.installed_peers()
-        missing = [p for p in bench.PEERS if p not in compare]
+        missing = [p for p in bench.DEFAULT_PEERS if p not in compare]
         if missing:
             _note(f"not installed, skipped: {', '.join(missing)}")
     cfg = bench.BenchConfig(
@@ -631,6 +633,7 @@ def cmd_bench(args) -> int:
         threads=args.threads, seq_len=args.seq_len, batch=args.batch, compare=compare,
         size=args.size or bench.DEFAULT_SIZE, seed=args.seed, model_path=args.model,
         load_options={"prefix": args.prefix, "node": args.node}, membw_mb=args.membw_mb,
+        weights=args.weights,
         cold_process=args.cold_process, progress=args.progress,
         command=" ".join([PROG] + list(args._argv)),
     )

@@ -169,3 +169,33 @@ def test_torch_threads_pinned_during_its_timing_and_restored(monkeypatch):
         assert torch.get_num_threads() == host
     finally:
         torch.set_num_threads(before)
+
+
+def test_onnxruntime_int8_peer_runs_dynamic_quantize_lstm():
+    """The int8 peer is onnxruntime on quantize_dynamic of the same export: its graph holds
+    DynamicQuantizeLSTM, it differs from the float peer (it really is quantized) by about the
+    quantization error, and it stays within the check's reduced tolerance of our int8 model."""
+    import onnx
+
+    from lstm_cpu.bench.config import REDUCED_TOLERANCE
+    from lstm_cpu.bench.runners.onnx_graph import ExportedGraph
+    from lstm_cpu.bench.runners.onnxruntime import OnnxRuntimeInt8Runner, OnnxRuntimeRunner
+
+    m, xs = _model(), _xs()
+    cfg = BenchConfig(mode="streams", batch=2).resolved()
+    graph = ExportedGraph(m)
+    ops = {n.op_type for n in onnx.load_from_string(OnnxRuntimeInt8Runner._model_bytes(graph)).graph.node}
+    assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops
+    q = OnnxRuntimeInt8Runner(cfg, graph).outputs(xs)
+    f = OnnxRuntimeRunner(cfg, graph).outputs(xs)
+    assert 0 < np.abs(q - f).max() < REDUCED_TOLERANCE
+    ours_int8 = _ours(m.with_weights("int8"), xs)
+    assert np.abs(q - ours_int8).max() < REDUCED_TOLERANCE
+
+
+def test_bench_config_checks_the_weights_format():
+    from lstm_cpu import LSTMError
+
+    assert BenchConfig(weights="int8").resolved().weights == "int8"
+    with pytest.raises(LSTMError):
+        BenchConfig(weights="int4").resolved()

@@ -15,7 +15,7 @@ Peers (onnxruntime, torch, openvino), tqdm and matplotlib are imported when used
 is skipped with a note. Importing this package loads the standard library, numpy and lstm_cpu.
 """
 
-from .config import DEFAULT_SIZE, MODES, PEERS, TOLERANCE, BenchConfig
+from .config import DEFAULT_PEERS, DEFAULT_SIZE, MODES, PEERS, TOLERANCE, BenchConfig
 from .machine import installed_peers, machine_info, versions
 from .models import embedded_layers, embedded_model
 from .report import format_report, plot_latencies, public_result
@@ -24,7 +24,7 @@ from .runners import PeerUnavailable
 from .runners.bound import memory_bandwidth
 
 __all__ = [
-    "BenchConfig", "PEERS", "MODES", "TOLERANCE", "DEFAULT_SIZE", "PeerUnavailable",
+    "BenchConfig", "PEERS", "DEFAULT_PEERS", "MODES", "TOLERANCE", "DEFAULT_SIZE", "PeerUnavailable",
     "run_bench", "format_report", "plot_latencies", "public_result", "embedded_layers",
     "embedded_model", "machine_info", "versions", "installed_peers", "memory_bandwidth",
 ]

@@ -11,8 +11,14 @@ from ..errors import InputError
 
 #: A peer whose outputs differ from ours by more than this (max abs, float32) is a mismatch.
 TOLERANCE = 1e-4
-#: Peers in the order they are reported; ``--compare`` accepts these names.
-PEERS = ("onnxruntime", "torch", "openvino")
+#: Peers in the order they are reported; ``--compare`` accepts these names. "onnxruntime-int8" is
+#: onnxruntime on ``onnxruntime.quantization.quantize_dynamic`` of the same export
+#: (DynamicQuantizeLSTM): the int8 peer of ``--weights int8``; it runs only when asked for.
+PEERS = ("onnxruntime", "torch", "openvino", "onnxruntime-int8")
+DEFAULT_PEERS = ("onnxruntime", "torch", "openvino")
+#: The check's bound when either side runs reduced weights: their quantization error, not a
+#: different model (measured errors against float32 over 300 steps: 2e-4 to 6e-3).
+REDUCED_TOLERANCE = 5e-2
 MODES = ("step", "sequence", "streams")
 #: The embedded default model: input size, hidden size, layers.
 DEFAULT_SIZE = (64, 256, 2)
@@ -40,6 +46,7 @@ class BenchConfig:
     size: Tuple[int, int, int] = DEFAULT_SIZE
     seed: int = DEFAULT_SEED
     model_path: Optional[str] = None
+    weights: Optional[str] = None  # ours: "float32", "int8", "bfloat16" (None: the file's own)
     load_options: Dict[str, object] = field(default_factory=dict)
     membw_mb: int = 256  # size of the array copied for the memory-bandwidth figure; 0: skip
     cold_process: bool = False  # also measure compile and cold start in fresh processes
@@ -67,6 +74,10 @@ class BenchConfig:
         c.rounds = min(c.rounds, c.steps)
         if len(c.size) != 3 or min(c.size) < 1:
             raise InputError(f"size must be three positive integers I,H,L, got {c.size!r}")
+        if c.weights is not None:
+            from ..quant import check_format  # noqa: PLC0415
+
+            check_format(c.weights)
         if c.compare is not None:
             bad = [p for p in c.compare if p not in PEERS]
             if bad:

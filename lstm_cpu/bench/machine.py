@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .config import PEERS
+from .config import DEFAULT_PEERS
 
 # =============================================================================================
 # CPU
@@ -160,7 +160,8 @@ def _version(dist: str) -> Optional[str]:
 
 
 def installed_peers() -> List[str]:
-    return [p for p in PEERS if _version(p) is not None]
+    """The default peers that are installed (the int8 peer runs only when asked for)."""
+    return [p for p in DEFAULT_PEERS if _version(p) is not None]
 
 
 def versions() -> Dict[str, Optional[str]]:
@@ -174,7 +175,7 @@ def versions() -> Dict[str, Optional[str]]:
         "numba": numba.__version__,
         "lstm_cpu": _version("lstm-cpu") or lstm_cpu.__version__,
     }
-    for peer in PEERS:
+    for peer in DEFAULT_PEERS:  # the int8 peer is onnxruntime too
         out[peer] = _version(peer)
     out["numba_threading_layer"] = lstm_cpu.threading_layer()
     return out

@@ -3,10 +3,10 @@
 from .base import PeerUnavailable, Runner
 from .bound import BoundRunner
 from .onnx_graph import ExportedGraph
-from .onnxruntime import OnnxRuntimeRunner
+from .onnxruntime import OnnxRuntimeInt8Runner, OnnxRuntimeRunner
 from .openvino import OpenVINORunner
 from .ours import OursRunner
 from .torch import TorchRunner
 
-__all__ = ["PeerUnavailable", "Runner", "BoundRunner", "ExportedGraph", "OnnxRuntimeRunner",
+__all__ = ["PeerUnavailable", "Runner", "BoundRunner", "ExportedGraph", "OnnxRuntimeRunner", "OnnxRuntimeInt8Runner",
            "OpenVINORunner", "OursRunner", "TorchRunner"]

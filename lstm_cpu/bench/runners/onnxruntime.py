@@ -18,13 +18,17 @@ class OnnxRuntimeRunner(Runner):
             import onnxruntime as ort  # noqa: PLC0415 - optional peer
         except ImportError as e:
             raise PeerUnavailable(f"not installed ({e.name}); pip install onnxruntime") from None
-        self.sess = ort.InferenceSession(graph.onnx_bytes, onnxruntime_options(ort, cfg.threads),
+        self.sess = ort.InferenceSession(self._model_bytes(graph), onnxruntime_options(ort, cfg.threads),
                                          providers=["CPUExecutionProvider"])
         self.graph, self.cfg = graph, cfg
         names = graph.output_names
         self.back = [(i, names.index(o)) for i, o in graph.state_pairs]  # (input, output index)
         if cfg.mode == "sequence":
             self.steps_per_call = cfg.seq_len
+
+    @staticmethod
+    def _model_bytes(graph: ExportedGraph) -> bytes:
+        return graph.onnx_bytes
 
     def outputs(self, xs):
         run, names = self.sess.run, self.graph.output_names
@@ -52,3 +56,27 @@ class OnnxRuntimeRunner(Runner):
                 feeds[name] = outs[k]
 
         return call
+
+
+class OnnxRuntimeInt8Runner(OnnxRuntimeRunner):
+    """onnxruntime on ``quantize_dynamic`` of the same export: its DynamicQuantizeLSTM, int8
+    weights with activations quantized per step (the int8 peer of ``--weights int8``)."""
+
+    name = "onnxruntime-int8"
+
+    @staticmethod
+    def _model_bytes(graph: ExportedGraph) -> bytes:
+        import os  # noqa: PLC0415
+        import tempfile  # noqa: PLC0415
+
+        try:
+            from onnxruntime.quantization import quantize_dynamic  # noqa: PLC0415
+        except ImportError as e:
+            raise PeerUnavailable(f"onnxruntime.quantization is not available ({e})") from None
+        with tempfile.TemporaryDirectory(prefix="lstm-cpu-bench-") as d:
+            src, dst = os.path.join(d, "f.onnx"), os.path.join(d, "q.onnx")
+            with open(src, "wb") as f:
+                f.write(graph.onnx_bytes)
+            quantize_dynamic(src, dst)
+            with open(dst, "rb") as f:
+                return f.read()
