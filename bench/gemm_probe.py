@@ -13,9 +13,10 @@ in 1, 4, 16, 64 streams (a batched step; ``run`` has the same shapes with K = H)
 
 Contenders, each validated before it is timed (llm.c style):
 * ``blas``: ``np.matmul(Z, W, out=T)`` (no accumulate: the cheaper job; OpenBLAS pinned to 1 thread);
-* ``rows``: ``kernels._gemm_rows``, today's kernel (four streams per pass, acc in memory);
+* ``engine``: ``kernels._product``, the engine's product since layout 7 (register blocks of
+  ``kernels.BLOCK_STREAMS`` streams x ``BLOCK_COLUMNS`` columns over 64-column panels);
 * ``pP_rR[_gG]``: ``lstm_cpu.gemm`` register-blocked kernels on panels of P columns, R streams
-  (G panels at once), checked ``array_equal`` against ``rows`` (the bit-identity the README
+  (G panels at once), checked ``array_equal`` against ``engine`` (the bit-identity the README
   promises).
 The peak is a register-only FMA loop in Numba (vector width of the compile target). Timings are
 the best of interleaved rounds (every contender once per round), in GFLOP/s = 2*N*K*C / time.
@@ -39,7 +40,14 @@ import numba  # noqa: E402
 from numba import njit  # noqa: E402
 
 from lstm_cpu import gemm as G  # noqa: E402
-from lstm_cpu.kernels import _FLAGS, _gemm_rows  # noqa: E402
+from lstm_cpu import kernels as KK  # noqa: E402
+from lstm_cpu.kernels import _FLAGS  # noqa: E402
+
+
+@njit(**dict(_FLAGS, cache=False))
+def _engine(Z, Wp, A):
+    """The engine's gate product (kernels._product) over all panels and rows."""
+    KK._product(Z, Wp, A, 0, Wp.shape[0], 0, Wp.shape[1])
 
 SHAPES = [(96, 256), (384, 1024), (512, 1024), (1536, 4096)]  # (K, C)
 BATCHES = [1, 4, 16, 64]
@@ -126,7 +134,7 @@ def hot_loop_report(fn, top=1):
 def cells_section(rounds):
     """One layer, N streams: ``lstm_cpu.gemm.CELLS`` (c, m checked bit for bit against each stream
     stepped alone, the README's promise) against ``stream.step`` of a batched stream (serial
-    kernel: today's _gemm_rows and epilogue plus the copies into z and out of h; from
+    kernel: the engine's panel product and epilogue plus the copies into z and out of h; from
     BLAS_MIN_BATCH = 40 streams, OpenBLAS products)."""
     from lstm_cpu import LayerParams, LSTMModel
 
@@ -204,7 +212,7 @@ def main():
     peak = peak_gflops(rounds=3 * rounds)
     print(f"# FMA peak, one core, Numba register loop: {peak:.1f} GFLOP/s ({hot_loop_report(_fma_loop)})")
     rng = np.random.default_rng(0)
-    header = ["N", "K", "C", "blas"] + ["rows"] + names
+    header = ["N", "K", "C", "blas"] + ["engine"] + names
     print("| " + " | ".join(header) + " | best numba / blas | bit-identical |")
     print("|" + "---|" * (len(header) + 2))
     shapes = SHAPES[1:3] if args.quick else SHAPES
@@ -214,13 +222,14 @@ def main():
             W = (rng.standard_normal((K, C)) * 0.1).astype(np.float32)  # (K, C) fused gates
             A0 = rng.standard_normal((N, C)).astype(np.float32)  # (N, C) bias-initialised acc
             ref = A0.copy()
-            _gemm_rows(Z, W, ref)
+            W64 = G.pack_panels(W, 64)  # (C/64, K, 64): the engine's layout
+            _engine(Z, W64, ref)
             T = np.empty((N, C), np.float32)
             np.matmul(Z, W, out=T)
             assert np.allclose(A0 + T, ref, atol=1e-3, rtol=1e-4), "BLAS disagrees"
             runs = {"blas": (lambda Z=Z, W=W, T=T: np.matmul(Z, W, out=T))}
             A = A0.copy()
-            runs["rows"] = (lambda Z=Z, W=W, A=A: _gemm_rows(Z, W, A))
+            runs["engine"] = (lambda Z=Z, W64=W64, A=A: _engine(Z, W64, A))
             identical = True
             for name in names:
                 P = int(name[1:].split("_")[0])
@@ -239,15 +248,13 @@ def main():
                         fn()
                     best[k] = min(best[k], (time.perf_counter() - t) / reps)
             gf = {k: flops / v / 1e9 for k, v in best.items()}
-            top = max(gf[k] for k in ["rows"] + names)
+            top = max(gf[k] for k in ["engine"] + names)
             print(f"| {N} | {K} | {C} | " + " | ".join(f"{gf[k]:.1f}" for k in header[3:])
                   + f" | {top / gf['blas']:.2f}x | {'yes' if identical else 'NO'} |", flush=True)
     print(f"# FMA peak again: {peak_gflops(rounds=3 * rounds):.1f} GFLOP/s")
     print("# assembly of the k loop (the loop with the most FMAs):")
-    rows_fresh = njit(**dict(_FLAGS, cache=False))(_gemm_rows.py_func)  # cached code has no asm
-    rows_fresh(Z, W, A0.copy())
-    for name in ["rows"] + names:
-        fn = rows_fresh if name == "rows" else G.KERNELS[name]
+    for name in ["engine"] + names:
+        fn = _engine if name == "engine" else G.KERNELS[name]
         print(f"#   {name:7s} {hot_loop_report(fn)}")
 
 

@@ -10,7 +10,8 @@ is it timed (best of several repeats, compiled entry points, so Numba's dispatch
 Variants of acc (C,) += W (K, C)^T z (K,), the matrix-vector product of one step:
 
     v1  axpy, one row per pass            strict float order
-    v2  axpy, four rows per pass          strict order per column   <- lstm_cpu.kernels._axpy_cols
+    v2  axpy, four rows per pass          strict order per column   (the kernels' product to layout 6)
+    panel1  register block over 64-column panels, one stream             <- lstm_cpu.kernels._product
     v3  axpy, eight rows per pass         strict order per column
     v4  dot per output over W^T (C, K)    needs reassociation (fastmath) to vectorise
     v5  dot per output, fastmath          reassociates
@@ -20,7 +21,8 @@ Variants of acc (C,) += W (K, C)^T z (K,), the matrix-vector product of one step
 of the batched product A (N, C) += Z (N, K) @ W (K, C), N streams at one step:
 
     g1  v2 once per stream                W read N times
-    g2  four streams per pass             W read N/4 times      <- lstm_cpu.kernels._gemm_cols
+    g2  four streams per pass             W read N/4 times      (the kernels' product to layout 6)
+    panelN  register blocks of 2 streams x 64 columns over panels   <- lstm_cpu.kernels._product
     blas numpy's sgemm                    above model.BLAS_MIN_BATCH streams
 
 and of the cell update for Uc units (float32, Sigmoid/Tanh/Tanh):
@@ -36,7 +38,9 @@ import timeit
 import numpy as np
 from numba import njit
 
-from lstm_cpu.kernels import _axpy_cols, _gemm_cols, _tanh_f32
+from lstm_cpu import kernels as _K
+from lstm_cpu.kernels import _tanh_f32
+from lstm_cpu.layout import to_panels
 
 _F = dict(nogil=True, fastmath={"contract"}, error_model="numpy")
 
@@ -51,7 +55,23 @@ def v1(W, z, acc):
 
 @njit(**_F)
 def v2(W, z, acc):
-    _axpy_cols(W, z, acc, 0, W.shape[1])  # the kernels' product over every column
+    K = W.shape[0]
+    k = 0
+    while k + 4 <= K:
+        z0, z1, z2, z3 = z[k], z[k + 1], z[k + 2], z[k + 3]
+        for j in range(W.shape[1]):
+            acc[j] += W[k, j] * z0 + W[k + 1, j] * z1 + W[k + 2, j] * z2 + W[k + 3, j] * z3
+        k += 4
+    while k < K:
+        for j in range(W.shape[1]):
+            acc[j] += W[k, j] * z[k]
+        k += 1
+
+
+@njit(**_F)
+def panel1(Wp, z, acc):
+    """The kernels' product (layout 7): Wp (C/64, K, 64) panels, one stream."""
+    _K._product(z.reshape((1, z.shape[0])), Wp, acc.reshape((1, acc.shape[0])), 0, Wp.shape[0], 0, Wp.shape[1])
 
 
 @njit(**_F)
@@ -103,12 +123,32 @@ def r0(W, z, acc):
 @njit(**_F)
 def g1(Z, W, A):
     for s in range(Z.shape[0]):
-        _axpy_cols(W, Z[s], A[s], 0, W.shape[1])
+        v2(W, Z[s], A[s])
 
 
 @njit(**_F)
 def g2(Z, W, A):
-    _gemm_cols(Z, W, A, 0, W.shape[1])  # the kernels' four-streams-per-pass product
+    N, K, C = Z.shape[0], W.shape[0], W.shape[1]
+    s = 0
+    while s + 4 <= N:
+        for k in range(K):
+            z0, z1, z2, z3 = Z[s, k], Z[s + 1, k], Z[s + 2, k], Z[s + 3, k]
+            for j in range(C):
+                w = W[k, j]
+                A[s, j] += w * z0
+                A[s + 1, j] += w * z1
+                A[s + 2, j] += w * z2
+                A[s + 3, j] += w * z3
+        s += 4
+    while s < N:
+        v2(W, Z[s], A[s])
+        s += 1
+
+
+@njit(**_F)
+def panelN(Z, Wp, A):
+    """The kernels' product (layout 7) for N streams over Wp (C/64, K, 64) panels."""
+    _K._product(Z, Wp, A, 0, Wp.shape[0], 0, Wp.shape[1])
 
 
 @njit(**_F)
@@ -153,9 +193,9 @@ def _best_us(call, number):
 
 def main():
     rng = np.random.default_rng(0)
-    print("| (I, H): W (K, 4H) | " + " | ".join(["v1", "v2 (ours)", "v3", "v4", "v5", "numpy BLAS",
-                                                 "r0 read floor"]) + " |")
-    print("|---|" + "---|" * 7)
+    print("| (I, H): W (K, 4H) | " + " | ".join(["v1", "v2", "v3", "v4", "v5", "panel1 (ours)",
+                                                 "numpy BLAS", "r0 read floor"]) + " |")
+    print("|---|" + "---|" * 8)
     for I, H in [(32, 64), (64, 128), (128, 256), (256, 512), (512, 1024)]:
         K, C = I + H, 4 * H
         W = rng.normal(size=(K, C)).astype(np.float32)  # (K, C) transposed fused gates
@@ -165,7 +205,8 @@ def main():
         acc = np.zeros(C, np.float32)
         number = max(20, 4_000_000 // (K * C))
         row = []
-        for fn, w in ((v1, W), (v2, W), (v3, W), (v4, Wt), (v5, Wt)):
+        Wp = to_panels(W)  # (C/64, K, 64)
+        for fn, w in ((v1, W), (v2, W), (v3, W), (v4, Wt), (v5, Wt), (panel1, Wp)):
             acc[:] = 0
             ep = _entry(fn, w, z, acc)
             acc[:] = 0
@@ -180,8 +221,8 @@ def main():
     print()
     print("µs per batched product; GFLOP/s in brackets")
     print()
-    print("| N, (K, C) | g1 (axpy per stream) | g2 (4 streams per pass, ours) | numpy BLAS |")
-    print("|---|---|---|---|")
+    print("| N, (K, C) | g1 (axpy per stream) | g2 (4 streams per pass) | panelN (panels, ours) | numpy BLAS |")
+    print("|---|---|---|---|---|")
     for N in (16, 32, 48, 64):
         for K, C in ((96, 256), (384, 1024), (512, 1024)):
             W = rng.normal(size=(K, C)).astype(np.float32)  # (K, C)
@@ -190,13 +231,14 @@ def main():
             ref = Z.astype(np.float64) @ W
             number = max(5, 20_000_000 // (N * K * C))
             row = []
-            for fn in (g1, g2):
+            Wp = to_panels(W)  # (C/64, K, 64)
+            for fn, w in ((g1, W), (g2, W), (panelN, Wp)):
                 A[:] = 0
-                ep = _entry(fn, Z, W, A)
+                ep = _entry(fn, Z, w, A)
                 A[:] = 0
-                ep(Z, W, A)
+                ep(Z, w, A)
                 assert np.abs(A - ref).max() <= 1e-5 * np.abs(ref).max(), fn  # validate before timing
-                row.append(_best_us(lambda: ep(Z, W, A), number))
+                row.append(_best_us(lambda: ep(Z, w, A), number))
             row.append(_best_us(lambda: np.matmul(Z, W, out=A), number))
             flops = 2 * N * K * C
             print(f"| {N}, ({K}, {C}) | " + " | ".join(f"{v:.1f} ({flops / v / 1e3:.0f})" for v in row) + " |")

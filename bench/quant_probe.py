@@ -3,7 +3,7 @@
 Side by side in one process, 1 thread, batch 1, state fed back every step:
 
 * per-layer gate product time (the (K, C) product of the largest layer) for the float32 axpy
-  kernel (``kernels._axpy_cols``) and every kernel of ``kernels_quant``;
+  kernel (``kernels._product``) and every kernel of ``kernels_quant``;
 * whole-step time of our simulated int8 / 16-bit stacks (``kernels_quant.i8_stack_step`` /
   ``w_stack_step``: products + activation quantization + float epilogue), lstm-cpu's float32
   stream, onnxruntime float32 and onnxruntime int8 (``quantize_dynamic`` on the torch export:
@@ -28,7 +28,7 @@ every memory-bound figure is inflated; µs per step, p50, error vs the float32 t
 Per-layer products at (512, 1024): int8 VNNI 92 G MAC/s (~92 GB/s of int8 weights, the
 memory floor here: software prefetch did not help), bf16 ``vdpbf16ps`` 42-44, int8/f16/bf16
 converted in the loop 28-31. The "fp32 axpy" product row is far slower than the engine's own
-fp32 step since the merge (``_axpy_cols`` timed from Python; not investigated): compare steps.
+fp32 step since the merge (timed from Python; not investigated): compare steps.
 """
 
 from __future__ import annotations
@@ -47,6 +47,13 @@ import lstm_cpu  # noqa: E402
 from lstm_cpu import kernels as K0  # noqa: E402
 from lstm_cpu import kernels_quant as KQ  # noqa: E402
 from lstm_cpu import quant as Q  # noqa: E402
+from lstm_cpu.layout import to_panels  # noqa: E402
+
+
+@K0.njit(**dict(K0._FLAGS, cache=False))
+def _fp32_product(Wp, z, acc):
+    """The engine's float32 gate product (kernels._product) for one stream over panels."""
+    K0._product(z.reshape((1, z.shape[0])), Wp, acc.reshape((1, acc.shape[0])), 0, Wp.shape[0], 0, Wp.shape[1])
 
 SIZES = [(128, 256, 2), (256, 512, 2), (512, 1024, 1)]
 ACC_STEPS = 300
@@ -319,7 +326,8 @@ def product_times(K, C, n, feats):
     acc = np.zeros(C, np.float32)
     oi = np.zeros(C, np.int32)
     of = np.zeros(C, np.float32)
-    calls = {"fp32 axpy": lambda: K0._axpy_cols(W, z, acc, 0, C)}
+    Wp32 = to_panels(W)  # (C/64, K, 64) the engine's float layout
+    calls = {"fp32 axpy": lambda: _fp32_product(Wp32, z, acc)}
     checks = {"fp32 axpy": (lambda: acc, W.astype(np.float64).T @ z, 1e-3)}
 
     def reset():

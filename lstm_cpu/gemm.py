@@ -1,13 +1,17 @@
-"""Register-blocked gate products over packed panels (a probe for issue 12; not wired in yet).
+"""Register-blocked gate products over packed panels: the probe's alternatives (issue 12).
+
+The engine's own product is ``kernels._product`` over the panels of ``layout.py`` (layout 7);
+this module keeps the variants ``bench/gemm_probe.py`` measures it against (other panel widths,
+stream blocks, fused cell updates). The notes below describe the technique both use.
 
 The batched gate product is ``A (N, C) += Z (N, K) @ W (K, C)``: N streams (or sequences of a
 batch), K = I + H inputs (or H for the recurrent part of ``run``), C = 4H gate columns.
-``kernels._gemm_rows`` computes every element as::
+``kernels._product`` computes every element as::
 
     a += w0*z0 + w1*z1 + w2*z2 + w3*z3        over k-quads, ascending k (fastmath: contract only)
 
 and reads and writes ``a`` in memory once per k-quad. The kernels here compute exactly the same
-expression in the same k order, so their results are **bit-identical** to ``_gemm_rows`` (and so
+expression in the same k order, so their results are **bit-identical** to ``kernels._product`` (and so
 to a stream stepped alone), but they hold a block of R streams x P columns of ``a`` in vector
 registers across all of K and write it back once.
 
@@ -66,7 +70,7 @@ def _stack_f32(typingctx, n):
 
 def _make_product(P, R, G):
     """``product(Z, s, Wp, p, acc)``: acc (R, G*P) += Z[s:s+R] @ panels p..p+G-1 of Wp (n, K, P),
-    in ``_gemm_rows``' per-element order (R, P, G compile-time constants: the loops unroll)."""
+    in ``kernels._product``'s per-element order (R, P, G compile-time constants: the loops unroll)."""
 
     @njit(inline="always", **_FLAGS)
     def product(Z, s, Wp, p, acc):

@@ -9,14 +9,15 @@ Two entry points per job, with the same arithmetic in the same order:
 * ``stack_step_serial`` / ``stack_step_parallel``: one time step of the whole (unidirectional)
   stack for N streams, in one call (no Python loop over layers).
 * ``layer_sequence_serial`` / ``layer_sequence_parallel``: the recurrent part of one layer and
-  direction over a whole sequence, the input projection having been done as one matrix product.
+  direction over a whole sequence, after ``input_projection_serial`` / ``_parallel`` did the
+  input rows of all T*B samples in one pass.
 
-Streams (or sequences of a batch) go through the gate product four at a time (``_gemm_cols``:
-each weight row loaded once per four streams), with the float order of a single stream. The
-parallel twins run two ``prange`` loops per layer (and time step): the product over (group of
-four streams, column range) tasks, each thread streaming a contiguous part of every row of W,
-then the cell updates over (group, unit range) tasks, a unit range taking the same units of all
-four gates. The number of ranges is decided at run time from the thread count
+All streams (or sequences of a batch) share one pass over each gate matrix (``_product``:
+register blocks of streams x columns over the packed panels of ``layout.py``), with the float
+order of a single stream. The parallel twins run two ``prange`` loops per layer (and time
+step): the product over panel ranges, each thread streaming a contiguous part of W, then the
+cell updates over (group of four streams, unit range) tasks, a unit range taking the same units
+of all four gates. The number of ranges is decided at run time from the thread count
 (``layout.unit_ranges``), never packed. Results are
 bit-identical however many threads run and however many streams share a call: every output
 element is computed by exactly one thread in a fixed float order.
@@ -29,7 +30,9 @@ from contextlib import nullcontext
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import _config, _threads
 from .layout import (
@@ -60,6 +63,7 @@ from .layout import (
     M_P,
     M_PEEP,
     M_REVERSE,
+    PANEL,
     UNIT_ALIGN,
     W_CLIP,
     W_HALF,
@@ -68,7 +72,7 @@ from .layout import (
 )
 
 # Numba's cache is keyed on this file: a layout change must change this file too (layout.py).
-assert LAYOUT_VERSION == 6, "layout.py changed: update kernels.py for it and bump this number"
+assert LAYOUT_VERSION == 7, "layout.py changed: update kernels.py for it and bump this number"
 
 
 def compiled_entry(dispatcher, args):
@@ -190,98 +194,10 @@ def _act(code, alpha, beta, x, half, approx):
 # Building blocks
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)
-def _axpy_cols(W, z, acc, c0, c1):
-    """acc[c0:c1] += (W (K, C)^T @ z (K,))[c0:c1], as K axpys over contiguous row segments.
-
-    Four rows per pass over ``acc`` (fewer loads/stores of the accumulator); the sum order per
-    column is fixed, so LLVM vectorises across columns without reassociating anything, and a
-    column's result does not depend on which range [c0, c1) it was computed in. The segments are
-    taken as 1-D views: indexing W[k, j] with j from a range passed in ran 3x slower inside a
-    parallel region (measured at (K, C) = (1024, 2048)).
-    """
-    K = W.shape[0]
-    n = c1 - c0
-    a = acc[c0:c1]  # (n,)
-    k = 0
-    while k + 4 <= K:
-        z0 = z[k]
-        z1 = z[k + 1]
-        z2 = z[k + 2]
-        z3 = z[k + 3]
-        w0 = W[k, c0:c1]  # (n,) row segments
-        w1 = W[k + 1, c0:c1]
-        w2 = W[k + 2, c0:c1]
-        w3 = W[k + 3, c0:c1]
-        for j in range(n):
-            a[j] += w0[j] * z0 + w1[j] * z1 + w2[j] * z2 + w3[j] * z3
-        k += 4
-    while k < K:
-        zk = z[k]
-        w0 = W[k, c0:c1]
-        for j in range(n):
-            a[j] += w0[j] * zk
-        k += 1
-
-
-@njit(**_FLAGS)
-def _gemm_cols(Z, W, A, c0, c1):
-    """A[:, c0:c1] (N, ·) += (Z (N, K) @ W (K, C))[:, c0:c1]: :func:`_axpy_cols` for four streams
-    at once.
-
-    Each pass loads four rows of W once and applies them to four streams (4x fewer weight loads
-    than four separate axpys); every element gets exactly the sums of ``_axpy_cols`` in the same
-    order, so a stream's result does not depend on how many streams share the call.
-    """
-    N = Z.shape[0]
-    K = W.shape[0]
-    n = c1 - c0
-    s = 0
-    while s + 4 <= N:
-        a0 = A[s, c0:c1]  # (n,) per stream
-        a1 = A[s + 1, c0:c1]
-        a2 = A[s + 2, c0:c1]
-        a3 = A[s + 3, c0:c1]
-        k = 0
-        while k + 4 <= K:
-            z00, z01, z02, z03 = Z[s, k], Z[s, k + 1], Z[s, k + 2], Z[s, k + 3]
-            z10, z11, z12, z13 = Z[s + 1, k], Z[s + 1, k + 1], Z[s + 1, k + 2], Z[s + 1, k + 3]
-            z20, z21, z22, z23 = Z[s + 2, k], Z[s + 2, k + 1], Z[s + 2, k + 2], Z[s + 2, k + 3]
-            z30, z31, z32, z33 = Z[s + 3, k], Z[s + 3, k + 1], Z[s + 3, k + 2], Z[s + 3, k + 3]
-            r0 = W[k, c0:c1]  # (n,) row segments
-            r1 = W[k + 1, c0:c1]
-            r2 = W[k + 2, c0:c1]
-            r3 = W[k + 3, c0:c1]
-            for j in range(n):
-                w0 = r0[j]
-                w1 = r1[j]
-                w2 = r2[j]
-                w3 = r3[j]
-                a0[j] += w0 * z00 + w1 * z01 + w2 * z02 + w3 * z03
-                a1[j] += w0 * z10 + w1 * z11 + w2 * z12 + w3 * z13
-                a2[j] += w0 * z20 + w1 * z21 + w2 * z22 + w3 * z23
-                a3[j] += w0 * z30 + w1 * z31 + w2 * z32 + w3 * z33
-            k += 4
-        while k < K:
-            z0, z1, z2, z3 = Z[s, k], Z[s + 1, k], Z[s + 2, k], Z[s + 3, k]
-            r0 = W[k, c0:c1]
-            for j in range(n):
-                w0 = r0[j]
-                a0[j] += w0 * z0
-                a1[j] += w0 * z1
-                a2[j] += w0 * z2
-                a3[j] += w0 * z3
-            k += 1
-        s += 4
-    while s < N:
-        _axpy_cols(W, Z[s], A[s], c0, c1)
-        s += 1
-
-
-@njit(**_FLAGS)
 def _axpy_rows(W, z, acc):
-    """acc (C,) += W (K, C)^T @ z (K,): :func:`_axpy_cols` over every column. The same sums in the
-    same order (so the same bits); a separate function because a loop bound taken from W's own
-    shape vectorises better than a range passed in (measured: 0.5 us of a 2.8 us step at H=64)."""
+    """acc (C,) += W (K, C)^T @ z (K,) for the small row-major matrices (projection, head): K
+    axpys over contiguous rows, four rows per pass over acc, a fixed sum order per column (LLVM
+    vectorises across columns without reassociating anything)."""
     K = W.shape[0]
     C = W.shape[1]
     k = 0
@@ -300,43 +216,128 @@ def _axpy_rows(W, z, acc):
         k += 1
 
 
-@njit(**_FLAGS)
-def _gemm_rows(Z, W, A):
-    """A (N, C) += Z (N, K) @ W (K, C): :func:`_gemm_cols` over every column (see _axpy_rows)."""
-    N = Z.shape[0]
-    K = W.shape[0]
-    C = W.shape[1]
-    s = 0
-    while s + 4 <= N:
-        k = 0
-        while k + 4 <= K:
-            z00, z01, z02, z03 = Z[s, k], Z[s, k + 1], Z[s, k + 2], Z[s, k + 3]
-            z10, z11, z12, z13 = Z[s + 1, k], Z[s + 1, k + 1], Z[s + 1, k + 2], Z[s + 1, k + 3]
-            z20, z21, z22, z23 = Z[s + 2, k], Z[s + 2, k + 1], Z[s + 2, k + 2], Z[s + 2, k + 3]
-            z30, z31, z32, z33 = Z[s + 3, k], Z[s + 3, k + 1], Z[s + 3, k + 2], Z[s + 3, k + 3]
-            for j in range(C):
-                w0 = W[k, j]
-                w1 = W[k + 1, j]
-                w2 = W[k + 2, j]
-                w3 = W[k + 3, j]
-                A[s, j] += w0 * z00 + w1 * z01 + w2 * z02 + w3 * z03
-                A[s + 1, j] += w0 * z10 + w1 * z11 + w2 * z12 + w3 * z13
-                A[s + 2, j] += w0 * z20 + w1 * z21 + w2 * z22 + w3 * z23
-                A[s + 3, j] += w0 * z30 + w1 * z31 + w2 * z32 + w3 * z33
+# ---------------------------------------------------------------------------------------------
+# Gate products over column panels (layout.py: Wp (C/PANEL, K, PANEL))
+# ---------------------------------------------------------------------------------------------
+# Every gate product (one stream or many, a step or a sequence) goes through :func:`_product`.
+# It holds a block of RB streams x BW columns of A in vector registers while it streams rows
+# k0 .. k1 of a panel once, and writes the block back once. Every element gets::
+#
+#     a += w0*z0 + w1*z1 + w2*z2 + w3*z3      over row quads from k0, then the tail rows singly
+#
+# (fastmath "contract" only: no reassociation), so its bits do not depend on RB, BW, the
+# number of streams in the call, or which thread computed its panel.
+#
+# Block sizes follow the vector registers the code is compiled for (Numba compiles for the host,
+# and its cache is keyed on the CPU): with AVX-512, a whole panel (64 columns = 4 zmm) x 2
+# streams, 8 accumulators of 32 registers; otherwise half a panel (32 columns = 4 ymm) x 2
+# streams, 8 of 16. (4 streams x 64 columns spilled the accumulators to the stack on AVX-512:
+# 21 vs 90 GFLOP/s at N = 4. With 16 ymm, 32 x 2 reloads ~10 broadcast activations from L1 per
+# row quad, and still beat the spill-free 32 x 1 and 16 x 2 blocks: 77 vs 37 and 51 GFLOP/s at
+# N = 64, (K, C) = (384, 1024), Haswell code on the Zen 4 host.) The choice changes speed only,
+# never bits.
+
+
+def _host_has_avx512() -> bool:
+    try:
+        from numba.core.registry import cpu_target
+
+        feats = cpu_target.target_context.codegen()._tm_features
+        return "+avx512f" in feats.split(",")
+    except Exception:  # pragma: no cover - a Numba without these internals
+        return False
+
+
+#: Register block of the gate products on this host: BW columns x RB streams.
+BLOCK_COLUMNS, BLOCK_STREAMS = (64, 2) if _host_has_avx512() else (32, 2)
+
+
+@intrinsic
+def _stack_like(typingctx, arr, n):
+    """A pointer to ``n`` elements of ``arr``'s dtype (``n`` a compile-time constant) in the
+    caller's stack frame: an ``alloca`` in the entry block of the function it is inlined into,
+    which LLVM promotes to registers once the loops over it unroll."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    size = n.literal_value
+    dtype = arr.dtype
+
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, context.get_value_type(dtype),
+                                   size=context.get_constant(types.intp, size))
+
+    return types.CPointer(dtype)(arr, n), codegen
+
+
+def _make_block(BW, RB):
+    """``block(Z, s, Wp, p, j0, k0, k1, A, c0)``: A[s:s+RB, c0:c0+BW] += Z[s:s+RB, 0:k1-k0] @
+    Wp[p, k0:k1, j0:j0+BW], the RB x BW accumulators in registers across all the rows."""
+    n = RB * BW
+
+    @njit(inline="always", nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
+    def block(Z, s, Wp, p, j0, k0, k1, A, c0):
+        acc = carray(_stack_like(A, n), (RB, BW))  # (RB, BW) accumulators
+        for r in range(RB):
+            for j in range(BW):
+                acc[r, j] = A[s + r, c0 + j]
+        k = k0
+        while k + 4 <= k1:
+            q = k - k0
+            for j in range(BW):
+                w0 = Wp[p, k, j0 + j]
+                w1 = Wp[p, k + 1, j0 + j]
+                w2 = Wp[p, k + 2, j0 + j]
+                w3 = Wp[p, k + 3, j0 + j]
+                for r in range(RB):
+                    acc[r, j] += (w0 * Z[s + r, q] + w1 * Z[s + r, q + 1]
+                                  + w2 * Z[s + r, q + 2] + w3 * Z[s + r, q + 3])
             k += 4
-        while k < K:
-            z0, z1, z2, z3 = Z[s, k], Z[s + 1, k], Z[s + 2, k], Z[s + 3, k]
-            for j in range(C):
-                w0 = W[k, j]
-                A[s, j] += w0 * z0
-                A[s + 1, j] += w0 * z1
-                A[s + 2, j] += w0 * z2
-                A[s + 3, j] += w0 * z3
+        while k < k1:
+            q = k - k0
+            for j in range(BW):
+                w0 = Wp[p, k, j0 + j]
+                for r in range(RB):
+                    acc[r, j] += w0 * Z[s + r, q]
             k += 1
-        s += 4
-    while s < N:
-        _axpy_rows(W, Z[s], A[s])
-        s += 1
+        for r in range(RB):
+            for j in range(BW):
+                A[s + r, c0 + j] = acc[r, j]
+
+    return block
+
+
+def _make_product(BW, RB):
+    wide, one = _make_block(BW, RB), _make_block(BW, 1)
+    halves = PANEL // BW
+
+    @njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
+    def panel_product(Z, Wp, A, p0, p1, k0, k1):
+        """A[:, p0*PANEL : p1*PANEL] (N, ·) += Z (N, k1-k0) @ rows k0 .. k1 of panels p0 .. p1
+        of Wp (C/PANEL, K, PANEL); A (N, C). Panels outer: a panel streams from memory once
+        and its rows serve every block of streams from L1/L2."""
+        N = Z.shape[0]
+        for p in range(p0, p1):
+            for h in range(halves):
+                j0 = h * BW
+                c0 = p * PANEL + j0
+                s = 0
+                while s + RB <= N:
+                    wide(Z, s, Wp, p, j0, k0, k1, A, c0)
+                    s += RB
+                while s < N:
+                    one(Z, s, Wp, p, j0, k0, k1, A, c0)
+                    s += 1
+
+    return panel_product
+
+
+_product = _make_product(BLOCK_COLUMNS, BLOCK_STREAMS)
+
+
+@njit(inline="always", **_FLAGS)
+def _panel_bounds(r, R, n):
+    """Panels [p0, p1) of range r of R over n panels, as even as whole panels allow."""
+    return n * r // R, n * (r + 1) // R
 
 
 # The stream buffer's layout, defined once in layout.py, compiled here.
@@ -460,29 +461,26 @@ def _load_z(l, s, x, sbuf, meta, N):
 
 
 @njit(**_FLAGS)
-def _group_product(q, R, l, N, wbuf, meta, sbuf):
-    """Task q = (stream group g, column range r), r fastest: acc <- bias + W^T z over columns
-    [c0, c1) for the streams 4g .. 4g+3 of layer l. A range is contiguous in every row of W, so
-    each thread streams its own part of the matrix; R == 1 is the whole row in one pass."""
+def _layer_product(r, R, l, N, wbuf, meta, sbuf):
+    """Task r of R: acc <- bias + W^T z over the panels of range r, for all N streams of layer l.
+    A range of panels is one contiguous stretch of W: each thread streams its own part once."""
     C = meta[M_C]
-    g = q // R
-    c0, c1 = _range_bounds(q % R, R, C)
+    n = C // PANEL
+    p0, p1 = _panel_bounds(r, R, n)
     rec = M_LD + l * LD_STRIDE
     K = meta[rec + LD_K]
     h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
-    s0 = 4 * g
-    s1 = min(s0 + 4, N)
     bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
-    A = sbuf[acc_off + s0 * C : acc_off + s1 * C].reshape((s1 - s0, C))  # (g, C)
-    for s in range(s1 - s0):
-        for j in range(c0, c1):
-            A[s, j] = bias[j]
-    W = wbuf[meta[rec + LD_W] : meta[rec + LD_W] + K * C].reshape((K, C))  # (K, C) fused gates
-    Z = sbuf[z_off + s0 * K : z_off + s1 * K].reshape((s1 - s0, K))  # (g, K) [input | h_prev]
-    if R == 1:
-        _gemm_rows(Z, W, A)
-    else:
-        _gemm_cols(Z, W, A, c0, c1)
+    A = sbuf[acc_off : acc_off + N * C].reshape((N, C))  # (N, C) gate pre-activations
+    c0, c1 = p0 * PANEL, p1 * PANEL
+    b = bias[c0:c1]  # (c1-c0,) 1-D views: a loop bound from their own shape vectorises
+    for s in range(N):
+        a = A[s, c0:c1]
+        for j in range(b.shape[0]):
+            a[j] = b[j]
+    Wp = wbuf[meta[rec + LD_W] : meta[rec + LD_W] + K * C].reshape((n, K, PANEL))  # panels
+    Z = sbuf[z_off : z_off + N * K].reshape((N, K))  # (N, K) [input | h_prev] per stream
+    _product(Z, Wp, A, p0, p1, 0, K)
 
 
 @njit(**_FLAGS)
@@ -550,16 +548,16 @@ def _emit(s, wbuf, meta, sbuf, N, y):
 def stack_step_serial(x, wbuf, meta, fpar, sbuf, y):
     """One step. x (N*I,) inputs, stream-major; sbuf the streams' state and scratch (updated);
     y (N*O,) outputs (O = head size, or out). Flat x and y: a single stream passes its (I,) input
-    and a fresh (out,) output with no reshape on the Python side. Streams go through the gate
-    product in groups of four (:func:`_gemm_rows`); one stream's result is bit-identical whatever
+    and a fresh (out,) output with no reshape on the Python side. All N streams share one pass
+    over each layer's panels (:func:`_product`); one stream's result is bit-identical whatever
     N is. Also the step for the user's own ``@numba.njit`` code: ``stream.numba_args()`` gives
     ``(wbuf, meta, fpar, sbuf)``."""
     N = x.shape[0] // meta[M_I]
     for l in range(meta[M_L]):
         for s in range(N):
             _load_z(l, s, x, sbuf, meta, N)
-        for g in range((N + 3) // 4):  # one range: the whole row in one pass
-            _group_product(g, 1, l, N, wbuf, meta, sbuf)
+        _layer_product(0, 1, l, N, wbuf, meta, sbuf)
+        for g in range((N + 3) // 4):  # one unit range: all units
             _group_cells(g, 1, l, N, wbuf, meta, fpar, sbuf)
         for s in range(N):
             _finish_layer(l, s, wbuf, meta, sbuf, N)
@@ -569,17 +567,18 @@ def stack_step_serial(x, wbuf, meta, fpar, sbuf, y):
 
 @njit(parallel=True, **_FLAGS)
 def stack_step_parallel(x, R, wbuf, meta, fpar, sbuf, y):
-    """The parallel twin of :func:`stack_step_serial`: same arithmetic, prange over the
-    (stream group, unit range) tasks; R follows the thread count (``layout.unit_ranges``), the
-    bits do not. R is an argument, not ``numba.get_num_threads()`` read here: that call is a
-    ctypes pointer, which would keep Numba from caching the kernel."""
+    """The parallel twin of :func:`stack_step_serial`: same arithmetic, prange over R panel
+    ranges (the product) and then over (stream group, unit range) tasks (the cells); R follows
+    the thread count (``layout.unit_ranges``), the bits do not. R is an argument, not
+    ``numba.get_num_threads()`` read here: that call is a ctypes pointer, which would keep Numba
+    from caching the kernel."""
     N = x.shape[0] // meta[M_I]
     tasks = ((N + 3) // 4) * R
     for l in range(meta[M_L]):
         for s in range(N):
             _load_z(l, s, x, sbuf, meta, N)
-        for q in prange(tasks):  # column ranges: each thread streams its own part of every row
-            _group_product(q, R, l, N, wbuf, meta, sbuf)
+        for r in prange(R):  # panel ranges: each thread streams its own part of W
+            _layer_product(r, R, l, N, wbuf, meta, sbuf)
         for q in prange(tasks):  # unit ranges: all four gates of a unit are there now
             _group_cells(q, R, l, N, wbuf, meta, fpar, sbuf)
         for s in range(N):
@@ -642,28 +641,57 @@ def batch_emit(N, wbuf, meta, sbuf, y):
 # Whole sequences: the recurrent part of one layer and direction
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)
-def _seq_product(q, R, t, l, d, xp, wbuf, meta, h, acc):
-    """Task q = (stream group g, column range r) at time t: acc[s] (C,) <- (xp[t, s] + bias) +
-    W_rec^T h[s] over columns [c0, c1) (recurrent rows only; xp holds the input projection)."""
+def _seq_product(r, R, t, l, d, xp, wbuf, meta, h, acc):
+    """Task r of R at time t: acc[s] (C,) <- (xp[t, s] + bias) + W_rec^T h[s] over the panels of
+    range r, for all B streams (recurrent rows only; xp holds the input projection)."""
     C, out, D = meta[M_C], meta[M_OUT], meta[M_D]
+    n = C // PANEL
     B = h.shape[0]
-    g = q // R
-    c0, c1 = _range_bounds(q % R, R, C)
-    s0 = 4 * g
-    s1 = min(s0 + 4, B)
+    p0, p1 = _panel_bounds(r, R, n)
     rec = M_LD + (l * D + d) * LD_STRIDE
-    A = acc[s0:s1]  # (g, C)
     bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
-    for s in range(s0, s1):
-        for j in range(c0, c1):
-            A[s - s0, j] = xp[t, s, j] + bias[j]
+    c0, c1 = p0 * PANEL, p1 * PANEL
+    b = bias[c0:c1]  # (c1-c0,) 1-D views: a loop bound from their own shape vectorises
+    for s in range(B):
+        a = acc[s, c0:c1]
+        xr = xp[t, s, c0:c1]
+        for j in range(b.shape[0]):
+            a[j] = xr[j] + b[j]
     K = meta[rec + LD_K]
-    w0 = meta[rec + LD_W] + (K - out) * C
-    W = wbuf[w0 : w0 + out * C].reshape((out, C))  # (out, C) recurrent rows
-    if R == 1:
-        _gemm_rows(h[s0:s1], W, A)
-    else:
-        _gemm_cols(h[s0:s1], W, A, c0, c1)
+    Wp = wbuf[meta[rec + LD_W] : meta[rec + LD_W] + K * C].reshape((n, K, PANEL))  # panels
+    _product(h, Wp, acc, p0, p1, K - out, K)  # the recurrent rows K-out .. K
+
+
+@njit(**_FLAGS)
+def _input_product(r, R, X, wbuf, meta, l, d, xp):
+    """Task r of R: xp (M, C) <- X (M, kin) @ the input rows of layer l, direction d's W, over
+    the panels of range r (no bias: the sequence kernels add it as they read xp)."""
+    C, D = meta[M_C], meta[M_D]
+    n = C // PANEL
+    p0, p1 = _panel_bounds(r, R, n)
+    rec = M_LD + (l * D + d) * LD_STRIDE
+    K = meta[rec + LD_K]
+    c0, c1 = p0 * PANEL, p1 * PANEL
+    for s in range(X.shape[0]):
+        a = xp[s, c0:c1]
+        for j in range(c1 - c0):
+            a[j] = 0
+    Wp = wbuf[meta[rec + LD_W] : meta[rec + LD_W] + K * C].reshape((n, K, PANEL))  # panels
+    _product(X, Wp, xp, p0, p1, 0, X.shape[1])
+
+
+@njit(**_FLAGS)
+def input_projection_serial(X, wbuf, meta, l, d, xp):
+    """xp (M, C) <- X (M, kin) @ W[:kin] of layer l, direction d: the input projection of a
+    whole sequence (M = T*B rows) in one pass over W's panels."""
+    _input_product(0, 1, X, wbuf, meta, l, d, xp)
+
+
+@njit(parallel=True, **_FLAGS)
+def input_projection_parallel(X, R, wbuf, meta, l, d, xp):
+    """The parallel twin of :func:`input_projection_serial`: prange over R panel ranges."""
+    for r in prange(R):
+        _input_product(r, R, X, wbuf, meta, l, d, xp)
 
 
 @njit(**_FLAGS)
@@ -704,16 +732,15 @@ def layer_sequence_serial(xp, R, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, 
     outputs, pre-zeroed (steps past a sequence's length stay zero), direction d writing columns
     d*out:(d+1)*out; acc (B, C) and mb (B, Hp) scratch.
     Direction 1 (or a REVERSE model) runs backwards from each sequence's last valid step.
-    Streams share the recurrent product in groups of four (:func:`_gemm_cols`), with the float
-    order of a single stream: results do not depend on B (nor on R, the unit ranges).
+    All B streams share one pass over the recurrent rows of each panel per step (:func:`_product`),
+    with the float order of a single stream: results do not depend on B (nor on R).
     """
     T, B = xp.shape[0], xp.shape[1]
-    tasks = ((B + 3) // 4) * R
     for step in range(T):
         t = T - 1 - step if (d == 1 or meta[M_REVERSE] != 0) else step
-        for q in range(tasks):
-            _seq_product(q, R, t, l, d, xp, wbuf, meta, h, acc)
-            _seq_cells(q, R, t, l, d, wbuf, meta, fpar, lengths, c, acc, mb)
+        _seq_product(0, 1, t, l, d, xp, wbuf, meta, h, acc)
+        for g in range((B + 3) // 4):
+            _seq_cells(g, 1, t, l, d, wbuf, meta, fpar, lengths, c, acc, mb)
         for s in range(B):
             if t < lengths[s]:
                 _seq_finish(t, s, l, d, wbuf, meta, h, y, mb)
@@ -721,13 +748,14 @@ def layer_sequence_serial(xp, R, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, 
 
 @njit(parallel=True, **_FLAGS)
 def layer_sequence_parallel(xp, R, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
-    """The parallel twin of :func:`layer_sequence_serial`: prange over (stream group, unit range)."""
+    """The parallel twin of :func:`layer_sequence_serial`: prange over R panel ranges (product)
+    and (stream group, unit range) tasks (cells)."""
     T, B = xp.shape[0], xp.shape[1]
     tasks = ((B + 3) // 4) * R
     for step in range(T):
         t = T - 1 - step if (d == 1 or meta[M_REVERSE] != 0) else step
-        for q in prange(tasks):  # column ranges
-            _seq_product(q, R, t, l, d, xp, wbuf, meta, h, acc)
+        for r in prange(R):  # panel ranges
+            _seq_product(r, R, t, l, d, xp, wbuf, meta, h, acc)
         for q in prange(tasks):  # unit ranges
             _seq_cells(q, R, t, l, d, wbuf, meta, fpar, lengths, c, acc, mb)
         for s in range(B):

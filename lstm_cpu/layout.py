@@ -9,26 +9,29 @@ computed. (Numba's on-disk cache keys on the kernel file: when a constant here c
 Why this layout
 ---------------
 A step must read every weight once, so the gate product is memory-bound. We fuse
-``[W_ih | W_hh]`` into one matrix per layer and direction and store it *transposed*::
+``[W_ih | W_hh]`` into one matrix per layer and direction, *transposed*, and store it as
+column panels of :data:`PANEL` columns::
 
     W   (K, C)      K = in + out rows (the concatenated [x | h_prev]), C = 4 * Hp columns
     W[k, g*Hp + u] = canonical_gate_g_weight[u, k]          g in GATE_ORDER (i, f, g, o)
+    Wp  (C / PANEL, K, PANEL)      Wp[p, k, j] = W[k, p*PANEL + j]   (what wbuf holds)
 
 ``H`` is padded to ``Hp``, a multiple of :data:`UNIT_ALIGN` (16 float32 = one AVX-512 vector, two
-AVX2 vectors); padded units have zero weights and never feed a real unit. The product is an axpy
-over rows (``acc[:] += W[k, :] * z[k]``), which vectorises across contiguous columns without
-reassociating any sum: each output element gets the same sums in the same order whichever
-columns a thread computes, so results do not depend on the thread count.
-
-The plan depends on the model alone, never on the machine: a parallel kernel splits the columns
-(for the product) and the units (for the cell update) into ranges *at run time*. A packed file
-therefore runs identically on any machine and any number of threads.
+AVX2 vectors), so C is a multiple of PANEL; padded units have zero weights and never feed a real
+unit. A panel is K rows of 64 contiguous floats: the kernels keep a block of streams x 64
+columns of the gate pre-activations in vector registers while they stream the whole panel once
+(``kernels._block``), and a range of panels is one contiguous stretch of memory, so a thread
+splitting the columns reads its own part of W sequentially. Each output element gets the same
+sums in the same order whichever panels a thread computes and however many streams share the
+pass, so results do not depend on the thread count or the batch. (Stored row-major, a register
+block would walk W down a column at a stride of 4*C bytes, one page per row at C = 1024:
+measured 3x-6x slower than the packed panel on the same kernel.)
 
 Model buffers
 -------------
 ``wbuf`` (float, 1-D) holds typed constants (``W_*``), then per (layer l, direction d)::
 
-    W      (K_l, C)     fused, transposed gate matrix
+    Wp     (C/PANEL, K_l, PANEL)   fused, transposed gate matrix in column panels
     bias   (C,)         folded bias, same column order
     peep   (3, Hp)      peepholes i, f, o (only if the model has peepholes)
     w_hr   (Hp, P)      projection, transposed (only if P > 0)
@@ -60,7 +63,7 @@ import numpy as np
 from .spec import GATE_ORDER, LayerParams, is_default_activations
 
 #: Bump on any change to the constants or offsets below (see the module docstring).
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 
 # ---------------------------------------------------------------------------------------------
 # meta header fields (int64)
@@ -109,6 +112,9 @@ F_STRIDE = 6
 #: Hidden units are padded to a multiple of this: each gate block is whole 512-bit vectors.
 UNIT_ALIGN = 16
 
+#: Columns per panel of the gate matrix (C = 4 * Hp is a multiple of it).
+PANEL = 64
+
 #: A parallel kernel gives each thread at least this many units (fewer costs more in wake-ups
 #: than it saves); ranges start at multiples of UNIT_ALIGN. Decided at run time, not packed.
 MIN_RANGE_UNITS = 64
@@ -139,7 +145,7 @@ class Record:
     """Offsets in ``wbuf`` of one (layer, direction), and its row count K."""
 
     K: int
-    w: int  # W (K, C)
+    w: int  # Wp (C/PANEL, K, PANEL)
     b: int  # bias (C,)
     peep: int  # peep (3, Hp), 0 if none
     hr: int  # w_hr (Hp, P), 0 if none
@@ -200,10 +206,15 @@ class Plan:
         return self.record(l, 0).K - self.out
 
     # -- views of wbuf: the only place offsets are turned into arrays ---------------------------
-    def gate_matrix(self, wbuf: np.ndarray, l: int, d: int) -> np.ndarray:
-        """W (K, C) of layer l, direction d: rows [x | h_prev], columns gates i, f, g, o x Hp."""
+    def gate_panels(self, wbuf: np.ndarray, l: int, d: int) -> np.ndarray:
+        """Wp (C/PANEL, K, PANEL) of layer l, direction d, the form wbuf holds (a view)."""
         r = self.record(l, d)
-        return wbuf[r.w : r.w + r.K * self.C].reshape(r.K, self.C)
+        return wbuf[r.w : r.w + r.K * self.C].reshape(self.C // PANEL, r.K, PANEL)
+
+    def gate_matrix(self, wbuf: np.ndarray, l: int, d: int) -> np.ndarray:
+        """W (K, C) of layer l, direction d (a copy): rows [x | h_prev], columns gates i, f, g, o x Hp."""
+        wp = self.gate_panels(wbuf, l, d)
+        return np.ascontiguousarray(wp.transpose(1, 0, 2)).reshape(wp.shape[1], self.C)
 
     def bias(self, wbuf: np.ndarray, l: int, d: int) -> np.ndarray:
         """bias (C,) of layer l, direction d, in W's column order."""
@@ -327,6 +338,12 @@ def _columns(mat: np.ndarray, H: int, Hp: int) -> np.ndarray:
     return gates.reshape(4 * Hp, K).T  # (K, C)
 
 
+def to_panels(W: np.ndarray) -> np.ndarray:
+    """W (K, C) -> Wp (C/PANEL, K, PANEL), the order wbuf holds a gate matrix in (a copy)."""
+    K, C = W.shape
+    return np.ascontiguousarray(W.reshape(K, C // PANEL, PANEL).transpose(1, 0, 2))
+
+
 def pack(layers: Sequence[Sequence[LayerParams]], *, clip, input_forget, dtype, head=None,
          reverse=False):
     """Canonical ``layers[l][d]`` -> ``(plan, wbuf, fpar)``. All validation happens before this."""
@@ -350,7 +367,7 @@ def pack(layers: Sequence[Sequence[LayerParams]], *, clip, input_forget, dtype, 
     for l, row in enumerate(layers):
         for d, p in enumerate(row):
             w_cat = np.concatenate([np.asarray(p.w_ih, np.float64), np.asarray(p.w_hh, np.float64)], axis=1)
-            plan.gate_matrix(wbuf, l, d)[...] = _columns(w_cat, H, Hp)
+            plan.gate_panels(wbuf, l, d)[...] = to_panels(_columns(w_cat, H, Hp))
             bias = np.zeros(4 * H) if p.bias is None else np.asarray(p.bias, np.float64)
             plan.bias(wbuf, l, d)[...] = _columns(bias[:, None], H, Hp)[0]
             if has_peep and p.peephole is not None:

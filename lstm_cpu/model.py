@@ -263,7 +263,7 @@ class LSTMModel:
         in their reduced format (what a reduced step reads and a packed file stores)."""
         if self._reduced is None:
             return int(self._wbuf.nbytes)
-        gates = sum(self._plan.gate_matrix(self._wbuf, l, d).nbytes
+        gates = sum(self._plan.gate_panels(self._wbuf, l, d).nbytes
                     for l in range(self.num_layers) for d in range(self.num_directions))
         return int(self._wbuf.nbytes - gates + sum(q.nbytes for row in self._reduced for q in row))
 
@@ -397,25 +397,33 @@ class LSTMModel:
         hN = np.empty((L * D, B, out), self.dtype)
         cN = np.empty((L * D, B, H), self.dtype)
         inp = xb  # (T, B, fan_in)
+        in_fn = kernels.input_projection_parallel if choice.parallel else kernels.input_projection_serial
+        in_args = (R,) if choice.parallel else ()
         for l in range(L):
             y = np.zeros((T, B, D * out), self.dtype)  # (T, B, D*out) direction d: columns d*out..
             kin = plan.input_rows(l)
+            X = np.ascontiguousarray(inp.reshape(T * B, kin))  # (T*B, kin)
+            if not X.flags.writeable:
+                X = X.copy()
             for d in range(D):
-                w = plan.gate_matrix(wbuf, l, d)  # (K, C)
-                # The input projection of the whole sequence as one matrix product (the kernel
-                # adds the bias as it reads xp: no extra pass over T*B*C floats).
-                xp = np.matmul(inp.reshape(T * B, kin), w[:kin]).reshape(T, B, C)  # (T, B, C)
+                # The input projection of the whole sequence in one pass over W's panels (the
+                # kernel adds the bias as it reads xp: no extra pass over T*B*C floats).
+                xp = np.empty((T, B, C), self.dtype)  # (T, B, C)
+                with (kernels.parallel_guard() if choice.parallel else nullcontext()):
+                    in_fn(X, *in_args, wbuf, meta, l, d, xp.reshape(T * B, C))
                 h = np.array(h0[l * D + d], order="C")  # (B, out) a copy: never the caller's array
                 c = np.zeros((B, Hp), self.dtype)  # (B, Hp) padded cell state
                 c[:, :H] = c0[l * D + d]
                 if choice.blas:  # serial cell updates: never Numba threads next to BLAS calls
-                    w_rec = w[kin:]  # (out, C) recurrent rows
+                    w_rec = plan.gate_panels(wbuf, l, d)[:, kin:, :]  # (n, out, PANEL) recurrent rows
+                    panel_out = np.empty((C // lay.PANEL, B, lay.PANEL), self.dtype)  # (n, B, PANEL)
                     args = (xp, wbuf, meta, self._fpar, l, d, lens, h, c, y, acc, mb)
                     call = kernels.compiled_entry(kernels.sequence_cells_serial, (0,) + args)
                     backward = d == 1 or self.reverse
                     for step in range(T):
                         t = T - 1 - step if backward else step
-                        np.matmul(h, w_rec, out=acc)  # (B, out) @ (out, C)
+                        np.matmul(h, w_rec, out=panel_out)  # (B, out) @ (n, out, PANEL)
+                        acc.reshape(B, -1, lay.PANEL)[...] = panel_out.transpose(1, 0, 2)
                         call(t, *args)
                 else:
                     with (kernels.parallel_guard() if choice.parallel else nullcontext()):
@@ -516,15 +524,17 @@ class Stream:
         if model._rstack is not None and batch is None and not choice.parallel and not choice.blas:
             self._rstep = model._rstack.stream(self._h[:, 0, :], self._c[:, 0, :]).step_into
         if self._blas:
-            # Views for the BLAS path: acc (N, C) and per layer z (N, K_l) and W (K_l, C). Its cell
-            # updates stay serial: numpy's OpenBLAS workers spin after each product and starve
-            # Numba's (a 64-stream (256,512,2) step took 20 ms with parallel cell updates on 2 cores).
+            # Views for the BLAS path: acc (N, C) and per layer z (N, K_l) and Wp (C/PANEL, K_l,
+            # PANEL). Its cell updates stay serial: numpy's OpenBLAS workers spin after each
+            # product and starve Numba's (a 64-stream (256,512,2) step took 20 ms with parallel
+            # cell updates on 2 cores).
             self._acc = self._sbuf[acc_off : acc_off + N * C].reshape(N, C)
+            self._panel_out = np.empty((C // lay.PANEL, N, lay.PANEL), model.dtype)  # (n, N, PANEL)
             self._layers = []
             for l in range(L):
                 K = plan.record(l, 0).K
                 self._layers.append((self._sbuf[z_off : z_off + N * K].reshape(N, K),
-                                     plan.gate_matrix(model._wbuf, l, 0)))
+                                     plan.gate_panels(model._wbuf, l, 0)))
         # Precomputed for the hot path: kernels take flat x (N*I,) and y (N*O,), stream-major.
         self._dtype = np.dtype(model.dtype)
         self._single = batch is None
@@ -636,9 +646,11 @@ class Stream:
         m = self.model
         wbuf, meta, fpar, sbuf, N = m._wbuf, m._meta, m._fpar, self._sbuf, self._N
         load_z, cells, emit = self._blas_calls
-        for l, (z, w) in enumerate(self._layers):
+        out, acc = self._panel_out, self._acc
+        for l, (z, wp) in enumerate(self._layers):
             load_z(l, xk, sbuf, meta)
-            np.matmul(z, w, out=self._acc)  # (N, K) @ (K, C) -> (N, C)
+            np.matmul(z, wp, out=out)  # (N, K) @ (n, K, PANEL) -> (n, N, PANEL), a BLAS call per panel
+            acc.reshape(N, -1, lay.PANEL)[...] = out.transpose(1, 0, 2)  # -> (N, C)
             cells(l, N, wbuf, meta, fpar, sbuf)
         emit(N, wbuf, meta, sbuf, y)
 

@@ -343,7 +343,7 @@ def _restore_reduced(path, meta, md, weights, rest, arrays):
                 q = quant.ReducedLayer("int8", got[f"gates_ih_{l}_{d}"], got[f"gates_hh_{l}_{d}"], s_ih, s_hh)
             else:
                 q = quant.ReducedLayer("bfloat16", got[f"gates_ih_{l}_{d}"], got[f"gates_hh_{l}_{d}"])
-            wbuf[a:b] = quant.fuse_gates(*q.weights()).astype(np.float32).ravel()  # (K, C)
+            wbuf[a:b] = lay.to_panels(quant.fuse_gates(*q.weights()).astype(np.float32)).ravel()  # panels
             row.append(q)
         reduced.append(row)
     wbuf[prev:] = rest[src:]

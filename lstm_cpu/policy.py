@@ -74,9 +74,12 @@ def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto
     ``weight_bytes``, on ``threads`` Numba threads.
 
     ``requested`` "serial" / "parallel" is honoured for the Numba kernels; "auto" follows the
-    measured thresholds above. ``job`` "sequence" (``model.run``) stays serial under "auto": its
-    input projection is one BLAS call, and numpy's OpenBLAS workers keep spinning after it,
-    starving Numba's (measured on 2 cores: a (256,512,2) sequence 2.5x slower in parallel).
+    measured thresholds above. ``job`` "sequence" (``model.run``, B sequences) goes parallel
+    once weight bytes x B reach :data:`BATCH_PARALLEL_MIN_BYTES`, a lone sequence included:
+    since layout 7 its input projection is a Numba kernel too, so no OpenBLAS worker spins next
+    to Numba's threads (they starved them 2.5x when it was a BLAS call). Measured on 2 cores,
+    serial vs parallel us per step at T=100: (512,1024,1) B=1 404/174, (128,256,2) B=1 41/24,
+    B=16 500/262; (32,64,1) B=16 (1.6 MB) 19.5/23.1.
     """
     requested = check_requested(requested)
     if job not in JOBS:
@@ -85,9 +88,9 @@ def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto
         return KernelChoice(parallel=False, blas=True)
     if requested != "auto":
         return KernelChoice(parallel=requested == "parallel", blas=False)
-    if threads <= 1 or job == "sequence":
+    if threads <= 1:
         return KernelChoice(parallel=False, blas=False)
-    if streams == 1:
+    if streams == 1 and job == "step":
         return KernelChoice(parallel=weight_bytes >= PARALLEL_MIN_WEIGHT_BYTES, blas=False)
     return KernelChoice(parallel=weight_bytes * streams >= BATCH_PARALLEL_MIN_BYTES, blas=False)
 

@@ -1,6 +1,6 @@
 """Many streams or sequences in one call: both ways the gate product is computed.
 
-Below ``BLAS_MIN_BATCH`` Numba's fused kernel takes streams four at a time (``_gemm_cols``) with a
+Below ``BLAS_MIN_BATCH`` Numba's fused kernel takes all streams through one pass over each panel (``_product``) with a
 single stream's float order, so a stream's outputs must be *bit-identical* whatever the batch it
 shares, with either kernel: array_equal. From ``BLAS_MIN_BATCH`` up the products are numpy BLAS
 calls with their own summation order: those are held to the same stream alone at the bound the

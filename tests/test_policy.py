@@ -35,8 +35,12 @@ MB = 1 << 20
     # an explicit request wins below the BLAS threshold
     (1, 1, 1, "parallel", "step", "parallel"),
     (64 * MB, 1, 2, "serial", "step", "serial"),
-    # whole sequences stay serial under "auto" (numpy's BLAS projection starves Numba's threads)
-    (64 * MB, 1, 2, "auto", "sequence", "serial"),
+    # whole sequences: bytes x sequences decide, a lone sequence included (no BLAS projection
+    # next to Numba's threads since layout 7)
+    (BATCH_PARALLEL_MIN_BYTES, 1, 2, "auto", "sequence", "parallel"),
+    (BATCH_PARALLEL_MIN_BYTES - 1, 1, 2, "auto", "sequence", "serial"),
+    (BATCH_PARALLEL_MIN_BYTES // 16, 16, 2, "auto", "sequence", "parallel"),
+    (64 * MB, 1, 1, "auto", "sequence", "serial"),
     (1, 1, 2, "parallel", "sequence", "parallel"),
 ])
 def test_choose_kernel_table(wbytes, streams, threads, requested, job, want):
