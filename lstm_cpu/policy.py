@@ -8,7 +8,8 @@ measurement.
 What the choice never changes: a result's bits. The serial and parallel twins compute every
 output element in the same float order (the parallel one splits units across threads, see
 ``layout.py``), and Numba's batched product gives a stream the bits it gets alone. Only the BLAS
-products (from :data:`BLAS_MIN_BATCH` streams or sequences) round differently (about 1e-8
+products (from :data:`BLAS_MIN_BATCH` streams or sequences of a model under
+:data:`BLAS_MAX_WEIGHT_BYTES`) round differently (about 1e-8
 relative), because numpy's BLAS orders its sums its own way.
 """
 
@@ -35,12 +36,17 @@ PARALLEL_MIN_WEIGHT_BYTES = 8 << 20
 #: N=32 148/98; (128,256,2) N=4 145/121, N=32 972/547.
 BATCH_PARALLEL_MIN_BYTES = 2 << 20
 
-#: From this many streams (or sequences in a batch) up, the gate products are numpy BLAS matrix
-#: products with serial Numba cell updates; below it, Numba's fused kernel runs them four streams
-#: at a time (no Python between layers or time steps, bit-identical to a lone stream). Measured
-#: on 2 cores (bench/results.md, "batched product"): Numba 62-70 GFLOP/s vs OpenBLAS 49 at 16
-#: streams, a tie at 32, OpenBLAS 1.4x-1.8x ahead at 48 and 64.
+#: From this many streams (or sequences in a batch) up, the gate products of a model under
+#: :data:`BLAS_MAX_WEIGHT_BYTES` are numpy BLAS matrix products with serial Numba cell updates;
+#: otherwise Numba's register-blocked panel product runs them (no Python between layers or time
+#: steps, bit-identical to a lone stream). Measured on the Zen 4 host (layout 7), us per step of
+#: 64 streams, BLAS vs Numba, 1 thread: (32,64,1) 56/65, (64,128,1) 152/181, (128,256,2)
+#: 1465/1361, (512,1024,1) 10582/8571; 2 threads: 56/65, 153/124, 1038/768, 7200/8451 (noisy).
 BLAS_MIN_BATCH = 40
+
+#: ... and only for models whose weights are smaller than this: OpenBLAS's GEMM wins on small
+#: matrices (K = 96..192 rows: 15-20% ahead), the panel product on larger ones (5-25% ahead).
+BLAS_MAX_WEIGHT_BYTES = 1 << 20
 
 JOBS = ("step", "sequence")
 
@@ -84,7 +90,7 @@ def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto
     requested = check_requested(requested)
     if job not in JOBS:
         raise ValueError(f"job must be one of {JOBS}, got {job!r}")
-    if streams >= BLAS_MIN_BATCH:
+    if streams >= BLAS_MIN_BATCH and weight_bytes < BLAS_MAX_WEIGHT_BYTES:
         return KernelChoice(parallel=False, blas=True)
     if requested != "auto":
         return KernelChoice(parallel=requested == "parallel", blas=False)
@@ -96,4 +102,4 @@ def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto
 
 
 __all__ = ["KERNELS", "KernelChoice", "choose_kernel", "check_requested", "PARALLEL_MIN_WEIGHT_BYTES",
-           "BATCH_PARALLEL_MIN_BYTES", "BLAS_MIN_BATCH"]
+           "BATCH_PARALLEL_MIN_BYTES", "BLAS_MIN_BATCH", "BLAS_MAX_WEIGHT_BYTES"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lstm_cpu import InputError, LayerParams, LSTMModel, policy
-from lstm_cpu.policy import (BATCH_PARALLEL_MIN_BYTES, BLAS_MIN_BATCH, PARALLEL_MIN_WEIGHT_BYTES,
+from lstm_cpu.policy import (BATCH_PARALLEL_MIN_BYTES, BLAS_MAX_WEIGHT_BYTES, BLAS_MIN_BATCH, PARALLEL_MIN_WEIGHT_BYTES,
                              choose_kernel)
 
 MB = 1 << 20
@@ -32,6 +32,11 @@ MB = 1 << 20
     (1, BLAS_MIN_BATCH, 2, "auto", "step", "blas"),
     (1, BLAS_MIN_BATCH, 2, "parallel", "step", "blas"),
     (1, BLAS_MIN_BATCH, 2, "auto", "sequence", "blas"),
+    # ... of small models only: from BLAS_MAX_WEIGHT_BYTES the panel product wins
+    (BLAS_MAX_WEIGHT_BYTES - 1, BLAS_MIN_BATCH, 1, "auto", "step", "blas"),
+    (BLAS_MAX_WEIGHT_BYTES, BLAS_MIN_BATCH, 1, "auto", "step", "serial"),
+    (BLAS_MAX_WEIGHT_BYTES, BLAS_MIN_BATCH, 2, "auto", "step", "parallel"),
+    (BLAS_MAX_WEIGHT_BYTES, BLAS_MIN_BATCH, 2, "serial", "sequence", "serial"),
     # an explicit request wins below the BLAS threshold
     (1, 1, 1, "parallel", "step", "parallel"),
     (64 * MB, 1, 2, "serial", "step", "serial"),
