@@ -16,7 +16,8 @@ Contenders, each validated before it is timed (llm.c style):
 * ``engine``: ``kernels._product``, the engine's product since layout 7 (register blocks of
   ``kernels.BLOCK_STREAMS`` streams x ``BLOCK_COLUMNS`` columns over 64-column panels);
 * ``pP_rR[_gG]``: ``lstm_cpu.gemm`` register-blocked kernels on panels of P columns, R streams
-  (G panels at once), checked ``array_equal`` against ``engine`` (the bit-identity the README
+  (G panels at once), checked against ``engine`` to 1e-5 (they sum row quads; the engine, since
+  layout 7, chains FMAs: the same sums rounded differently; formerly array_equal, the README
   promises).
 The peak is a register-only FMA loop in Numba (vector width of the compile target). Timings are
 the best of interleaved rounds (every contender once per round), in GFLOP/s = 2*N*K*C / time.
@@ -213,7 +214,7 @@ def main():
     print(f"# FMA peak, one core, Numba register loop: {peak:.1f} GFLOP/s ({hot_loop_report(_fma_loop)})")
     rng = np.random.default_rng(0)
     header = ["N", "K", "C", "blas"] + ["engine"] + names
-    print("| " + " | ".join(header) + " | best numba / blas | bit-identical |")
+    print("| " + " | ".join(header) + " | best numba / blas | agree with engine (1e-5) |")
     print("|" + "---|" * (len(header) + 2))
     shapes = SHAPES[1:3] if args.quick else SHAPES
     for K, C in shapes:
@@ -236,7 +237,7 @@ def main():
                 Wp = G.pack_panels(W, P)  # (C/P, K, P)
                 out = A0.copy()
                 G.KERNELS[name](Z, Wp, out)
-                identical &= bool(np.array_equal(out, ref))
+                identical &= bool(np.allclose(out, ref, rtol=1e-5, atol=1e-5))  # row quads vs the engine's FMA chains
                 runs[name] = (lambda f=G.KERNELS[name], Z=Z, Wp=Wp, A=out: f(Z, Wp, A))
             flops = 2.0 * N * K * C
             reps = max(1, int(2e7 / flops))  # ~0.2 ms per timing: short, to catch quiet moments

@@ -2,18 +2,19 @@
 
 The engine's own product is ``kernels._product`` over the panels of ``layout.py`` (layout 7);
 this module keeps the variants ``bench/gemm_probe.py`` measures it against (other panel widths,
-stream blocks, fused cell updates). The notes below describe the technique both use.
+stream blocks, fused cell updates). They sum row quads, the engine's former per-element
+expression; the engine now chains one FMA per row (see kernels.py), so results agree to
+rounding, not bit for bit. The notes below describe the register blocking both use.
 
 The batched gate product is ``A (N, C) += Z (N, K) @ W (K, C)``: N streams (or sequences of a
 batch), K = I + H inputs (or H for the recurrent part of ``run``), C = 4H gate columns.
-``kernels._product`` computes every element as::
+The kernels here compute every element as::
 
     a += w0*z0 + w1*z1 + w2*z2 + w3*z3        over k-quads, ascending k (fastmath: contract only)
 
-and reads and writes ``a`` in memory once per k-quad. The kernels here compute exactly the same
-expression in the same k order, so their results are **bit-identical** to ``kernels._product`` (and so
-to a stream stepped alone), but they hold a block of R streams x P columns of ``a`` in vector
-registers across all of K and write it back once.
+(the engine's expression up to layout 6, when it read and wrote ``a`` in memory once per k-quad)
+and hold a block of R streams x P columns of ``a`` in vector registers across all of K, writing
+it back once; every variant gives the same bits as every other whatever R, P and N.
 
 Packed panels
 -------------

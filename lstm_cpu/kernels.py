@@ -223,19 +223,20 @@ def _axpy_rows(W, z, acc):
 # It holds a block of RB streams x BW columns of A in vector registers while it streams rows
 # k0 .. k1 of a panel once, and writes the block back once. Every element gets::
 #
-#     a += w0*z0 + w1*z1 + w2*z2 + w3*z3      over row quads from k0, then the tail rows singly
+#     a = fma(w_k, z_k, a)      for k = k0, k0 + 1, ..., k1 - 1
 #
 # (fastmath "contract" only: no reassociation), so its bits do not depend on RB, BW, the
-# number of streams in the call, or which thread computed its panel.
+# number of streams in the call, or which thread computed its panel. (A chain of FMAs is one
+# FP operation per multiply-add; the former row-quad expression ``a += w0*z0 + ... + w3*z3``
+# took five for four and ran 5-18% slower on batches, the same on one stream.)
 #
 # Block sizes follow the vector registers the code is compiled for (Numba compiles for the host,
-# and its cache is keyed on the CPU): with AVX-512, a whole panel (64 columns = 4 zmm) x 2
-# streams, 8 accumulators of 32 registers; otherwise half a panel (32 columns = 4 ymm) x 2
-# streams, 8 of 16. (4 streams x 64 columns spilled the accumulators to the stack on AVX-512:
-# 21 vs 90 GFLOP/s at N = 4. With 16 ymm, 32 x 2 reloads ~10 broadcast activations from L1 per
-# row quad, and still beat the spill-free 32 x 1 and 16 x 2 blocks: 77 vs 37 and 51 GFLOP/s at
-# N = 64, (K, C) = (384, 1024), Haswell code on the Zen 4 host.) The choice changes speed only,
-# never bits.
+# and its cache is keyed on the CPU): a whole panel (64 columns) x 4 streams with AVX-512 (16 zmm
+# accumulators of 32 registers), x 2 streams otherwise (16 ymm: some reloads from L1). Measured
+# on the Zen 4 host, GFLOP/s of the product at (K, C) = (384, 1024), N = 1 / 16 / 64 streams:
+# AVX-512 64x4 42 / 103 / 104 (the row-quad expression at 64x2: 41 / 86 / 90); Haswell code,
+# 64x2 45 / 54 / 61 (row quads at 32x2: 39 / 54 / 77; half-panel chains, 32x1, 32x2, 16x4, ran
+# at 5-9: not used). The choice changes speed only, never bits.
 
 
 def _host_has_avx512() -> bool:
@@ -248,8 +249,8 @@ def _host_has_avx512() -> bool:
         return False
 
 
-#: Register block of the gate products on this host: BW columns x RB streams.
-BLOCK_COLUMNS, BLOCK_STREAMS = (64, 2) if _host_has_avx512() else (32, 2)
+#: Register block of the gate products on this host: BW columns (a whole panel) x RB streams.
+BLOCK_COLUMNS, BLOCK_STREAMS = (64, 4) if _host_has_avx512() else (64, 2)
 
 
 @intrinsic
@@ -271,7 +272,8 @@ def _stack_like(typingctx, arr, n):
 
 def _make_block(BW, RB):
     """``block(Z, s, Wp, p, j0, k0, k1, A, c0)``: A[s:s+RB, c0:c0+BW] += Z[s:s+RB, 0:k1-k0] @
-    Wp[p, k0:k1, j0:j0+BW], the RB x BW accumulators in registers across all the rows."""
+    Wp[p, k0:k1, j0:j0+BW], the RB x BW accumulators in registers across all the rows, each
+    one a chain of FMAs in ascending k."""
     n = RB * BW
 
     @njit(inline="always", nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
@@ -280,25 +282,12 @@ def _make_block(BW, RB):
         for r in range(RB):
             for j in range(BW):
                 acc[r, j] = A[s + r, c0 + j]
-        k = k0
-        while k + 4 <= k1:
+        for k in range(k0, k1):
             q = k - k0
-            for j in range(BW):
-                w0 = Wp[p, k, j0 + j]
-                w1 = Wp[p, k + 1, j0 + j]
-                w2 = Wp[p, k + 2, j0 + j]
-                w3 = Wp[p, k + 3, j0 + j]
-                for r in range(RB):
-                    acc[r, j] += (w0 * Z[s + r, q] + w1 * Z[s + r, q + 1]
-                                  + w2 * Z[s + r, q + 2] + w3 * Z[s + r, q + 3])
-            k += 4
-        while k < k1:
-            q = k - k0
-            for j in range(BW):
-                w0 = Wp[p, k, j0 + j]
-                for r in range(RB):
-                    acc[r, j] += w0 * Z[s + r, q]
-            k += 1
+            for r in range(RB):
+                zr = Z[s + r, q]
+                for j in range(BW):
+                    acc[r, j] += Wp[p, k, j0 + j] * zr
         for r in range(RB):
             for j in range(BW):
                 A[s + r, c0 + j] = acc[r, j]
@@ -308,7 +297,6 @@ def _make_block(BW, RB):
 
 def _make_product(BW, RB):
     wide, one = _make_block(BW, RB), _make_block(BW, 1)
-    halves = PANEL // BW
 
     @njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
     def panel_product(Z, Wp, A, p0, p1, k0, k1):
@@ -317,16 +305,14 @@ def _make_product(BW, RB):
         and its rows serve every block of streams from L1/L2."""
         N = Z.shape[0]
         for p in range(p0, p1):
-            for h in range(halves):
-                j0 = h * BW
-                c0 = p * PANEL + j0
-                s = 0
-                while s + RB <= N:
-                    wide(Z, s, Wp, p, j0, k0, k1, A, c0)
-                    s += RB
-                while s < N:
-                    one(Z, s, Wp, p, j0, k0, k1, A, c0)
-                    s += 1
+            c0 = p * PANEL
+            s = 0
+            while s + RB <= N:
+                wide(Z, s, Wp, p, 0, k0, k1, A, c0)
+                s += RB
+            while s < N:
+                one(Z, s, Wp, p, 0, k0, k1, A, c0)
+                s += 1
 
     return panel_product
 
