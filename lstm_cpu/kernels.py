@@ -320,6 +320,63 @@ def _make_product(BW, RB):
 _product = _make_product(BLOCK_COLUMNS, BLOCK_STREAMS)
 
 
+def _make_block0(BW, RB):
+    """``block0(Z, s, Wp, p, k1, A, c0)``: A[s:s+RB, c0:c0+BW] = Z[s:s+RB, :k1] @ Wp[p, :k1],
+    accumulators started at zero in registers (A is neither read nor pre-zeroed). The same
+    chain as :func:`_make_block` from a zero accumulator, so the same bits."""
+    n = RB * BW
+
+    @njit(inline="always", nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
+    def block0(Z, s, Wp, p, k1, A, c0):
+        acc = carray(_stack_like(A, n), (RB, BW))  # (RB, BW) accumulators
+        for r in range(RB):
+            for j in range(BW):
+                acc[r, j] = 0
+        for k in range(k1):
+            for r in range(RB):
+                zr = Z[s + r, k]
+                for j in range(BW):
+                    acc[r, j] += Wp[p, k, j] * zr
+        for r in range(RB):
+            for j in range(BW):
+                A[s + r, c0 + j] = acc[r, j]
+
+    return block0
+
+
+#: Rows per tile of the input projection: their inputs stay in L1 while the panels go by.
+#: Measured at (kin, C) = (128, 1024), 3200 rows: 85 GFLOP/s with 16, 68 with 64 or 256.
+PROJECTION_TILE = 16
+
+
+def _make_projection(BW, RB):
+    wide, one = _make_block0(BW, RB), _make_block0(BW, 1)
+    TS = PROJECTION_TILE
+
+    @njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
+    def panel_projection(X, Wp, A, p0, p1):
+        """A[:, p0*PANEL : p1*PANEL] (M, ·) = X (M, kin) @ the first kin rows of panels p0 .. p1
+        of Wp; A (M, C). Rows in tiles of PROJECTION_TILE, panels inside."""
+        M = X.shape[0]
+        kin = X.shape[1]
+        for t0 in range(0, M, TS):
+            t1 = min(t0 + TS, M)
+            for p in range(p0, p1):
+                c0 = p * PANEL
+                s = t0
+                while s + RB <= t1:
+                    wide(X, s, Wp, p, kin, A, c0)
+                    s += RB
+                while s < t1:
+                    one(X, s, Wp, p, kin, A, c0)
+                    s += 1
+
+    return panel_projection
+
+
+_projection = _make_projection(BLOCK_COLUMNS, BLOCK_STREAMS)
+
+
 @njit(inline="always", **_FLAGS)
 def _panel_bounds(r, R, n):
     """Panels [p0, p1) of range r of R over n panels, as even as whole panels allow."""
@@ -657,13 +714,8 @@ def _input_product(r, R, X, wbuf, meta, l, d, xp):
     p0, p1 = _panel_bounds(r, R, n)
     rec = M_LD + (l * D + d) * LD_STRIDE
     K = meta[rec + LD_K]
-    c0, c1 = p0 * PANEL, p1 * PANEL
-    for s in range(X.shape[0]):
-        a = xp[s, c0:c1]
-        for j in range(c1 - c0):
-            a[j] = 0
     Wp = wbuf[meta[rec + LD_W] : meta[rec + LD_W] + K * C].reshape((n, K, PANEL))  # panels
-    _product(X, Wp, xp, p0, p1, 0, X.shape[1])
+    _projection(X, Wp, xp, p0, p1)
 
 
 @njit(**_FLAGS)
