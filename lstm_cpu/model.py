@@ -183,12 +183,21 @@ class LSTMModel:
         self.weights = weights
         self.weight_error = weight_error  # float or None (float32 weights: exact)
         self._reduced = reduced  # [[quant.ReducedLayer per direction] per layer] or None
-        self._rstack = None  # quant.ReducedStack: the reduced step of a lone stream, if it applies
+        self._rstack = None  # quant.ReducedStack: the reduced kernels, where the model fits them
         if reduced is not None:
             layers = self.layer_params()
-            if quant.reduced_stream_supported(layers, head=self.head, clip=self.clip,
-                                              input_forget=self.input_forget, reverse=self.reverse):
-                self._rstack = quant.ReducedStack(layers, weights, reduced=[row[0] for row in reduced])
+            if quant.reduced_run_supported(layers, head=self.head, clip=self.clip,
+                                           input_forget=self.input_forget):
+                self._rstack = quant.ReducedStack(layers, weights, reduced=reduced)
+
+    def _reduced_for(self, kernel):
+        """The :class:`quant.ReducedStack` that runs a request, or None (the float kernels): a
+        reduced model runs its own serial kernels unless "parallel" is asked for, here or at
+        construction (the parallel kernels are float ones, over the weights these stand for)."""
+        if self._rstack is None:
+            return None
+        requested = self._kernel if kernel is None else policy.check_requested(kernel)
+        return None if requested == "parallel" else self._rstack
 
     @staticmethod
     def _validate(layers, clip, head):
@@ -387,6 +396,10 @@ class LSTMModel:
         L, D, H, out = self.num_layers, self.num_directions, self.hidden_size, self._out
         h0, c0 = self._initial_batch(state, B, batched)
         lens = self._lengths(lengths, T, B, batched)
+        rstack = self._reduced_for(kernel)
+        if rstack is not None:  # reduced weights: their own kernels, B sequences per weight load
+            y, hN, cN = rstack.run(xb, h0, c0, lens, reverse=self.reverse)
+            return (y, (hN, cN)) if batched else (y[:, 0, :], (hN[:, 0, :], cN[:, 0, :]))
         plan, wbuf, meta = self._plan, self._wbuf, self._meta
         C, Hp = plan.C, plan.Hp
         choice = self._choose(kernel, B, job="sequence")
@@ -510,11 +523,14 @@ class Stream:
         self._guard = kernels.parallel_guard if choice.parallel else None
         R = lay.unit_ranges(Hp, _config.num_threads()) if choice.parallel else 1  # unit ranges
         self._blas = choice.blas
-        # A lone serial stream of a reduced model steps through the reduced kernels, on views of
-        # this stream's own h and c (so state, reset and snapshots work unchanged).
-        self._rstep = None
-        if model._rstack is not None and batch is None and not choice.parallel and not choice.blas:
-            self._rstep = model._rstack.stream(self._h[:, 0, :], self._c[:, 0, :]).step_into
+        # The streams of a reduced model step through the reduced kernels (all N at once), on
+        # views of this stream's own h and c (so state, reset and snapshots work unchanged).
+        self._rstep = self._rrun = None
+        rstack = model._reduced_for(kernel)
+        if rstack is not None and rstack.streamable:
+            rb = rstack.streams(N, self._h, self._c)
+            self._rstep, self._rrun = rb.step_into, rb.run_into
+            self.kernel = "serial"
         if self._blas:
             # Views for the BLAS path: acc (N, C) and per layer z (N, K_l) and W (K_l, C). Its cell
             # updates stay serial: numpy's OpenBLAS workers spin after each product and starve
@@ -662,9 +678,8 @@ class Stream:
         T = xa.shape[0]
         xk = xa.reshape(T, N * I)  # (T, N*I)
         ys = np.empty((T, self._ylen), self._dtype)  # (T, N*O)
-        if self._rstep is not None:
-            for t in range(T):
-                self._rstep(xk[t], ys[t])
+        if self._rrun is not None:
+            self._rrun(xk, ys)
         elif T and self._blas:
             for t in range(T):
                 self._step_blas(xk[t], ys[t])
