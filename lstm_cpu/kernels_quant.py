@@ -901,28 +901,34 @@ def i8a16_portable_batch(Wq4, zhi, zlo, qrows, p0, p1, ohi, olo):
 def bf16_dp_batch(Wb2, zhi, zlo, q0, q1, p0, p1, out):
     """:func:`bf16_dp` for N streams: out[n, 16p : 16p+16] = sum over row pairs q in [q0, q1)
     of (zhi + zlo)[n, 2q:2q+2] . Wb2[p, q]. Wb2 (P, K2, 32) uint16 bfloat16; zhi, zlo (N, ZW)
-    uint16 bfloat16, ZW >= 2*K2; out (N, C) float32. Four streams per weight load (eight
-    chains: hi and lo of each); the last N % 4 streams through :func:`bf16_dp` (four panels at
-    a time: one stream's two chains alone wait on the instruction's latency). Every stream's hi
-    and lo chains run over q in order from zero, then hi + lo: the bits of :func:`bf16_dp`."""
+    uint16 bfloat16, ZW >= 2*K2; out (N, C) float32.
+
+    Two panels x four streams per pass: each loaded weight vector feeds four streams, each
+    broadcast activation pair two panels, and the 2 x 4 x (hi, lo) accumulators are sixteen
+    independent chains (eight chains ran at 41 G MAC/s, sixteen at 57: ``vdpbf16ps`` waits on
+    its latency with fewer). The last N % 4 streams go through :func:`bf16_dp` (four panels at
+    a time). Every stream's hi and lo chains run over q in order from zero, then hi + lo: the
+    bits of :func:`bf16_dp`."""
     K2 = Wb2.shape[1]
     W = Wb2.reshape(Wb2.size)
     m = K2 * 32  # elements per panel
     N, ZW = zhi.shape[0], zhi.shape[1]
-    zh = zhi.reshape(zhi.size)
+    zh = zhi.reshape(zhi.size)  # (N*ZW,) stream n's pairs at n*ZW
     zl = zlo.reshape(zlo.size)
     C = out.shape[1]
     of = out.reshape(out.size)  # (N*C,)
     N4 = N - N % 4
-    for p in range(p0, p1):
-        b = p * m
+    p = p0
+    while p < p1:
+        b0 = p * m
+        b1 = b0 + m if p + 1 < p1 else b0  # past the range end: recompute panel p, store nothing
         n = 0
         while n < N4:
             z0 = n * ZW
             z1 = z0 + ZW
             z2 = z1 + ZW
             z3 = z2 + ZW
-            a0 = _zf()
+            a0 = _zf()  # panel p: hi chains a*, lo chains c*, one per stream
             a1 = _zf()
             a2 = _zf()
             a3 = _zf()
@@ -930,22 +936,54 @@ def bf16_dp_batch(Wb2, zhi, zlo, q0, q1, p0, p1, out):
             c1 = _zf()
             c2 = _zf()
             c3 = _zf()
+            d0 = _zf()  # panel p + 1: hi chains d*, lo chains e*
+            d1 = _zf()
+            d2 = _zf()
+            d3 = _zf()
+            e0 = _zf()
+            e1 = _zf()
+            e2 = _zf()
+            e3 = _zf()
             for q in range(q0, q1):
-                w = _ldi(W, b + q * 32)
-                a0 = _dpbf(a0, _bc4(zh, z0 + 2 * q), w)
-                c0 = _dpbf(c0, _bc4(zl, z0 + 2 * q), w)
-                a1 = _dpbf(a1, _bc4(zh, z1 + 2 * q), w)
-                c1 = _dpbf(c1, _bc4(zl, z1 + 2 * q), w)
-                a2 = _dpbf(a2, _bc4(zh, z2 + 2 * q), w)
-                c2 = _dpbf(c2, _bc4(zl, z2 + 2 * q), w)
-                a3 = _dpbf(a3, _bc4(zh, z3 + 2 * q), w)
-                c3 = _dpbf(c3, _bc4(zl, z3 + 2 * q), w)
+                w = _ldi(W, b0 + q * 32)
+                v = _ldi(W, b1 + q * 32)
+                h0 = _bc4(zh, z0 + 2 * q)
+                g0 = _bc4(zl, z0 + 2 * q)
+                h1 = _bc4(zh, z1 + 2 * q)
+                g1 = _bc4(zl, z1 + 2 * q)
+                h2 = _bc4(zh, z2 + 2 * q)
+                g2 = _bc4(zl, z2 + 2 * q)
+                h3 = _bc4(zh, z3 + 2 * q)
+                g3 = _bc4(zl, z3 + 2 * q)
+                a0 = _dpbf(a0, h0, w)
+                c0 = _dpbf(c0, g0, w)
+                a1 = _dpbf(a1, h1, w)
+                c1 = _dpbf(c1, g1, w)
+                a2 = _dpbf(a2, h2, w)
+                c2 = _dpbf(c2, g2, w)
+                a3 = _dpbf(a3, h3, w)
+                c3 = _dpbf(c3, g3, w)
+                d0 = _dpbf(d0, h0, v)
+                e0 = _dpbf(e0, g0, v)
+                d1 = _dpbf(d1, h1, v)
+                e1 = _dpbf(e1, g1, v)
+                d2 = _dpbf(d2, h2, v)
+                e2 = _dpbf(e2, g2, v)
+                d3 = _dpbf(d3, h3, v)
+                e3 = _dpbf(e3, g3, v)
             o = n * C + 16 * p
             _stf(of, o, _addf(a0, c0))
             _stf(of, o + C, _addf(a1, c1))
             _stf(of, o + 2 * C, _addf(a2, c2))
             _stf(of, o + 3 * C, _addf(a3, c3))
+            if p + 1 < p1:
+                o += 16
+                _stf(of, o, _addf(d0, e0))
+                _stf(of, o + C, _addf(d1, e1))
+                _stf(of, o + 2 * C, _addf(d2, e2))
+                _stf(of, o + 3 * C, _addf(d3, e3))
             n += 4
+        p += 2
     for n in range(N4, N):
         bf16_dp(Wb2, zhi[n], zlo[n], q0, q1, p0, p1, out[n])
 
@@ -1258,13 +1296,21 @@ def asm_report(feats=None) -> dict:
         cases["i8_vnni"] = (i8_vnni, (q, u8, 0, 4, 0, 4, i32))
         i2 = np.zeros((2, 64), np.int32)
         cases["i8a16_vnni"] = (i8a16_vnni, (q, u8, u8, np.array([0, 2, 4]), 0, 4, i2, i2.copy()))
+        u8n = np.zeros((5, 16), np.uint8)
+        i3 = np.zeros((5, 2, 64), np.int32)
+        cases["i8a16_vnni_batch"] = (i8a16_vnni_batch, (q, u8n, u8n.copy(), np.array([0, 2, 4]), 0, 4, i3, i3.copy()))
     if has_vnni256(f):
         cases["i8_vnni256"] = (i8_vnni256, (np.zeros((4, 4, 64), np.int8), u8, 0, 4, 0, 4, i32))
     if has_bf16dp(f):
         cases["bf16_dp"] = (bf16_dp, (np.zeros((4, 4, 32), np.uint16), np.zeros(8, np.uint16),
                                       np.zeros(8, np.uint16), 0, 4, 0, 4, f32))
+        z16 = np.zeros((5, 8), np.uint16)
+        cases["bf16_dp_batch"] = (bf16_dp_batch, (np.zeros((4, 4, 32), np.uint16), z16, z16.copy(), 0, 4, 0, 4,
+                                                  np.zeros((5, 64), np.float32)))
     for name, dt in (("int8", np.int8), ("float16", np.uint16), ("bfloat16", np.int16)):
         cases[f"fma_panels[{name}]"] = (fma_panels, (np.zeros((4, 8, 16), dt), f32, 0, 8, 0, 4, f32))
+    cases["fma_panels_batch[int8]"] = (fma_panels_batch, (np.zeros((4, 8, 16), np.int8), np.zeros((5, 8), np.float32),
+                                                          0, 8, 0, 4, np.zeros((5, 64), np.float32)))
     out = {}
     flags = dict(_FLAGS, cache=False)  # Numba cannot show the assembly of cached code
     for name, (fn, args) in cases.items():
