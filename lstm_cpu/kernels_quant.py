@@ -45,6 +45,11 @@ Assembly (``dispatcher.inspect_asm(sig)``, LLVM 22, znver4 target, AMD EPYC with
   zmm + ``vfmadd``; bfloat16 -> ``vpmovzxwd`` + ``vpslld`` + ``vfmadd``. The activation is a
   ``{1to16}`` broadcast memory operand of the FMA: the raw-pointer broadcast (``bcast_ld_f``)
   removed four scalar instructions per FMA that Numba's negative-index wraparound had added.
+* N-stream twins (``*_batch``): ``i8a16_vnni_batch``'s main loop holds eight zmm accumulators
+  (four streams x two digits) and issues 8 ``vpdpbusd`` per 64-byte weight load (LLVM unrolls
+  it by two: 16 per iteration); ``bf16_dp_batch`` issues 16 ``vdpbf16ps`` per pair of weight
+  loads (two panels x four streams x hi/lo); ``fma_panels_batch`` converts four weight vectors
+  once and issues 16 ``vfmadd231ps`` with ``{1to16}`` activation broadcasts.
 * ``i8_portable`` (plain loops): LLVM itself chose ``vpdpwssd`` (AVX512-VNNI on 16-bit words)
   here; on an AVX2 machine it becomes ``vpmaddwd`` code.
 
@@ -437,11 +442,13 @@ def quantize_u8(z, k0, k1, zq, d0):
     inv = np.float32(1.0) / s
     lo_ = np.float32(-127.0)
     hi_ = np.float32(127.0)
-    for k in range(k0, k1):
-        v = np.rint(z[k] * inv)
+    zs = z[k0:k1]  # slices indexed from 0: no negative-index wraparound, so the loop vectorises
+    oq = zq[d0 : d0 + k1 - k0]
+    for i in range(k1 - k0):
+        v = np.rint(zs[i] * inv)
         v = lo_ if v < lo_ else v
         v = hi_ if v > hi_ else v
-        zq[d0 + k - k0] = np.uint8(np.int32(v) + 128)
+        oq[i] = np.uint8(np.int32(v) + 128)
     return s
 
 
@@ -532,13 +539,18 @@ def quantize_a16(z, k0, k1, zhi, zlo, d0):
     inv = np.float32(1.0) / s
     lo_ = np.float32(-32767.0)
     hi_ = np.float32(32767.0)
-    for k in range(k0, k1):
-        v = np.rint(z[k] * inv)
+    # slices indexed from 0: without Numba's negative-index wraparound (z[d0 + k - k0] might be
+    # negative for all it knows) the loop vectorises, 4.4 -> 0.35 us per 1,024 values
+    zs = z[k0:k1]
+    oh = zhi[d0 : d0 + k1 - k0]
+    ol = zlo[d0 : d0 + k1 - k0]
+    for i in range(k1 - k0):
+        v = np.rint(zs[i] * inv)
         v = lo_ if v < lo_ else v
         v = hi_ if v > hi_ else v
         iv = np.int32(v) + 32768  # [1, 65535]: hi + 128 = iv >> 8, lo = iv & 255
-        zhi[d0 + k - k0] = np.uint8(iv >> 8)
-        zlo[d0 + k - k0] = np.uint8(iv & 255)
+        oh[i] = np.uint8(iv >> 8)
+        ol[i] = np.uint8(iv & 255)
     return s
 
 
@@ -629,16 +641,19 @@ def split_bf16(z, k0, k1, zhi, zlo, d0):
     """zhi/zlo[d0 : d0 + k1-k0] <- z[k0:k1] as bfloat16 hi + lo (uint16 bit patterns, round to
     nearest even): hi = bf16(z), lo = bf16(z - hi), so hi + lo = z to ~2^-16 relative. Inf and
     NaN pass through hi (lo is then NaN or 0)."""
-    b = z.view(np.uint32)
-    for k in range(k0, k1):
-        u = b[k]
+    b = z[k0:k1].view(np.uint32)  # slices indexed from 0 (no negative-index wraparound)
+    zs = z[k0:k1]
+    oh = zhi[d0 : d0 + k1 - k0]
+    ol = zlo[d0 : d0 + k1 - k0]
+    for i in range(k1 - k0):
+        u = b[i]
         h = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16
         if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: keep it quiet, not Inf
             h = (u >> 16) | np.uint32(0x40)
-        zhi[d0 + k - k0] = np.uint16(h)
-        r = z[k] - _u32_as_f32(h << 16)
+        oh[i] = np.uint16(h)
+        r = zs[i] - _u32_as_f32(h << 16)
         v = _f32_as_u32(r)
-        zlo[d0 + k - k0] = np.uint16((v + np.uint32(0x7FFF) + ((v >> 16) & np.uint32(1))) >> 16)
+        ol[i] = np.uint16((v + np.uint32(0x7FFF) + ((v >> 16) & np.uint32(1))) >> 16)
 
 
 @njit(**_FLAGS)
@@ -726,13 +741,20 @@ def cells(acc, c, h):
     """Default LSTM cell (sigmoid, tanh, tanh; gates i, f, g, o each Hp wide in acc (4*Hp,)):
     c (Hp,) updated in place, h (H,) <- o * tanh(c)[:H]. The float32 rational tanh of kernels.py."""
     hp = c.shape[0]
+    H = h.shape[0]  # padded units never feed a real one: skipped
     half = np.float32(0.5)
-    for u in range(h.shape[0]):  # padded units never feed a real one: skipped
-        i = half * _tanh_f32(half * acc[u]) + half
-        f = half * _tanh_f32(half * acc[hp + u]) + half
-        cn = f * c[u] + i * _tanh_f32(acc[2 * hp + u])
+    # per-gate slices indexed from 0: acc[hp + u] would carry Numba's negative-index
+    # wraparound, which kept the loop scalar (1.3 -> 0.8 us for 500 units, the same bits)
+    gi = acc[0:H]
+    gf = acc[hp : hp + H]
+    gg = acc[2 * hp : 2 * hp + H]
+    go = acc[3 * hp : 3 * hp + H]
+    for u in range(H):
+        i = half * _tanh_f32(half * gi[u]) + half
+        f = half * _tanh_f32(half * gf[u]) + half
+        cn = f * c[u] + i * _tanh_f32(gg[u])
         c[u] = cn
-        h[u] = (half * _tanh_f32(half * acc[3 * hp + u]) + half) * _tanh_f32(cn)
+        h[u] = (half * _tanh_f32(half * go[u]) + half) * _tanh_f32(cn)
 
 
 @njit(**_FLAGS)

@@ -78,12 +78,15 @@ class LSTMModel:
         weights: the format of the gate matrices, ``"float32"`` (default), ``"int8"`` (symmetric,
             one scale per gate row over the fused [w_ih | w_hh] row) or ``"bfloat16"`` (round to
             nearest even). Activations, state and outputs stay float32; biases, peepholes,
-            projection and head stay float. A lone stream of a one-direction model with default
-            activations (no peepholes, projection, head, clip or coupling) steps through the
-            reduced kernels (``lstm_cpu/kernels_quant.py``: int8 with per-step 16-bit activations
-            on AVX-512 VNNI, bfloat16 with ``vdpbf16ps``); everything else runs the float kernels
-            over the weights the reduced ones stand for (same values, ~1e-5 apart from the
-            reduced step's activation rounding). ``model.weight_error`` is the max abs output
+            projection and head stay float. A model with default activations and no peepholes,
+            projection, head, clip or coupling runs the reduced kernels
+            (``lstm_cpu/kernels_quant.py``: int8 with per-step 16-bit activations on AVX-512
+            VNNI, bfloat16 with ``vdpbf16ps``) for its streams, lone or batched, and ``run``
+            (one or two directions); a stream gets the same bits in any batch, chunk or ``run``.
+            Such a model holds only its reduced gate matrices. Everything else, and
+            ``kernel="parallel"``, runs the float kernels over the weights the reduced ones
+            stand for (same values, ~1e-5 apart from the reduced kernels' activation rounding),
+            built in float32 when first needed. ``model.weight_error`` is the max abs output
             error against the float32 model over a fixed random 1,000-step stream, measured here.
         reduced: internal: per (layer, direction) :class:`lstm_cpu.quant.ReducedLayer` already
             reduced (a packed file, an imported quantized node); ``layers`` then supplies the rest.
@@ -164,7 +167,7 @@ class LSTMModel:
     def _set_packed(self, plan, wbuf, fpar, init, source, kernel, weights="float32", reduced=None,
                     weight_error=None):
         self._plan = plan  # layout.Plan: sizes, flags, offsets (the only reader of offsets)
-        self._wbuf = _readonly(wbuf)  # (plan.total,) packed weights, see layout.py
+        self._wfull = _readonly(wbuf)  # (plan.total,) packed weights, see layout.py (or None: _wbuf)
         self._meta = plan.meta  # (M_LD + L*D*LD_STRIDE,) int64: the plan as the kernels read it
         self._fpar = _readonly(fpar)  # (F_LD + L*D*F_STRIDE,) float64 clip and activation params
         self._init = None if init is None else tuple(_readonly(np.ascontiguousarray(a)) for a in init)
@@ -189,6 +192,42 @@ class LSTMModel:
             if quant.reduced_run_supported(layers, head=self.head, clip=self.clip,
                                            input_forget=self.input_forget):
                 self._rstack = quant.ReducedStack(layers, weights, reduced=reduced)
+                # its own kernels never read the float gate matrices: keep the rest, and build
+                # the float copy only if a float path asks for it (see _wbuf)
+                from .packed import _cut_gates
+
+                self._wrest = _readonly(_cut_gates(plan, wbuf))
+                self._wfull = None
+
+    @property
+    def _wbuf(self) -> np.ndarray:
+        """(plan.total,) the packed float weights, see layout.py. A reduced model that runs its own
+        kernels holds only its reduced gate matrices and the rest of this buffer; the float gate
+        matrices (what the reduced ones stand for) are built on the first use of a float path
+        (``kernel="parallel"``, ``layer_params()``, ``Stream.numba_args()``) and kept."""
+        w = self._wfull
+        if w is None:
+            w = self._wfull = _readonly(self._float_weights())
+        return w
+
+    def _float_weights(self, gates=True) -> np.ndarray:
+        """The full float buffer of a reduced model, from its rest and its reduced gates (the
+        values the constructor packed: ``packed.load`` restores a reduced file the same way);
+        ``gates=False``: the gate regions left zero (``save`` cuts them out)."""
+        if self._wfull is not None:
+            return self._wfull
+        from .packed import _gate_regions
+
+        plan, rest = self._plan, self._wrest
+        wbuf = np.empty(plan.total, rest.dtype)
+        prev = src = 0
+        for (a, b), q in zip(_gate_regions(plan), (q for row in self._reduced for q in row)):
+            wbuf[prev:a] = rest[src : src + a - prev]
+            src += a - prev
+            prev = b
+            wbuf[a:b] = quant.fuse_gates(*q.weights()).astype(rest.dtype).ravel() if gates else 0  # (K, C)
+        wbuf[prev:] = rest[src:]
+        return wbuf
 
     def _reduced_for(self, kernel):
         """The :class:`quant.ReducedStack` that runs a request, or None (the float kernels): a
@@ -261,7 +300,7 @@ class LSTMModel:
     @property
     def head(self):
         """``(weight (O, D*out), bias (O,))`` copies, or None."""
-        views = self._plan.head(self._wbuf)
+        views = self._plan.head(self._wbuf) if self._head_o else None
         if views is None:
             return None
         return views[0].T.copy(), views[1].copy()
@@ -270,11 +309,11 @@ class LSTMModel:
     def weight_bytes(self) -> int:
         """Bytes of the packed float weights; for a reduced model, with its gate matrices counted
         in their reduced format (what a reduced step reads and a packed file stores)."""
+        plan, size = self._plan, np.dtype(self.dtype).itemsize
         if self._reduced is None:
-            return int(self._wbuf.nbytes)
-        gates = sum(self._plan.gate_matrix(self._wbuf, l, d).nbytes
-                    for l in range(self.num_layers) for d in range(self.num_directions))
-        return int(self._wbuf.nbytes - gates + sum(q.nbytes for row in self._reduced for q in row))
+            return int(plan.total * size)
+        gates = sum(plan.record(l, d).K * plan.C for l in range(plan.L) for d in range(plan.D))
+        return int((plan.total - gates) * size + sum(q.nbytes for row in self._reduced for q in row))
 
     def _choose(self, kernel, streams: int, job: str = "step") -> policy.KernelChoice:
         """The policy's kernel for this model: ``kernel`` or the model's own request."""
@@ -371,7 +410,8 @@ class LSTMModel:
         """Write the packed model to ``path`` atomically (see :mod:`lstm_cpu.packed`)."""
         from .packed import save
 
-        save(path, self._plan, self._wbuf, self._fpar, self._init, self._source, self.weights,
+        wbuf = self._float_weights(gates=self._reduced is None)  # a reduced file stores its own gates
+        save(path, self._plan, wbuf, self._fpar, self._init, self._source, self.weights,
              self._reduced, self.weight_error)
 
     # -- whole sequences -------------------------------------------------------------------------
@@ -518,19 +558,19 @@ class Stream:
         self._h = self._sbuf[h_off:c_off].reshape(L, N, out)  # (L, N, out) view
         self._c = self._sbuf[c_off:z_off].reshape(L, N, Hp)  # (L, N, Hp) view
         self._x = np.zeros(N * model.input_size, model.dtype)  # (N*I,) conversion buffer
+        # The streams of a reduced model step through the reduced kernels (all N at once), on
+        # views of this stream's own h and c (so state, reset and snapshots work unchanged); they
+        # never read the float weights, so the model need not hold a float copy for them.
+        self._rstep = self._rrun = None
+        rstack = model._reduced_for(kernel)
+        if rstack is not None and rstack.streamable:
+            self._init_reduced(rstack)
+            return
         self._step_fn = kernels.stack_step_parallel if choice.parallel else kernels.stack_step_serial
         self._run_fn = kernels.stack_run_parallel if choice.parallel else kernels.stack_run_serial
         self._guard = kernels.parallel_guard if choice.parallel else None
         R = lay.unit_ranges(Hp, _config.num_threads()) if choice.parallel else 1  # unit ranges
         self._blas = choice.blas
-        # The streams of a reduced model step through the reduced kernels (all N at once), on
-        # views of this stream's own h and c (so state, reset and snapshots work unchanged).
-        self._rstep = self._rrun = None
-        rstack = model._reduced_for(kernel)
-        if rstack is not None and rstack.streamable:
-            rb = rstack.streams(N, self._h, self._c)
-            self._rstep, self._rrun = rb.step_into, rb.run_into
-            self.kernel = "serial"
         if self._blas:
             # Views for the BLAS path: acc (N, C) and per layer z (N, K_l) and W (K_l, C). Its cell
             # updates stay serial: numpy's OpenBLAS workers spin after each product and starve
@@ -560,6 +600,20 @@ class Stream:
                 kernels.compiled_entry(kernels.batch_cells_serial,
                                        (0, N, model._wbuf, meta, model._fpar, self._sbuf)),
                 kernels.compiled_entry(kernels.batch_emit, (N, model._wbuf, meta, self._sbuf, y0)))
+        self.reset()
+
+    def _init_reduced(self, rstack):
+        """The rest of ``__init__`` for streams on a reduced model's kernels (``quant.ReducedBatch``)."""
+        m, N = self.model, self._N
+        rb = rstack.streams(N, self._h, self._c)
+        self._rstep, self._rrun = rb.step_into, rb.run_into
+        self.kernel = "serial"
+        self._blas, self._guard, self._wargs = False, None, None
+        self._dtype = np.dtype(m.dtype)
+        self._single = self.batch is None
+        self._want = (m.input_size,) if self.batch is None else (N, m.input_size)
+        self._yshape = (m.output_size,) if self.batch is None else (N, m.output_size)
+        self._ylen = N * m.output_size
         self.reset()
 
     # -- state ---------------------------------------------------------------------------------
@@ -663,6 +717,9 @@ class Stream:
         fpar, sbuf, y)`` called from your own ``@numba.njit`` code: the model's packed arrays and
         this stream's live state (updated in place by each step, exactly as :meth:`step` does).
         x (N*I,) and y (N*O,) are flat, stream-major, of the model's dtype."""
+        if self._wargs is None:  # a reduced stream: the float weights, built now, on the same state
+            m = self.model
+            return m._wbuf, m._meta, m._fpar, self._sbuf
         return self._wargs[-4:]
 
     def run(self, xs):

@@ -332,3 +332,31 @@ def test_reverse_model_runs_reduced(rng):
     ref, _ = naive.run(m._rstack.deq, xs.astype(np.float64), lengths=[9, 4], reverse=True)
     assert np.abs(y - ref).max() < TOL["bfloat16"]
     assert not np.array_equal(y[:4, 1], m.run(xs[:4, 1], kernel="parallel")[0])  # the reduced kernels ran
+
+
+@pytest.mark.parametrize("w", ["int8", "bfloat16"])
+def test_a_reduced_model_holds_no_float_copy_of_its_gates(w, tmp_path, rng):
+    """Its own kernels never read float gates: streams (any N), run, info and save leave the float
+    copy unbuilt; a float path builds it, equal to what the constructor packed."""
+    import lstm_cpu
+
+    layers = _layers(rng, 8, 32, 2)
+    m = LSTMModel(layers, weights=w)
+    xs = rng.standard_normal((6, 3, 8)).astype(np.float32)
+    m.stream().step(xs[0, 0])
+    m.stream(batch=3).run(xs)
+    y, _ = m.run(xs)
+    m.info()
+    m.save(tmp_path / "m.lstm")
+    assert m._wfull is None
+    assert m._wrest.nbytes < 0.05 * m._float_weights().nbytes
+    back = lstm_cpu.load(tmp_path / "m.lstm")
+    assert back._wfull is None
+    np.testing.assert_array_equal(back.run(xs)[0], y)
+    eager = LSTMModel(layers, weights="float32")  # the float kernels' buffer, packed from what w stands for
+    stand_for = [[LayerParams(*q.weights(), p.bias)] for q, (p,) in zip([r[0] for r in m._reduced], layers)]
+    np.testing.assert_array_equal(m._float_weights(), LSTMModel(stand_for)._wbuf)
+    assert m._wfull is None and eager.weights == "float32"
+    m.run(xs, kernel="parallel")  # a float path: builds the copy, keeps it
+    assert m._wfull is not None
+    np.testing.assert_array_equal(m._wfull, LSTMModel(stand_for)._wbuf)
