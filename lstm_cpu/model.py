@@ -324,6 +324,9 @@ class LSTMModel:
     @property
     def default_kernel(self) -> str:
         """The kernel a lone stream of this model runs by default ("serial" or "parallel")."""
+        rstack = self._reduced_for(None)
+        if rstack is not None and rstack.streamable:
+            return "serial"  # the reduced kernels (Stream reports the same)
         return self._choose(None, 1).name
 
     def activations(self, layer=0, direction=0):

@@ -360,3 +360,10 @@ def test_a_reduced_model_holds_no_float_copy_of_its_gates(w, tmp_path, rng):
     m.run(xs, kernel="parallel")  # a float path: builds the copy, keeps it
     assert m._wfull is not None
     np.testing.assert_array_equal(m._wfull, LSTMModel(stand_for)._wbuf)
+
+
+def test_info_reports_the_kernel_streams_run(reduced_models):
+    m = reduced_models["int8"]
+    assert m.default_kernel == m.info()["kernel"] == m.stream().kernel == "serial"
+    p = LSTMModel(reduced_models["layers"], weights="int8", kernel="parallel")
+    assert p.default_kernel == p.stream().kernel == "parallel" and p.stream()._rstep is None
