@@ -185,7 +185,7 @@ class LSTMModel:
         #: the gate-matrix format: "float32", "int8" or "bfloat16" (see the class docstring)
         self.weights = weights
         self.weight_error = weight_error  # float or None (float32 weights: exact)
-        self._reduced = reduced  # [[quant.ReducedLayer per direction] per layer] or None
+        self._rcanon = reduced  # [[quant.ReducedLayer per direction] per layer] or None: see _reduced
         self._rstack = None  # quant.ReducedStack: the reduced kernels, where the model fits them
         if reduced is not None:
             layers = self.layer_params()
@@ -198,6 +198,21 @@ class LSTMModel:
 
                 self._wrest = _readonly(_cut_gates(plan, wbuf))
                 self._wfull = None
+                self._rcanon = None  # the stack's layouts are the only copy of the reduced gates
+
+    @property
+    def _reduced(self):
+        """``[[quant.ReducedLayer per direction] per layer]`` (the reduced gates as canonical rows),
+        or None for float32 weights. A model on its own reduced kernels keeps its gates only in
+        the kernels' layouts: these are unpacked on first use and kept (``save`` and the float
+        copy unpack them for the moment only, see :meth:`_canonical`)."""
+        if self._rcanon is None and self._rstack is not None:
+            self._rcanon = self._rstack.canonical()
+        return self._rcanon
+
+    def _canonical(self):
+        """:attr:`_reduced` without keeping an unpacked copy."""
+        return self._rcanon if self._rcanon is not None or self._rstack is None else self._rstack.canonical()
 
     @property
     def _wbuf(self) -> np.ndarray:
@@ -221,7 +236,7 @@ class LSTMModel:
         plan, rest = self._plan, self._wrest
         wbuf = np.empty(plan.total, rest.dtype)
         prev = src = 0
-        for (a, b), q in zip(_gate_regions(plan), (q for row in self._reduced for q in row)):
+        for (a, b), q in zip(_gate_regions(plan), (q for row in self._canonical() for q in row)):
             wbuf[prev:a] = rest[src : src + a - prev]
             src += a - prev
             prev = b
@@ -310,10 +325,12 @@ class LSTMModel:
         """Bytes of the packed float weights; for a reduced model, with its gate matrices counted
         in their reduced format (what a reduced step reads and a packed file stores)."""
         plan, size = self._plan, np.dtype(self.dtype).itemsize
-        if self._reduced is None:
+        if self.weights == "float32":
             return int(plan.total * size)
         gates = sum(plan.record(l, d).K * plan.C for l in range(plan.L) for d in range(plan.D))
-        return int((plan.total - gates) * size + sum(q.nbytes for row in self._reduced for q in row))
+        reduced = (sum(q.nbytes for row in self._rcanon for q in row) if self._rcanon is not None
+                   else self._rstack.canonical_nbytes)
+        return int((plan.total - gates) * size + reduced)
 
     def _choose(self, kernel, streams: int, job: str = "step") -> policy.KernelChoice:
         """The policy's kernel for this model: ``kernel`` or the model's own request."""
@@ -413,9 +430,10 @@ class LSTMModel:
         """Write the packed model to ``path`` atomically (see :mod:`lstm_cpu.packed`)."""
         from .packed import save
 
-        wbuf = self._float_weights(gates=self._reduced is None)  # a reduced file stores its own gates
+        reduced = None if self.weights == "float32" else self._canonical()
+        wbuf = self._float_weights(gates=reduced is None)  # a reduced file stores its own gates
         save(path, self._plan, wbuf, self._fpar, self._init, self._source, self.weights,
-             self._reduced, self.weight_error)
+             reduced, self.weight_error)
 
     # -- whole sequences -------------------------------------------------------------------------
     def run(self, x, state=None, lengths=None, kernel=None):

@@ -189,6 +189,26 @@ def pack_pairs(B, rows):
         C // PANEL, K2, 32), np.array(pr, dtype=np.int64)
 
 
+def unpack_quads(Wq4, rows):
+    """:func:`pack_quads` undone: Wq4 (P, K4, 64) -> Wq (K, C), rows (S+1,) segment bounds."""
+    P, K4 = Wq4.shape[0], Wq4.shape[1]
+    padded = Wq4.reshape(P, K4, PANEL, 4).transpose(1, 3, 0, 2).reshape(4 * K4, P * PANEL)  # (4*K4, C)
+    qr = quad_rows(rows)
+    return np.concatenate([padded[4 * qr[s] : 4 * qr[s] + int(rows[s + 1] - rows[s])] for s in range(len(rows) - 1)])
+
+
+def unpack_panels(Wp):
+    """:func:`pack_panels` undone: (P, K, 16) -> W (K, C)."""
+    P, K = Wp.shape[0], Wp.shape[1]
+    return Wp.transpose(1, 0, 2).reshape(K, P * PANEL)
+
+
+def unpack_pairs(Wb2, K):
+    """:func:`pack_pairs` of one segment [0, K] undone: (P, K2, 32) -> B (K, C) uint16."""
+    P, K2 = Wb2.shape[0], Wb2.shape[1]
+    return Wb2.reshape(P, K2, PANEL, 2).transpose(1, 3, 0, 2).reshape(2 * K2, P * PANEL)[:K]
+
+
 def split_bf16(z):
     """float32 z -> (hi, lo) bfloat16 bit patterns with hi + lo ~= z to ~2^-16 relative."""
     z = np.asarray(z, dtype=np.float32)
@@ -214,6 +234,17 @@ def fuse_gates(w_ih, w_hh):
     g = np.zeros((4, Hp, K))
     g[:, :H] = w_cat.reshape(4, H, K)
     return np.ascontiguousarray(g.reshape(4 * Hp, K).T)
+
+
+def unfuse_gates(W, H):
+    """:func:`fuse_gates` undone (any dtype): W (K, 4*Hp) -> canonical rows (4H, K)."""
+    K, C = W.shape
+    return np.ascontiguousarray(W.T.reshape(4, C // 4, K)[:, :H].reshape(4 * H, K))
+
+
+def unfuse_vector(v, H):
+    """:func:`fuse_vector` undone: (4*Hp,) -> (4H,)."""
+    return np.ascontiguousarray(np.asarray(v).reshape(4, -1)[:, :H].reshape(4 * H))
 
 
 def fuse_vector(b, H):
@@ -360,7 +391,7 @@ class ReducedStack:
         reduced = [list(r) if isinstance(r, (list, tuple)) else [r] for r in reduced]
         flat = [q for row in reduced for q in row]  # (L*D,) index l*D + d
         self.fmt = fmt
-        self.reduced = reduced
+        self._kin = [int(np.shape(q.w_ih)[1]) for q in flat]  # input rows per (layer, direction)
         self.L = len(layers)
         self.D = D
         #: one direction: N streams can step it (a bidirectional or reverse model only runs)
@@ -412,7 +443,32 @@ class ReducedStack:
 
         it = iter(self._biases)
         return [[LayerParams(*q.weights(), bias=np.asarray(next(it), np.float32).astype(np.float64))
-                 for q in row] for row in self.reduced]
+                 for q in row] for row in self.canonical()]
+
+    def canonical(self):
+        """The reduced gate matrices as canonical rows, ``[[ReducedLayer per direction] per
+        layer]``, unpacked from the kernels' layouts (exactly: a stack keeps no other copy)."""
+        flat = []
+        for i, kin in enumerate(self._kin):
+            if self.fmt == "int8":
+                W = unpack_quads(self.W[i], self.krows[i]) if self.kind == "a16" else unpack_panels(self.W[i])
+                g = unfuse_gates(W, self.H)  # (4H, K) int8
+                q = ReducedLayer("int8", np.ascontiguousarray(g[:, :kin]), np.ascontiguousarray(g[:, kin:]),
+                                 unfuse_vector(self.sw[i][0], self.H), unfuse_vector(self.sw[i][1], self.H))
+            else:
+                K = int(self.krows[i, -1])
+                B = unpack_pairs(self.W[i], K) if self.kind == "dp" else unpack_panels(self.W[i])
+                g = unfuse_gates(B.view(np.int16), self.H)  # (4H, K) bfloat16 bit patterns
+                q = ReducedLayer("bfloat16", np.ascontiguousarray(g[:, :kin]), np.ascontiguousarray(g[:, kin:]))
+            flat.append(q)
+        return [flat[l * self.D : (l + 1) * self.D] for l in range(self.L)]
+
+    @property
+    def canonical_nbytes(self) -> int:
+        """``ReducedLayer.nbytes`` summed over :meth:`canonical` (without unpacking)."""
+        per = 1 if self.fmt == "int8" else 2
+        scales = 2 * 4 * self.H * 4 if self.fmt == "int8" else 0
+        return int(sum(4 * self.H * int(self.krows[i, -1]) * per + scales for i in range(len(self._kin))))
 
     @property
     def nbytes(self) -> int:

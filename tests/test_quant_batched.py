@@ -367,3 +367,40 @@ def test_info_reports_the_kernel_streams_run(reduced_models):
     assert m.default_kernel == m.info()["kernel"] == m.stream().kernel == "serial"
     p = LSTMModel(reduced_models["layers"], weights="int8", kernel="parallel")
     assert p.default_kernel == p.stream().kernel == "parallel" and p.stream()._rstep is None
+
+
+@pytest.mark.parametrize("fmt, kernel", PATH_PARAMS)
+def test_the_kernels_layouts_give_back_the_canonical_weights(fmt, kernel, rng):
+    """A stack keeps its gates only in the kernels' layouts: unpacking them is exact, also for
+    separate input / recurrent scales (an imported DynamicQuantizeLSTM) and two directions."""
+    layers = _layers(rng, 7, 20, 2, D=2)
+    flat = [[Q.ReducedLayer.convert(p.w_ih, p.w_hh, fmt) for p in row] for row in layers]
+    if fmt == "int8":
+        flat[1][1].s_hh = (flat[1][1].s_hh * rng.uniform(0.5, 2, flat[1][1].s_hh.shape)).astype(np.float32)
+    rs = Q.ReducedStack(layers, fmt, kernel=kernel, reduced=flat)
+    back = rs.canonical()
+    for row, brow in zip(flat, back):
+        for q, b in zip(row, brow):
+            for name in ("w_ih", "w_hh", "s_ih", "s_hh"):
+                a, c = getattr(q, name), getattr(b, name)
+                if a is None:
+                    assert c is None
+                else:
+                    assert a.dtype == c.dtype and c.flags.c_contiguous
+                    np.testing.assert_array_equal(a, c)
+    assert rs.canonical_nbytes == sum(q.nbytes for row in flat for q in row)
+
+
+def test_a_reduced_model_keeps_one_copy_of_its_gates(reduced_models, tmp_path, rng):
+    import lstm_cpu
+
+    m = LSTMModel(reduced_models["layers"], weights="int8")
+    assert m._rcanon is None and m._wfull is None
+    f32 = reduced_models["int8"].with_weights("float32")
+    assert m.weight_bytes == reduced_models["int8"].weight_bytes < 0.3 * f32.weight_bytes
+    m.save(tmp_path / "q.lstm")
+    assert m._rcanon is None  # save unpacked them for the moment only
+    back = lstm_cpu.load(tmp_path / "q.lstm")
+    for row, brow in zip(m._reduced, back._reduced):
+        np.testing.assert_array_equal(row[0].w_hh, brow[0].w_hh)
+        np.testing.assert_array_equal(row[0].s_ih, brow[0].s_ih)
