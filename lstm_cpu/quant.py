@@ -394,7 +394,8 @@ class ReducedStack:
         self._kin = [int(np.shape(q.w_ih)[1]) for q in flat]  # input rows per (layer, direction)
         self.L = len(layers)
         self.D = D
-        #: one direction: N streams can step it (a bidirectional or reverse model only runs)
+        #: one direction: N streams can step it (a bidirectional model only runs; LSTMModel
+        #: refuses streams of a reverse one)
         self.streamable = D == 1
         self.H = layers[0][0].hidden_size
         self.I = np.shape(layers[0][0].w_ih)[1]
@@ -476,17 +477,19 @@ class ReducedStack:
         return int(sum(w.nbytes for w in self.W) + sum(s.nbytes for s in self.sw))
 
     def scratch(self, N):
-        """``(z (N, Kmax), scr, acc (N, C))``: the scratch of N streams (zeroed; the quad / pair
-        padding of the activations stays zero)."""
+        """``(z (N, Kmax) float32, scr, acc (N, C) float32)``: the scratch of N streams, zeroed.
+        ``scr`` is the format's tuple (see the ``*_gates_batch`` functions): a16 ``(zhi, zlo
+        (N, 4*K4max) uint8, sz (N, S) float32, ihi, ilo (N, S, C) int32)``; dp ``(zhi, zlo
+        (N, 2*K2max) uint16, facc (N, C) float32)``; deq / fma ``(facc (N, C) float32,)``."""
         Kmax = int(self.krows[:, -1].max())
         S = self.krows.shape[1] - 1
         z = np.zeros((N, Kmax), np.float32)
         acc = np.zeros((N, self.C), np.float32)
-        if self.gates.__name__ == "i8a16_gates_batch":
+        if self.kind == "a16":
             n = 4 * int(self.qrows[:, -1].max())
             scr = (np.zeros((N, n), np.uint8), np.zeros((N, n), np.uint8), np.zeros((N, S), np.float32),
                    np.zeros((N, S, self.C), np.int32), np.zeros((N, S, self.C), np.int32))
-        elif self.gates.__name__ == "bf16_gates_batch":
+        elif self.kind == "dp":
             n = 2 * int(self.qrows[:, -1].max())
             scr = (np.zeros((N, n), np.uint16), np.zeros((N, n), np.uint16), np.zeros((N, self.C), np.float32))
         else:
