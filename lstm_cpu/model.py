@@ -225,6 +225,10 @@ class LSTMModel:
             w = self._wfull = _readonly(self._float_weights())
         return w
 
+    @_wbuf.setter
+    def _wbuf(self, wbuf):
+        self._wfull = wbuf
+
     def _float_weights(self, gates=True) -> np.ndarray:
         """The full float buffer of a reduced model, from its rest and its reduced gates (the
         values the constructor packed: ``packed.load`` restores a reduced file the same way);
