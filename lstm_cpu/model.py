@@ -78,12 +78,15 @@ class LSTMModel:
         weights: the format of the gate matrices, ``"float32"`` (default), ``"int8"`` (symmetric,
             one scale per gate row over the fused [w_ih | w_hh] row) or ``"bfloat16"`` (round to
             nearest even). Activations, state and outputs stay float32; biases, peepholes,
-            projection and head stay float. A lone stream of a one-direction model with default
-            activations (no peepholes, projection, head, clip or coupling) steps through the
-            reduced kernels (``lstm_cpu/kernels_quant.py``: int8 with per-step 16-bit activations
-            on AVX-512 VNNI, bfloat16 with ``vdpbf16ps``); everything else runs the float kernels
-            over the weights the reduced ones stand for (same values, ~1e-5 apart from the
-            reduced step's activation rounding). ``model.weight_error`` is the max abs output
+            projection and head stay float. A model with default activations and no peepholes,
+            projection, head, clip or coupling runs the reduced kernels
+            (``lstm_cpu/kernels_quant.py``: int8 with per-step 16-bit activations on AVX-512
+            VNNI, bfloat16 with ``vdpbf16ps``) for its streams, lone or batched, and ``run``
+            (one or two directions); a stream gets the same bits in any batch, chunk or ``run``.
+            Such a model holds only its reduced gate matrices. Everything else, and
+            ``kernel="parallel"``, runs the float kernels over the weights the reduced ones
+            stand for (same values, ~1e-5 apart from the reduced kernels' activation rounding),
+            built in float32 when first needed. ``model.weight_error`` is the max abs output
             error against the float32 model over a fixed random 1,000-step stream, measured here.
         reduced: internal: per (layer, direction) :class:`lstm_cpu.quant.ReducedLayer` already
             reduced (a packed file, an imported quantized node); ``layers`` then supplies the rest.
@@ -164,7 +167,7 @@ class LSTMModel:
     def _set_packed(self, plan, wbuf, fpar, init, source, kernel, weights="float32", reduced=None,
                     weight_error=None):
         self._plan = plan  # layout.Plan: sizes, flags, offsets (the only reader of offsets)
-        self._wbuf = _readonly(wbuf)  # (plan.total,) packed weights, see layout.py
+        self._wfull = _readonly(wbuf)  # (plan.total,) packed weights, see layout.py (or None: _wbuf)
         self._meta = plan.meta  # (M_LD + L*D*LD_STRIDE,) int64: the plan as the kernels read it
         self._fpar = _readonly(fpar)  # (F_LD + L*D*F_STRIDE,) float64 clip and activation params
         self._init = None if init is None else tuple(_readonly(np.ascontiguousarray(a)) for a in init)
@@ -182,13 +185,77 @@ class LSTMModel:
         #: the gate-matrix format: "float32", "int8" or "bfloat16" (see the class docstring)
         self.weights = weights
         self.weight_error = weight_error  # float or None (float32 weights: exact)
-        self._reduced = reduced  # [[quant.ReducedLayer per direction] per layer] or None
-        self._rstack = None  # quant.ReducedStack: the reduced step of a lone stream, if it applies
+        self._rcanon = reduced  # [[quant.ReducedLayer per direction] per layer] or None: see _reduced
+        self._rstack = None  # quant.ReducedStack: the reduced kernels, where the model fits them
         if reduced is not None:
             layers = self.layer_params()
-            if quant.reduced_stream_supported(layers, head=self.head, clip=self.clip,
-                                              input_forget=self.input_forget, reverse=self.reverse):
-                self._rstack = quant.ReducedStack(layers, weights, reduced=[row[0] for row in reduced])
+            if quant.reduced_run_supported(layers, head=self.head, clip=self.clip,
+                                           input_forget=self.input_forget):
+                self._rstack = quant.ReducedStack(layers, weights, reduced=reduced)
+                # its own kernels never read the float gate matrices: keep the rest, and build
+                # the float copy only if a float path asks for it (see _wbuf)
+                from .packed import _cut_gates
+
+                self._wrest = _readonly(_cut_gates(plan, wbuf))
+                self._wfull = None
+                self._rcanon = None  # the stack's layouts are the only copy of the reduced gates
+
+    @property
+    def _reduced(self):
+        """``[[quant.ReducedLayer per direction] per layer]`` (the reduced gates as canonical rows),
+        or None for float32 weights. A model on its own reduced kernels keeps its gates only in
+        the kernels' layouts: these are unpacked on first use and kept (``save`` and the float
+        copy unpack them for the moment only, see :meth:`_canonical`)."""
+        if self._rcanon is None and self._rstack is not None:
+            self._rcanon = self._rstack.canonical()
+        return self._rcanon
+
+    def _canonical(self):
+        """:attr:`_reduced` without keeping an unpacked copy."""
+        return self._rcanon if self._rcanon is not None or self._rstack is None else self._rstack.canonical()
+
+    @property
+    def _wbuf(self) -> np.ndarray:
+        """(plan.total,) the packed float weights, see layout.py. A reduced model that runs its own
+        kernels holds only its reduced gate matrices and the rest of this buffer; the float gate
+        matrices (what the reduced ones stand for) are built on the first use of a float path
+        (``kernel="parallel"``, ``layer_params()``, ``Stream.numba_args()``) and kept."""
+        w = self._wfull
+        if w is None:
+            w = self._wfull = _readonly(self._float_weights())
+        return w
+
+    @_wbuf.setter
+    def _wbuf(self, wbuf):
+        self._wfull = wbuf
+
+    def _float_weights(self, gates=True) -> np.ndarray:
+        """The full float buffer of a reduced model, from its rest and its reduced gates (the
+        values the constructor packed: ``packed.load`` restores a reduced file the same way);
+        ``gates=False``: the gate regions left zero (``save`` cuts them out)."""
+        if self._wfull is not None:
+            return self._wfull
+        from .packed import _gate_regions
+
+        plan, rest = self._plan, self._wrest
+        wbuf = np.empty(plan.total, rest.dtype)
+        prev = src = 0
+        for (a, b), q in zip(_gate_regions(plan), (q for row in self._canonical() for q in row)):
+            wbuf[prev:a] = rest[src : src + a - prev]
+            src += a - prev
+            prev = b
+            wbuf[a:b] = lay.to_panels(quant.fuse_gates(*q.weights()).astype(rest.dtype)).ravel() if gates else 0  # panels
+        wbuf[prev:] = rest[src:]
+        return wbuf
+
+    def _reduced_for(self, kernel):
+        """The :class:`quant.ReducedStack` that runs a request, or None (the float kernels): a
+        reduced model runs its own serial kernels unless "parallel" is asked for, here or at
+        construction (the parallel kernels are float ones, over the weights these stand for)."""
+        if self._rstack is None:
+            return None
+        requested = self._kernel if kernel is None else policy.check_requested(kernel)
+        return None if requested == "parallel" else self._rstack
 
     @staticmethod
     def _validate(layers, clip, head):
@@ -252,7 +319,7 @@ class LSTMModel:
     @property
     def head(self):
         """``(weight (O, D*out), bias (O,))`` copies, or None."""
-        views = self._plan.head(self._wbuf)
+        views = self._plan.head(self._wbuf) if self._head_o else None
         if views is None:
             return None
         return views[0].T.copy(), views[1].copy()
@@ -261,11 +328,13 @@ class LSTMModel:
     def weight_bytes(self) -> int:
         """Bytes of the packed float weights; for a reduced model, with its gate matrices counted
         in their reduced format (what a reduced step reads and a packed file stores)."""
-        if self._reduced is None:
-            return int(self._wbuf.nbytes)
-        gates = sum(self._plan.gate_panels(self._wbuf, l, d).nbytes
-                    for l in range(self.num_layers) for d in range(self.num_directions))
-        return int(self._wbuf.nbytes - gates + sum(q.nbytes for row in self._reduced for q in row))
+        plan, size = self._plan, np.dtype(self.dtype).itemsize
+        if self.weights == "float32":
+            return int(plan.total * size)
+        gates = sum(plan.record(l, d).K * plan.C for l in range(plan.L) for d in range(plan.D))
+        reduced = (sum(q.nbytes for row in self._rcanon for q in row) if self._rcanon is not None
+                   else self._rstack.canonical_nbytes)
+        return int((plan.total - gates) * size + reduced)
 
     def _choose(self, kernel, streams: int, job: str = "step") -> policy.KernelChoice:
         """The policy's kernel for this model: ``kernel`` or the model's own request."""
@@ -276,6 +345,9 @@ class LSTMModel:
     @property
     def default_kernel(self) -> str:
         """The kernel a lone stream of this model runs by default ("serial" or "parallel")."""
+        rstack = self._reduced_for(None)
+        if rstack is not None and rstack.streamable:
+            return "serial"  # the reduced kernels (Stream reports the same)
         return self._choose(None, 1).name
 
     def activations(self, layer=0, direction=0):
@@ -362,8 +434,10 @@ class LSTMModel:
         """Write the packed model to ``path`` atomically (see :mod:`lstm_cpu.packed`)."""
         from .packed import save
 
-        save(path, self._plan, self._wbuf, self._fpar, self._init, self._source, self.weights,
-             self._reduced, self.weight_error)
+        reduced = None if self.weights == "float32" else self._canonical()
+        wbuf = self._float_weights(gates=reduced is None)  # a reduced file stores its own gates
+        save(path, self._plan, wbuf, self._fpar, self._init, self._source, self.weights,
+             reduced, self.weight_error)
 
     # -- whole sequences -------------------------------------------------------------------------
     def run(self, x, state=None, lengths=None, kernel=None):
@@ -387,6 +461,10 @@ class LSTMModel:
         L, D, H, out = self.num_layers, self.num_directions, self.hidden_size, self._out
         h0, c0 = self._initial_batch(state, B, batched)
         lens = self._lengths(lengths, T, B, batched)
+        rstack = self._reduced_for(kernel)
+        if rstack is not None:  # reduced weights: their own kernels, B sequences per weight load
+            y, hN, cN = rstack.run(xb, h0, c0, lens, reverse=self.reverse)
+            return (y, (hN, cN)) if batched else (y[:, 0, :], (hN[:, 0, :], cN[:, 0, :]))
         plan, wbuf, meta = self._plan, self._wbuf, self._meta
         C, Hp = plan.C, plan.Hp
         choice = self._choose(kernel, B, job="sequence")
@@ -513,16 +591,19 @@ class Stream:
         self._h = self._sbuf[h_off:c_off].reshape(L, N, out)  # (L, N, out) view
         self._c = self._sbuf[c_off:z_off].reshape(L, N, Hp)  # (L, N, Hp) view
         self._x = np.zeros(N * model.input_size, model.dtype)  # (N*I,) conversion buffer
+        # The streams of a reduced model step through the reduced kernels (all N at once), on
+        # views of this stream's own h and c (so state, reset and snapshots work unchanged); they
+        # never read the float weights, so the model need not hold a float copy for them.
+        self._rstep = self._rrun = None
+        rstack = model._reduced_for(kernel)
+        if rstack is not None and rstack.streamable:
+            self._init_reduced(rstack)
+            return
         self._step_fn = kernels.stack_step_parallel if choice.parallel else kernels.stack_step_serial
         self._run_fn = kernels.stack_run_parallel if choice.parallel else kernels.stack_run_serial
         self._guard = kernels.parallel_guard if choice.parallel else None
         R = lay.unit_ranges(Hp, _config.num_threads()) if choice.parallel else 1  # unit ranges
         self._blas = choice.blas
-        # A lone serial stream of a reduced model steps through the reduced kernels, on views of
-        # this stream's own h and c (so state, reset and snapshots work unchanged).
-        self._rstep = None
-        if model._rstack is not None and batch is None and not choice.parallel and not choice.blas:
-            self._rstep = model._rstack.stream(self._h[:, 0, :], self._c[:, 0, :]).step_into
         if self._blas:
             # Views for the BLAS path: acc (N, C) and per layer z (N, K_l) and Wp (C/PANEL, K_l,
             # PANEL). Its cell updates stay serial: numpy's OpenBLAS workers spin after each
@@ -554,6 +635,20 @@ class Stream:
                 kernels.compiled_entry(kernels.batch_cells_serial,
                                        (0, N, model._wbuf, meta, model._fpar, self._sbuf)),
                 kernels.compiled_entry(kernels.batch_emit, (N, model._wbuf, meta, self._sbuf, y0)))
+        self.reset()
+
+    def _init_reduced(self, rstack):
+        """The rest of ``__init__`` for streams on a reduced model's kernels (``quant.ReducedBatch``)."""
+        m, N = self.model, self._N
+        rb = rstack.streams(N, self._h, self._c)
+        self._rstep, self._rrun = rb.step_into, rb.run_into
+        self.kernel = "serial"
+        self._blas, self._guard, self._wargs = False, None, None
+        self._dtype = np.dtype(m.dtype)
+        self._single = self.batch is None
+        self._want = (m.input_size,) if self.batch is None else (N, m.input_size)
+        self._yshape = (m.output_size,) if self.batch is None else (N, m.output_size)
+        self._ylen = N * m.output_size
         self.reset()
 
     # -- state ---------------------------------------------------------------------------------
@@ -659,6 +754,9 @@ class Stream:
         fpar, sbuf, y)`` called from your own ``@numba.njit`` code: the model's packed arrays and
         this stream's live state (updated in place by each step, exactly as :meth:`step` does).
         x (N*I,) and y (N*O,) are flat, stream-major, of the model's dtype."""
+        if self._wargs is None:  # a reduced stream: the float weights, built now, on the same state
+            m = self.model
+            return m._wbuf, m._meta, m._fpar, self._sbuf
         return self._wargs[-4:]
 
     def run(self, xs):
@@ -674,9 +772,8 @@ class Stream:
         T = xa.shape[0]
         xk = xa.reshape(T, N * I)  # (T, N*I)
         ys = np.empty((T, self._ylen), self._dtype)  # (T, N*O)
-        if self._rstep is not None:
-            for t in range(T):
-                self._rstep(xk[t], ys[t])
+        if self._rrun is not None:
+            self._rrun(xk, ys)
         elif T and self._blas:
             for t in range(T):
                 self._step_blas(xk[t], ys[t])

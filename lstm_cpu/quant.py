@@ -189,6 +189,26 @@ def pack_pairs(B, rows):
         C // PANEL, K2, 32), np.array(pr, dtype=np.int64)
 
 
+def unpack_quads(Wq4, rows):
+    """:func:`pack_quads` undone: Wq4 (P, K4, 64) -> Wq (K, C), rows (S+1,) segment bounds."""
+    P, K4 = Wq4.shape[0], Wq4.shape[1]
+    padded = Wq4.reshape(P, K4, PANEL, 4).transpose(1, 3, 0, 2).reshape(4 * K4, P * PANEL)  # (4*K4, C)
+    qr = quad_rows(rows)
+    return np.concatenate([padded[4 * qr[s] : 4 * qr[s] + int(rows[s + 1] - rows[s])] for s in range(len(rows) - 1)])
+
+
+def unpack_panels(Wp):
+    """:func:`pack_panels` undone: (P, K, 16) -> W (K, C)."""
+    P, K = Wp.shape[0], Wp.shape[1]
+    return Wp.transpose(1, 0, 2).reshape(K, P * PANEL)
+
+
+def unpack_pairs(Wb2, K):
+    """:func:`pack_pairs` of one segment [0, K] undone: (P, K2, 32) -> B (K, C) uint16."""
+    P, K2 = Wb2.shape[0], Wb2.shape[1]
+    return Wb2.reshape(P, K2, PANEL, 2).transpose(1, 3, 0, 2).reshape(2 * K2, P * PANEL)[:K]
+
+
 def split_bf16(z):
     """float32 z -> (hi, lo) bfloat16 bit patterns with hi + lo ~= z to ~2^-16 relative."""
     z = np.asarray(z, dtype=np.float32)
@@ -214,6 +234,17 @@ def fuse_gates(w_ih, w_hh):
     g = np.zeros((4, Hp, K))
     g[:, :H] = w_cat.reshape(4, H, K)
     return np.ascontiguousarray(g.reshape(4 * Hp, K).T)
+
+
+def unfuse_gates(W, H):
+    """:func:`fuse_gates` undone (any dtype): W (K, 4*Hp) -> canonical rows (4H, K)."""
+    K, C = W.shape
+    return np.ascontiguousarray(W.T.reshape(4, C // 4, K)[:, :H].reshape(4 * H, K))
+
+
+def unfuse_vector(v, H):
+    """:func:`fuse_vector` undone: (4*Hp,) -> (4H,)."""
+    return np.ascontiguousarray(np.asarray(v).reshape(4, -1)[:, :H].reshape(4 * H))
 
 
 def fuse_vector(b, H):
@@ -310,128 +341,276 @@ class ReducedLayer:
         return int(self.w_ih.nbytes + self.w_hh.nbytes + scales)
 
 
-def reduced_stream_supported(layers, *, head=None, clip=None, input_forget=False, reverse=False) -> bool:
-    """Whether :class:`ReducedStack` can step this model: one direction, default activations,
-    no peepholes, projection, head, clip or coupled gates (what :func:`kernels_quant.cells` is)."""
-    if head is not None or clip or input_forget or reverse:
+def reduced_run_supported(layers, *, head=None, clip=None, input_forget=False) -> bool:
+    """Whether :class:`ReducedStack` can run this model's whole sequences (``run``): one or two
+    directions, forward or reverse, default activations, no peepholes, projection, head, clip or
+    coupled gates (what :func:`kernels_quant.cells` is)."""
+    if head is not None or clip or input_forget:
         return False
     for row in layers:
-        p = row[0]
-        if len(row) != 1 or p.peephole is not None or p.w_hr is not None or (
-                p.activations is not None and [a.name for a in p.activations] != ["Sigmoid", "Tanh", "Tanh"]):
-            return False
+        for p in row:
+            if p.peephole is not None or p.w_hr is not None or (
+                    p.activations is not None and [a.name for a in p.activations] != ["Sigmoid", "Tanh", "Tanh"]):
+                return False
     return True
 
 
-class ReducedStack:
-    """The gate matrices of a unidirectional stack in a reduced format, biases in float32, with
-    the host's kernels (:func:`kernels_quant.select_int8`; ``feats`` or ``kernel`` override).
+def reduced_stream_supported(layers, *, head=None, clip=None, input_forget=False, reverse=False) -> bool:
+    """Whether :class:`ReducedStack` can step this model: :func:`reduced_run_supported` with
+    one direction, forward."""
+    return not reverse and all(len(row) == 1 for row in layers) and reduced_run_supported(
+        layers, head=head, clip=clip, input_forget=input_forget)
 
-    ``layers[l][0]`` canonical :class:`~lstm_cpu.spec.LayerParams` (biases; and the weights to
-    convert when ``reduced`` is None); ``reduced[l]``: the layer's :class:`ReducedLayer` when the
-    weights are already reduced (a loaded file, an imported quantized node). Models outside
-    :func:`reduced_stream_supported` are refused with :class:`UnsupportedModelError`.
+
+class ReducedStack:
+    """The gate matrices of a stack in a reduced format, biases in float32, with the host's
+    kernels (:func:`kernels_quant.select_int8`; ``feats`` or ``kernel`` override).
+
+    ``layers[l][d]`` canonical :class:`~lstm_cpu.spec.LayerParams` (biases; and the weights to
+    convert when ``reduced`` is None); ``reduced[l][d]`` (or ``reduced[l]`` for one direction):
+    the :class:`ReducedLayer` when the weights are already reduced (a loaded file, an imported
+    quantized node). Models outside :func:`reduced_run_supported` are refused with
+    :class:`UnsupportedModelError`; one-direction stacks also step (:attr:`streamable`).
+
+    Per (layer, direction) ``i = l * D + d``, ``prms[i]`` is the tuple of gate arguments that the
+    format's ``kernels_quant.*_gates_batch`` takes; ``gates`` is that function and ``kern`` the
+    lone product kernel (``batch`` its N-stream twin).
     """
 
     def __init__(self, layers, fmt, feats=None, kernel=None, reduced=None):
         from . import kernels_quant as KQ
-        from .spec import LayerParams
 
         if fmt not in ("int8", "bfloat16"):
             raise UnsupportedModelError(f"reduced weights are 'int8' or 'bfloat16', got {fmt!r}")
-        if not reduced_stream_supported(layers):
+        if not reduced_run_supported(layers):
             raise UnsupportedModelError(
-                f"{fmt} weights need a one-direction stack with default activations and no "
-                "peepholes or projection (for now)")
+                f"{fmt} weights need default activations and no peepholes or projection (for now)")
+        D = len(layers[0])
         if reduced is None:
-            reduced = [ReducedLayer.convert(r[0].w_ih, r[0].w_hh, fmt) for r in layers]
+            reduced = [[ReducedLayer.convert(p.w_ih, p.w_hh, fmt) for p in row] for row in layers]
+        reduced = [list(r) if isinstance(r, (list, tuple)) else [r] for r in reduced]
+        flat = [q for row in reduced for q in row]  # (L*D,) index l*D + d
         self.fmt = fmt
-        self.reduced = reduced
+        self._kin = [int(np.shape(q.w_ih)[1]) for q in flat]  # input rows per (layer, direction)
         self.L = len(layers)
+        self.D = D
+        #: one direction: N streams can step it (a bidirectional model only runs; LSTMModel
+        #: refuses streams of a reverse one)
+        self.streamable = D == 1
         self.H = layers[0][0].hidden_size
         self.I = np.shape(layers[0][0].w_ih)[1]
         self.C = 4 * padded_units(self.H)
-        biases = [np.zeros(4 * self.H) if r[0].bias is None else r[0].bias for r in layers]
+        self._biases = [np.zeros(4 * self.H) if p.bias is None else p.bias for row in layers for p in row]
+        biases = self._biases
         if fmt == "int8":
             self.kind, self.kern = KQ.select_int8(feats) if kernel is None else kernel
-            packed = [pack_int8(q.w_ih, q.w_hh, q.s_ih, q.s_hh, b) for q, b in zip(reduced, biases)]
+            packed = [pack_int8(q.w_ih, q.w_hh, q.s_ih, q.s_hh, b) for q, b in zip(flat, biases)]
             self.W = tuple(p["Wq4"] if self.kind == "a16" else p["Wp"] for p in packed)
             self.sw = tuple(p["sw"] for p in packed)
             self.colsum = tuple(p["colsum"] for p in packed)
             self.krows = np.stack([p["krows"] for p in packed])
             self.qrows = np.stack([p["qrows"] for p in packed])
             self.bias = tuple(p["bias"] for p in packed)
+            if self.kind == "a16":
+                self.gates = KQ.i8a16_gates_batch
+                self.prms = tuple((w, k, q, sw, cs, b) for w, k, q, sw, cs, b in zip(
+                    self.W, self.krows, self.qrows, self.sw, self.colsum, self.bias))
+            else:
+                self.gates = KQ.w_gates_batch
+                self.prms = tuple((w, k, sw, b) for w, k, sw, b in zip(self.W, self.krows, self.sw, self.bias))
         else:
             dp = KQ.has_bf16dp(feats) if kernel is None else kernel[0] == "dp"
             self.kind, self.kern = ("dp", KQ.bf16_dp) if dp else ("fma", KQ.fma_panels)
-            B = [fuse_gates(q.w_ih, q.w_hh).astype(np.int16) for q in reduced]  # (K, C) bit patterns
+            B = [fuse_gates(q.w_ih, q.w_hh).astype(np.int16) for q in flat]  # (K, C) bit patterns
             pairs = [pack_pairs(b, np.array([0, b.shape[0]])) for b in B]
             self.W = tuple(p[0] for p in pairs) if dp else tuple(pack_panels(b) for b in B)
             self.krows = np.stack([np.array([0, b.shape[0]]) for b in B])
             self.qrows = np.stack([p[1] for p in pairs])
             self.sw = tuple(np.ones((1, self.C), np.float32) for _ in B)
             self.bias = tuple(fuse_vector(b, self.H).astype(np.float32) for b in biases)
-        #: what the reduced weights stand for: float64 LayerParams with the float32 biases
-        self.deq = [[LayerParams(*q.weights(), bias=np.asarray(b, np.float32).astype(np.float64))]
-                    for q, b in zip(reduced, biases)]
+            if dp:
+                self.gates = KQ.bf16_gates_batch
+                self.prms = tuple((w, k, q, b) for w, k, q, b in zip(self.W, self.krows, self.qrows, self.bias))
+            else:
+                self.gates = KQ.w_gates_batch
+                self.prms = tuple((w, k, sw, b) for w, k, sw, b in zip(self.W, self.krows, self.sw, self.bias))
+        self.batch = KQ.batch_kernel(self.kern)
+
+    @property
+    def deq(self):
+        """What the reduced weights stand for: ``[[LayerParams per direction] per layer]``, float64
+        weights with the float32 biases (built on demand: the stack keeps only reduced weights)."""
+        from .spec import LayerParams
+
+        it = iter(self._biases)
+        return [[LayerParams(*q.weights(), bias=np.asarray(next(it), np.float32).astype(np.float64))
+                 for q in row] for row in self.canonical()]
+
+    def canonical(self):
+        """The reduced gate matrices as canonical rows, ``[[ReducedLayer per direction] per
+        layer]``, unpacked from the kernels' layouts (exactly: a stack keeps no other copy)."""
+        flat = []
+        for i, kin in enumerate(self._kin):
+            if self.fmt == "int8":
+                W = unpack_quads(self.W[i], self.krows[i]) if self.kind == "a16" else unpack_panels(self.W[i])
+                g = unfuse_gates(W, self.H)  # (4H, K) int8
+                q = ReducedLayer("int8", np.ascontiguousarray(g[:, :kin]), np.ascontiguousarray(g[:, kin:]),
+                                 unfuse_vector(self.sw[i][0], self.H), unfuse_vector(self.sw[i][1], self.H))
+            else:
+                K = int(self.krows[i, -1])
+                B = unpack_pairs(self.W[i], K) if self.kind == "dp" else unpack_panels(self.W[i])
+                g = unfuse_gates(B.view(np.int16), self.H)  # (4H, K) bfloat16 bit patterns
+                q = ReducedLayer("bfloat16", np.ascontiguousarray(g[:, :kin]), np.ascontiguousarray(g[:, kin:]))
+            flat.append(q)
+        return [flat[l * self.D : (l + 1) * self.D] for l in range(self.L)]
+
+    @property
+    def canonical_nbytes(self) -> int:
+        """``ReducedLayer.nbytes`` summed over :meth:`canonical` (without unpacking)."""
+        per = 1 if self.fmt == "int8" else 2
+        scales = 2 * 4 * self.H * 4 if self.fmt == "int8" else 0
+        return int(sum(4 * self.H * int(self.krows[i, -1]) * per + scales for i in range(len(self._kin))))
 
     @property
     def nbytes(self) -> int:
         """Bytes of the reduced gate matrices and their scales (what a step reads)."""
         return int(sum(w.nbytes for w in self.W) + sum(s.nbytes for s in self.sw))
 
+    def scratch(self, N):
+        """``(z (N, Kmax) float32, scr, acc (N, C) float32)``: the scratch of N streams, zeroed.
+        ``scr`` is the format's tuple (see the ``*_gates_batch`` functions): a16 ``(zhi, zlo
+        (N, 4*K4max) uint8, sz (N, S) float32, ihi, ilo (N, S, C) int32)``; dp ``(zhi, zlo
+        (N, 2*K2max) uint16, facc (N, C) float32)``; deq / fma ``(facc (N, C) float32,)``."""
+        Kmax = int(self.krows[:, -1].max())
+        S = self.krows.shape[1] - 1
+        z = np.zeros((N, Kmax), np.float32)
+        acc = np.zeros((N, self.C), np.float32)
+        if self.kind == "a16":
+            n = 4 * int(self.qrows[:, -1].max())
+            scr = (np.zeros((N, n), np.uint8), np.zeros((N, n), np.uint8), np.zeros((N, S), np.float32),
+                   np.zeros((N, S, self.C), np.int32), np.zeros((N, S, self.C), np.int32))
+        elif self.kind == "dp":
+            n = 2 * int(self.qrows[:, -1].max())
+            scr = (np.zeros((N, n), np.uint16), np.zeros((N, n), np.uint16), np.zeros((N, self.C), np.float32))
+        else:
+            scr = (np.zeros((N, self.C), np.float32),)
+        return z, scr, acc
+
     def stream(self, h=None, c=None) -> "ReducedStream":
         return ReducedStream(self, h, c)
 
+    def streams(self, N, h=None, c=None) -> "ReducedBatch":
+        """N streams stepped together (state ``h (L, N, H)``, ``c (L, N, Hp)``: views the caller
+        passes, or new zeros)."""
+        return ReducedBatch(self, N, h, c)
 
-class ReducedStream:
-    """One stream over a :class:`ReducedStack`: ``step(x (I,)) -> h (H,)`` float32. The state
-    ``h (L, H)``, ``c (L, Hp)`` float32 C-contiguous is its own, or views the caller passes
-    (``Stream`` passes its state buffer, so ``state``/``reset`` work unchanged)."""
+    def run(self, x, h0, c0, lengths, reverse=False):
+        """Whole sequences through the reduced kernels, layer by layer (``LSTMModel.run``).
 
-    def __init__(self, stack: ReducedStack, h=None, c=None):
+        x (T, B, I) float32; h0, c0 (L*D, B, H) float32; lengths (B,) int64 in [0, T] ->
+        ``y (T, B, D*H)``, ``hN``, ``cN (L*D, B, H)``: outputs past a sequence's length are zero,
+        its final state is the state at its last valid step, the backward direction (d = 1, or
+        ``reverse``) starts from that step, and a sequence of length 0 ends in a zero state (as
+        onnxruntime). A one-direction forward stack gives each sequence the bits its stream gets
+        step by step (:class:`ReducedBatch`), whatever B is."""
+        from . import kernels_quant as KQ
+
+        T, B = x.shape[0], x.shape[1]
+        L, D, H, Hp = self.L, self.D, self.H, self.C // 4
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        hN = np.empty((L * D, B, H), np.float32)
+        cN = np.empty((L * D, B, H), np.float32)
+        z, scr, acc = self.scratch(B)
+        live = np.zeros(B, np.int64)
+        inp = np.ascontiguousarray(x, dtype=np.float32)  # (T, B, I), then (T, B, D*H)
+        if not inp.flags.writeable:  # a read-only array would be another Numba type
+            inp = inp.copy()
+        for l in range(L):
+            y = np.zeros((T, B, D * H), np.float32)  # (T, B, D*H) direction d: columns d*H..
+            for d in range(D):
+                i = l * D + d
+                h = np.array(h0[i], dtype=np.float32, order="C")  # (B, H) a copy
+                c = np.zeros((B, Hp), np.float32)  # (B, Hp) padded cell state
+                c[:, :H] = c0[i]
+                if z.shape[1] != self.krows[i, -1]:
+                    z = np.zeros((B, int(self.krows[i, -1])), np.float32)  # (B, K) this layer's rows
+                KQ.layer_run_batch(self.gates, self.batch, inp, d == 1 or bool(reverse), lengths, self.prms[i],
+                                   h, c, y, d * H, z, scr, acc, live)
+                hN[i], cN[i] = h, c[:, :H]
+            empty = lengths == 0  # onnxruntime: a sequence of length 0 ends in a zero state
+            if empty.any():
+                hN[l * D:(l + 1) * D, empty] = 0
+                cN[l * D:(l + 1) * D, empty] = 0
+            inp = y
+        return inp, hN, cN
+
+
+class ReducedBatch:
+    """N streams over a one-direction :class:`ReducedStack`, stepped together: every weight
+    vector is loaded once for four streams. The state ``h (L, N, H)``, ``c (L, N, Hp)`` float32
+    C-contiguous is its own, or views the caller passes (``Stream`` passes its state buffer, so
+    ``state``/``reset`` work unchanged). A stream's outputs do not depend on N, on its place in
+    the batch, nor on stepping one sample at a time or a chunk at a time."""
+
+    def __init__(self, stack: ReducedStack, N: int, h=None, c=None):
         from . import kernels as K0
         from . import kernels_quant as KQ
 
         s = stack
-        self.stack = s
+        if not s.streamable:
+            raise UnsupportedModelError("only a one-direction stack steps; a bidirectional one runs whole sequences")
+        self.stack, self.N = s, N
         Hp = s.C // 4
+        self.h = np.zeros((s.L, N, s.H), np.float32) if h is None else h  # (L, N, H)
+        self.c = np.zeros((s.L, N, Hp), np.float32) if c is None else c  # (L, N, Hp)
+        z, scr, acc = s.scratch(N)
+        self._lead = (s.gates, s.batch)
+        self._args = (s.prms, self.h, self.c)
+        self._scratch = (z, scr, acc)
+        x0 = np.zeros(N * s.I, np.float32)
+        y0 = np.zeros(N * s.H, np.float32)
+        self._step = K0.compiled_entry(KQ.stack_step_batch, (*self._lead, x0, *self._args, y0, *self._scratch))
+        self._run = KQ.stack_run_batch
+
+    def reset(self):
+        self.h[...] = 0
+        self.c[...] = 0
+
+    def step_into(self, x, y):
+        """The hot path for ``Stream``: x (N*I,) float32 C-contiguous, writable, stream-major;
+        y (N*H,) float32 <- h[L-1]."""
+        self._step(*self._lead, x, *self._args, y, *self._scratch)
+
+    def run_into(self, xs, ys):
+        """T steps: xs (T, N*I), ys (T, N*H) float32 C-contiguous, writable."""
+        self._run(*self._lead, xs, *self._args, ys, *self._scratch)
+
+
+class ReducedStream:
+    """One stream over a :class:`ReducedStack`: ``step(x (I,)) -> h (H,)`` float32 (a
+    :class:`ReducedBatch` of one). The state ``h (L, H)``, ``c (L, Hp)`` float32 C-contiguous
+    is its own, or views the caller passes."""
+
+    def __init__(self, stack: ReducedStack, h=None, c=None):
+        s = stack
+        Hp = s.C // 4
+        self.stack = s
         self.h = np.zeros((s.L, s.H), np.float32) if h is None else h  # (L, H)
         self.c = np.zeros((s.L, Hp), np.float32) if c is None else c  # (L, Hp)
-        z = np.zeros(int(s.krows[:, -1].max()), np.float32)  # (Kmax,)
-        acc = np.zeros(s.C, np.float32)  # (C,)
-        x0 = np.zeros(s.I, np.float32)
-        if s.kind == "a16":
-            n = 4 * int(s.qrows[:, -1].max())
-            S = s.krows.shape[1] - 1
-            args = (s.W, s.krows, s.qrows, s.sw, s.colsum, s.bias, self.h, self.c, z,
-                    np.full(n, 128, np.uint8), np.zeros(n, np.uint8), np.zeros((S, s.C), np.int32),
-                    np.zeros((S, s.C), np.int32), acc)
-            fn, lead = KQ.i8a16_stack_step, (s.kern,)
-        elif s.kind == "dp":
-            n = 2 * int(s.qrows[:, -1].max())
-            args = (s.W, s.krows, s.qrows, s.bias, self.h, self.c, z, np.zeros(n, np.uint16),
-                    np.zeros(n, np.uint16), np.zeros(s.C, np.float32), acc)
-            fn, lead = KQ.bf16_stack_step, ()
-        else:
-            args = (s.W, s.krows, s.sw, s.bias, self.h, self.c, z, np.zeros(s.C, np.float32), acc)
-            fn, lead = KQ.w_stack_step, (s.kern,)
-        self._args, self._lead = args, lead
-        self._call = K0.compiled_entry(fn, (*lead, x0, *args))
+        self._b = ReducedBatch(s, 1, self.h.reshape(s.L, 1, s.H), self.c.reshape(s.L, 1, Hp))
 
     def reset(self):
         self.h[...] = 0
         self.c[...] = 0
 
     def step(self, x):
-        x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.stack.I)
-        self._call(*self._lead, x, *self._args)
-        return self.h[-1].copy()
+        x = np.array(x, dtype=np.float32).reshape(self.stack.I)
+        y = np.empty(self.stack.H, np.float32)
+        self._b.step_into(x, y)
+        return y
 
     def step_into(self, x, y):
-        """The hot path for ``Stream``: x (I,) float32 C-contiguous, writable; y (H,) <- h[L-1]."""
-        self._call(*self._lead, x, *self._args)
-        y[:] = self.h[-1]
+        self._b.step_into(x, y)
 
 
 def error_estimate(reference, model, steps=1000, seed=0) -> float:
