@@ -33,7 +33,7 @@ from .models import describe_model, float32_layers, load_bench_model, matmul_flo
 from .runners import (BoundRunner, ExportedGraph, OnnxRuntimeInt8Runner, OnnxRuntimeRunner, OpenVINORunner, OursRunner,
                       PeerUnavailable, Runner, TorchRunner)
 from .runners.bound import memory_bandwidth
-from .timing import Progress, cold_process, latency_stats, time_interleaved, warm_up
+from .timing import SETTLE_S, Progress, cold_process, latency_stats, time_interleaved, warm_up
 
 Echo = Optional[Callable[[str], None]]
 
@@ -203,7 +203,8 @@ def _run_bench(cfg: BenchConfig, echo: Echo, model, source, pins: ThreadPins) ->
         show = cfg.progress if cfg.progress is not None else (sys.stderr.isatty() and estimate_s > 1.5)
         progress = Progress(cfg.steps * len(runners), bool(show), f"bench {cfg.mode}")
         try:
-            durations = time_interleaved(runners, calls, cfg.steps, cfg.rounds, progress, pin)
+            durations = time_interleaved(runners, calls, cfg.steps, cfg.rounds, progress, pin,
+                                         settle=SETTLE_S if cfg.threads > 1 else 0.0)
         finally:
             progress.close()
     wall_s = time.perf_counter() - t_warm

@@ -95,11 +95,20 @@ def warm_up(runners: List[Runner], calls: Dict[str, Callable], n: int,
     return per_call_s
 
 
+#: Seconds to wait before each block when runtimes use more than one thread: a runtime's worker
+#: threads keep spinning after its block (onnxruntime's pool, OpenMP), and on a 2-core box they
+#: took the core the next runtime's worker needed (measured: our 64-stream parallel step at
+#: (512,1024,1) 8.0 ms right after onnxruntime's block, 4.0 ms alone).
+SETTLE_S = 0.05
+
+
 def time_interleaved(runners: List[Runner], calls: Dict[str, Callable], steps: int, rounds: int,
-                     progress: Progress, pin: Callable[[Runner], None]) -> Dict[str, np.ndarray]:
+                     progress: Progress, pin: Callable[[Runner], None],
+                     settle: float = 0.0) -> Dict[str, np.ndarray]:
     """Per-call durations (ns) per runner, ``rounds`` round-robin blocks, rotating the order.
 
-    ``pin(runner)`` sets the runner's thread count right before each of its blocks.
+    ``pin(runner)`` sets the runner's thread count right before each of its blocks; ``settle``
+    seconds of sleep before each block let the previous runtime's spinning workers go idle.
     """
     block = math.ceil(steps / rounds)
     out: Dict[str, List[int]] = {r.name: [] for r in runners}
@@ -111,6 +120,8 @@ def time_interleaved(runners: List[Runner], calls: Dict[str, Callable], steps: i
             n = min(block, steps - len(out[r.name]))
             if n <= 0:
                 continue
+            if settle:
+                time.sleep(settle)
             pin(r)
             fn()  # one untimed call: the previous runtime's weights evicted ours from cache
             stamps = [pc()]
