@@ -5,7 +5,7 @@ Layout (the safetensors layout, so standard tools can list it)::
     u64 little-endian  header length n
     n bytes            JSON header: {"meta": {...}, "fpar": {...}, "wbuf": {...},
                                      ["init_h": ..., "init_c": ...],
-                                     "__metadata__": {"format": "lstm-cpu-packed", "version": "2",
+                                     "__metadata__": {"format": "lstm-cpu-packed", "version": "3",
                                                       "sha256": <hex>, "source": <JSON>}}
     data section       the tensors, 8-byte aligned, at their "data_offsets"
 
@@ -38,7 +38,11 @@ from . import layout as lay
 from .errors import FormatError, UnsupportedModelError
 
 FORMAT_NAME = "lstm-cpu-packed"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Format 2 stored each float gate matrix row-major, (K, C); format 3 stores it the way layout 7
+#: does, as 64-column panels. load() converts a format-2 file's float gate matrices (a copy,
+#: never a map); its reduced files carry no float gate matrix and load unchanged.
+ROW_MAJOR_GATES_VERSION = 2
 _MAX_HEADER = 1 << 20  # our headers are ~1 KB; anything near this is not ours
 _DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I8": np.int8, "I16": np.int16}
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
@@ -230,7 +234,7 @@ def load(path, mmap=False) -> Packed:
             raise UnsupportedModelError(
                 f"{path}: packed format version {version} is newer than this lstm-cpu reads "
                 f"(up to {FORMAT_VERSION}); upgrade lstm-cpu")
-        if int(version) < FORMAT_VERSION:
+        if int(version) < ROW_MAJOR_GATES_VERSION:
             raise UnsupportedModelError(
                 f"{path}: packed format version {version} was written by an older lstm-cpu whose "
                 f"layout depended on the machine's thread count; convert the source model again "
@@ -283,6 +287,8 @@ def load(path, mmap=False) -> Packed:
     if weights != "float32":
         wbuf, reduced, weight_error = _restore_reduced(path, meta, md, weights, wbuf, arrays)
     plan = _check_plan(path, meta, fpar, wbuf)
+    if int(version) == ROW_MAJOR_GATES_VERSION and weights == "float32":
+        wbuf = _panels_from_rows(plan, wbuf)
     init = None
     if "init_h" in arrays or "init_c" in arrays:
         init = _check_init(path, plan, wbuf.dtype, arrays.get("init_h"), arrays.get("init_c"))
@@ -295,6 +301,15 @@ def load(path, mmap=False) -> Packed:
     source = dict(source, packed_path=path)
     source.setdefault("format", "lstm-cpu-packed")
     return Packed(plan, wbuf, fpar, init, source, weights, reduced, weight_error)
+
+
+def _panels_from_rows(plan: lay.Plan, wbuf: np.ndarray) -> np.ndarray:
+    """A format-2 wbuf, whose gate matrices are row-major (K, C), in layout 7's panels (a copy)."""
+    out = np.array(wbuf)
+    for a, b in _gate_regions(plan):
+        K = (b - a) // plan.C
+        out[a:b] = lay.to_panels(np.asarray(wbuf[a:b]).reshape(K, plan.C)).ravel()
+    return out
 
 
 def _restore_reduced(path, meta, md, weights, rest, arrays):

@@ -87,3 +87,59 @@ def test_old_format_version_is_refused_with_advice(tmp_path):
     path.write_bytes(resign(_join(h, body)))
     with pytest.raises(UnsupportedModelError, match="convert"):
         lstm_cpu.load(path)
+
+
+def _as_format_2(path, model):
+    """Rewrite a saved float file as format 2 wrote it: gate matrices row-major (K, C), version
+    "2", re-signed. Built from the model's own plan (no old code needed)."""
+    from lstm_cpu.packed import _gate_regions
+
+    h, body = _split(path.read_bytes())
+    e = h["wbuf"]
+    b0, b1 = e["data_offsets"]
+    wbuf = np.frombuffer(body[b0:b1], np.float32).copy()
+    plan = model._plan
+    for l in range(plan.L):
+        for d in range(plan.D):
+            (a, b) = _gate_regions(plan)[l * plan.D + d]
+            wbuf[a:b] = plan.gate_matrix(wbuf, l, d).ravel()  # panels -> (K, C) row-major
+    body = body[:b0] + wbuf.tobytes() + body[b1:]
+    h["__metadata__"]["version"] = "2"
+    return h, body
+
+
+@pytest.mark.parametrize("mmap_", [False, True])
+def test_format_2_files_load_with_their_row_major_gates_converted(tmp_path, mmap_):
+    """Format 2 stored each float gate matrix row-major; layout 7 reads panels. A format-2 file
+    must compute exactly what it computed (its gates converted on load), and the same bytes
+    read as panels (the file claiming format 3) must not: the conversion is what makes it right."""
+    rng = np.random.default_rng(5)
+    H, I = 40, 7  # C = 4 * 48 = 192: three panels, so row-major and panel order differ
+    m = LSTMModel([[LayerParams(rng.normal(size=(4 * H, I)), rng.normal(size=(4 * H, H)),
+                                rng.normal(size=4 * H))] for _ in range(1)])
+    path = tmp_path / "m.lstm"
+    m.save(path)
+    h, body = _as_format_2(path, m)
+    old = tmp_path / "old.lstm"
+    old.write_bytes(resign(_join(h, body)))
+    x = rng.normal(size=(6, I)).astype(np.float32)
+    back = lstm_cpu.load(old, mmap=mmap_)
+    np.testing.assert_array_equal(back.run(x)[0], m.run(x)[0])
+    h["__metadata__"]["version"] = "3"
+    wrong = tmp_path / "wrong.lstm"
+    wrong.write_bytes(resign(_join(h, body)))
+    assert not np.allclose(lstm_cpu.load(wrong).run(x)[0], m.run(x)[0], atol=1e-3)
+
+
+def test_format_2_reduced_files_load_unchanged(tmp_path):
+    """A reduced file keeps no float gate matrix in wbuf: format 2 and 3 read the same."""
+    rng = np.random.default_rng(6)
+    m = _model(rng, weights="int8")
+    path = tmp_path / "m.lstm"
+    m.save(path)
+    h, body = _split(path.read_bytes())
+    h["__metadata__"]["version"] = "2"
+    old = tmp_path / "old.lstm"
+    old.write_bytes(resign(_join(h, body)))
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    np.testing.assert_array_equal(lstm_cpu.load(old).run(x)[0], m.run(x)[0])
