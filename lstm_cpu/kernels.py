@@ -271,13 +271,13 @@ def _stack_like(typingctx, arr, n):
 
 
 def _make_block(BW, RB):
-    """``block(Z, s, Wp, p, j0, k0, k1, A, c0)``: A[s:s+RB, c0:c0+BW] += Z[s:s+RB, 0:k1-k0] @
-    Wp[p, k0:k1, j0:j0+BW], the RB x BW accumulators in registers across all the rows, each
-    one a chain of FMAs in ascending k."""
+    """``block(Z, s, Wp, p, k0, k1, A, c0)``: A[s:s+RB, c0:c0+BW] += Z[s:s+RB, 0:k1-k0] @
+    Wp[p, k0:k1, :BW], the RB x BW accumulators in registers across all the rows, each one a
+    chain of FMAs in ascending k."""
     n = RB * BW
 
     @njit(inline="always", nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
-    def block(Z, s, Wp, p, j0, k0, k1, A, c0):
+    def block(Z, s, Wp, p, k0, k1, A, c0):
         acc = carray(_stack_like(A, n), (RB, BW))  # (RB, BW) accumulators
         for r in range(RB):
             for j in range(BW):
@@ -287,7 +287,7 @@ def _make_block(BW, RB):
             for r in range(RB):
                 zr = Z[s + r, q]
                 for j in range(BW):
-                    acc[r, j] += Wp[p, k, j0 + j] * zr
+                    acc[r, j] += Wp[p, k, j] * zr
         for r in range(RB):
             for j in range(BW):
                 A[s + r, c0 + j] = acc[r, j]
@@ -308,10 +308,10 @@ def _make_product(BW, RB):
             c0 = p * PANEL
             s = 0
             while s + RB <= N:
-                wide(Z, s, Wp, p, 0, k0, k1, A, c0)
+                wide(Z, s, Wp, p, k0, k1, A, c0)
                 s += RB
             while s < N:
-                one(Z, s, Wp, p, 0, k0, k1, A, c0)
+                one(Z, s, Wp, p, k0, k1, A, c0)
                 s += 1
 
     return panel_product
