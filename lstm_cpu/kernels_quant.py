@@ -1205,13 +1205,14 @@ def w_gates_batch(kern, prm, z, scr, acc, N):
 # Drivers, written once for every format: ``gates`` is one of the *_gates_batch functions,
 # ``kern`` its product kernel, ``prms`` a tuple of its per-(layer, direction) ``prm`` tuples.
 @njit(**_FLAGS)
-def load_z_batch(l, x, h, z):
-    """z[n, :K_l] <- [input of layer l | h[l, n]] for every stream n: x (N*I,) float32 (stream
-    n's input at n*I) for layer 0, else h[l-1, n]; h (L, N, H); z (N, KZ) float32."""
+def load_z_batch(l, x, h, z, n0, n1):
+    """z[n - n0, :K_l] <- [input of layer l | h[l, n]] for the streams n0 <= n < n1: x (N*I,)
+    float32 (stream n's input at n*I) for layer 0, else h[l-1, n]; h (L, N, H); z (n1-n0, KZ)
+    float32."""
     N, H = h.shape[1], h.shape[2]
     I = x.shape[0] // N
-    for n in range(N):
-        zn = z[n]
+    for n in range(n0, n1):
+        zn = z[n - n0]
         if l == 0:
             for k in range(I):
                 zn[k] = x[n * I + k]
@@ -1225,26 +1226,29 @@ def load_z_batch(l, x, h, z):
 
 
 @njit(**_FLAGS)
-def stack_step_batch(gates, kern, x, prms, h, c, y, z, scr, acc):
-    """One step of N streams of a unidirectional stack. x (N*I,) float32, stream-major;
-    prms: per layer the format's gate arguments; h (L, N, H), c (L, N, Hp) the state, updated
-    in place; y (N*H,) <- h[L-1]; z (N, Kmax) float32, scr, acc (N, C) float32 scratch."""
-    L, N, H = h.shape[0], h.shape[1], h.shape[2]
+def stack_step_batch(gates, kern, x, prms, h, c, y, z, scr, acc, n0, n1):
+    """One step of the streams n0 <= n < n1 of a batch of N, unidirectional stack. x (N*I,)
+    float32, stream-major; prms: per layer the format's gate arguments; h (L, N, H), c (L, N, Hp)
+    the whole batch's state, updated in place for these streams; y (N*H,) <- h[L-1] for them;
+    z (n1-n0, Kmax) float32, scr, acc (n1-n0, C) float32 scratch of this range. Ranges of one
+    batch may run at once on different threads (``quant.ReducedBatch``): they share no scratch
+    and write disjoint streams, and every stream's arithmetic is the same whatever its range."""
+    L, H = h.shape[0], h.shape[2]
     for l in range(L):
-        load_z_batch(l, x, h, z)
-        gates(kern, prms[l], z, scr, acc, N)
-        for n in range(N):
-            cells(acc[n], c[l, n], h[l, n])
-    for n in range(N):
+        load_z_batch(l, x, h, z, n0, n1)
+        gates(kern, prms[l], z, scr, acc, n1 - n0)
+        for n in range(n0, n1):
+            cells(acc[n - n0], c[l, n], h[l, n])
+    for n in range(n0, n1):
         for k in range(H):
             y[n * H + k] = h[L - 1, n, k]
 
 
 @njit(**_FLAGS)
-def stack_run_batch(gates, kern, xs, prms, h, c, ys, z, scr, acc):
+def stack_run_batch(gates, kern, xs, prms, h, c, ys, z, scr, acc, n0, n1):
     """T steps of :func:`stack_step_batch`: xs (T, N*I) float32, ys (T, N*H) float32."""
     for t in range(xs.shape[0]):
-        stack_step_batch(gates, kern, xs[t], prms, h, c, ys[t], z, scr, acc)
+        stack_step_batch(gates, kern, xs[t], prms, h, c, ys[t], z, scr, acc, n0, n1)
 
 
 @njit(**_FLAGS)

@@ -463,7 +463,9 @@ class LSTMModel:
         lens = self._lengths(lengths, T, B, batched)
         rstack = self._reduced_for(kernel)
         if rstack is not None:  # reduced weights: their own kernels, B sequences per weight load
-            y, hN, cN = rstack.run(xb, h0, c0, lens, reverse=self.reverse)
+            groups = policy.reduced_groups(self.weight_bytes, B, _config.num_threads(),
+                                           self._kernel if kernel is None else kernel)
+            y, hN, cN = rstack.run_groups(xb, h0, c0, lens, reverse=self.reverse, groups=groups)
             return (y, (hN, cN)) if batched else (y[:, 0, :], (hN[:, 0, :], cN[:, 0, :]))
         plan, wbuf, meta = self._plan, self._wbuf, self._meta
         C, Hp = plan.C, plan.Hp
@@ -597,7 +599,8 @@ class Stream:
         self._rstep = self._rrun = None
         rstack = model._reduced_for(kernel)
         if rstack is not None and rstack.streamable:
-            self._init_reduced(rstack)
+            self._init_reduced(rstack, policy.reduced_groups(
+                model.weight_bytes, N, _config.num_threads(), model._kernel if kernel is None else kernel))
             return
         self._step_fn = kernels.stack_step_parallel if choice.parallel else kernels.stack_step_serial
         self._run_fn = kernels.stack_run_parallel if choice.parallel else kernels.stack_run_serial
@@ -637,12 +640,13 @@ class Stream:
                 kernels.compiled_entry(kernels.batch_emit, (N, model._wbuf, meta, self._sbuf, y0)))
         self.reset()
 
-    def _init_reduced(self, rstack):
-        """The rest of ``__init__`` for streams on a reduced model's kernels (``quant.ReducedBatch``)."""
+    def _init_reduced(self, rstack, groups):
+        """The rest of ``__init__`` for streams on a reduced model's kernels (``quant.ReducedBatch``),
+        in ``groups`` ranges of streams on threads (``policy.reduced_groups``)."""
         m, N = self.model, self._N
-        rb = rstack.streams(N, self._h, self._c)
+        rb = rstack.streams(N, self._h, self._c, groups)
         self._rstep, self._rrun = rb.step_into, rb.run_into
-        self.kernel = "serial"
+        self.kernel = "serial" if rb.groups == 1 else "parallel"
         self._blas, self._guard, self._wargs = False, None, None
         self._dtype = np.dtype(m.dtype)
         self._single = self.batch is None

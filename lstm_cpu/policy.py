@@ -101,5 +101,20 @@ def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto
     return KernelChoice(parallel=weight_bytes * streams >= BATCH_PARALLEL_MIN_BYTES, blas=False)
 
 
-__all__ = ["KERNELS", "KernelChoice", "choose_kernel", "check_requested", "PARALLEL_MIN_WEIGHT_BYTES",
+def reduced_groups(weight_bytes: int, streams: int, threads: int, requested="auto") -> int:
+    """How many groups of streams (or sequences) a reduced-weight model's serial kernels run on
+    at once, one per thread (``quant.ReducedBatch``, ``ReducedStack.run_groups``): 1 with one
+    thread, fewer than 8 streams, "serial" asked for, or under "auto" below the batched rule
+    above (weight bytes x streams < :data:`BATCH_PARALLEL_MIN_BYTES`); else one per thread, at
+    least four streams each. ("parallel" on a reduced model runs the float kernels: see
+    ``LSTMModel._reduced_for``.)"""
+    requested = check_requested(requested)
+    if requested == "serial" or threads <= 1 or streams < 8:
+        return 1
+    if requested == "auto" and weight_bytes * streams < BATCH_PARALLEL_MIN_BYTES:
+        return 1
+    return max(1, min(int(threads), streams // 4))
+
+
+__all__ = ["KERNELS", "reduced_groups", "KernelChoice", "choose_kernel", "check_requested", "PARALLEL_MIN_WEIGHT_BYTES",
            "BATCH_PARALLEL_MIN_BYTES", "BLAS_MIN_BATCH", "BLAS_MAX_WEIGHT_BYTES"]

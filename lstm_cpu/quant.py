@@ -41,6 +41,8 @@ Packed layouts (P = C / 16 panels of 16 columns; each panel contiguous so one pa
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .errors import UnsupportedModelError
@@ -499,10 +501,21 @@ class ReducedStack:
     def stream(self, h=None, c=None) -> "ReducedStream":
         return ReducedStream(self, h, c)
 
-    def streams(self, N, h=None, c=None) -> "ReducedBatch":
+    def streams(self, N, h=None, c=None, groups=1) -> "ReducedBatch":
         """N streams stepped together (state ``h (L, N, H)``, ``c (L, N, Hp)``: views the caller
-        passes, or new zeros)."""
-        return ReducedBatch(self, N, h, c)
+        passes, or new zeros), in ``groups`` ranges on threads at once."""
+        return ReducedBatch(self, N, h, c, groups)
+
+    def run_groups(self, x, h0, c0, lengths, reverse=False, groups=1):
+        """:meth:`run` with the B sequences in ``groups`` ranges on threads at once (sequences
+        are independent; each range is run as its own batch, which gives every sequence the bits
+        it gets in any batch)."""
+        bounds = group_bounds(x.shape[1], groups)
+        if len(bounds) == 1:
+            return self.run(x, h0, c0, lengths, reverse)
+        parts = run_on_threads([(self.run, (x[:, a:b], h0[:, a:b], c0[:, a:b], lengths[a:b], reverse))
+                                for a, b in bounds])
+        return tuple(np.concatenate([p[k] for p in parts], axis=1) for k in range(3))
 
     def run(self, x, h0, c0, lengths, reverse=False):
         """Whole sequences through the reduced kernels, layer by layer (``LSTMModel.run``).
@@ -545,6 +558,45 @@ class ReducedStack:
         return inp, hN, cN
 
 
+# ---------------------------------------------------------------------------------------------
+# Groups of streams on threads. The reduced kernels are serial, nogil Numba functions, and
+# streams (or sequences) are independent, so G ranges of one batch run at once on G threads:
+# each range has its own scratch and writes only its streams of the shared, contiguous state,
+# with each stream's arithmetic unchanged (its bits too). Numba's prange cannot take the
+# formats' tuples of arrays ("scalar type Tuple(...) given for non scalar argument"), hence
+# threads of our own.
+# ---------------------------------------------------------------------------------------------
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def run_on_threads(calls):
+    """Run ``calls`` [(fn, args)] at once: the first on this thread, the rest on lstm-cpu's own
+    pool (no other library's thread settings are touched). Returns their results in order."""
+    global _pool
+    if len(calls) == 1:
+        fn, args = calls[0]
+        return [fn(*args)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < len(calls) - 1:
+            _pool = ThreadPoolExecutor(max_workers=len(calls) - 1, thread_name_prefix="lstm-cpu")
+        pool = _pool
+    futures = [pool.submit(fn, *args) for fn, args in calls[1:]]
+    first = calls[0][0](*calls[0][1])
+    return [first] + [f.result() for f in futures]
+
+
+def group_bounds(n: int, groups: int):
+    """[(n0, n1)]: ``groups`` contiguous ranges of n streams, cut at multiples of four (the
+    kernels' blocks), as even as that allows; fewer if n is small."""
+    quads = -(-n // 4)
+    groups = max(1, min(int(groups), quads))
+    cuts = [min(n, 4 * (quads * g // groups)) for g in range(groups + 1)]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
 class ReducedBatch:
     """N streams over a one-direction :class:`ReducedStack`, stepped together: every weight
     vector is loaded once for four streams. The state ``h (L, N, H)``, ``c (L, N, Hp)`` float32
@@ -552,7 +604,7 @@ class ReducedBatch:
     ``state``/``reset`` work unchanged). A stream's outputs do not depend on N, on its place in
     the batch, nor on stepping one sample at a time or a chunk at a time."""
 
-    def __init__(self, stack: ReducedStack, N: int, h=None, c=None):
+    def __init__(self, stack: ReducedStack, N: int, h=None, c=None, groups: int = 1):
         from . import kernels as K0
         from . import kernels_quant as KQ
 
@@ -566,10 +618,15 @@ class ReducedBatch:
         z, scr, acc = s.scratch(N)
         self._lead = (s.gates, s.batch)
         self._args = (s.prms, self.h, self.c)
-        self._scratch = (z, scr, acc)
+        #: per range of streams (``groups`` of them, run at once on threads): (n0, n1, its
+        #: scratch: row slices of one allocation, C-contiguous like the whole)
+        self._ranges = [(n0, n1, (z[n0:n1], tuple(a[n0:n1] for a in scr), acc[n0:n1]))
+                        for n0, n1 in group_bounds(N, groups)]
+        self.groups = len(self._ranges)
         x0 = np.zeros(N * s.I, np.float32)
         y0 = np.zeros(N * s.H, np.float32)
-        self._step = K0.compiled_entry(KQ.stack_step_batch, (*self._lead, x0, *self._args, y0, *self._scratch))
+        self._step = K0.compiled_entry(KQ.stack_step_batch, (*self._lead, x0, *self._args, y0,
+                                                             *self._ranges[0][2], 0, N))
         self._run = KQ.stack_run_batch
 
     def reset(self):
@@ -579,11 +636,17 @@ class ReducedBatch:
     def step_into(self, x, y):
         """The hot path for ``Stream``: x (N*I,) float32 C-contiguous, writable, stream-major;
         y (N*H,) float32 <- h[L-1]."""
-        self._step(*self._lead, x, *self._args, y, *self._scratch)
+        if self.groups == 1:
+            self._step(*self._lead, x, *self._args, y, *self._ranges[0][2], 0, self.N)
+            return
+        run_on_threads([(self._step, (*self._lead, x, *self._args, y, *scratch, n0, n1))
+                        for n0, n1, scratch in self._ranges])
 
     def run_into(self, xs, ys):
-        """T steps: xs (T, N*I), ys (T, N*H) float32 C-contiguous, writable."""
-        self._run(*self._lead, xs, *self._args, ys, *self._scratch)
+        """T steps: xs (T, N*I), ys (T, N*H) float32 C-contiguous, writable (each range of
+        streams runs all T steps on its thread: one hand-over per chunk)."""
+        run_on_threads([(self._run, (*self._lead, xs, *self._args, ys, *scratch, n0, n1))
+                        for n0, n1, scratch in self._ranges])
 
 
 class ReducedStream:

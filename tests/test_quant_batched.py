@@ -404,3 +404,53 @@ def test_a_reduced_model_keeps_one_copy_of_its_gates(reduced_models, tmp_path, r
     for row, brow in zip(m._reduced, back._reduced):
         np.testing.assert_array_equal(row[0].w_hh, brow[0].w_hh)
         np.testing.assert_array_equal(row[0].s_ih, brow[0].s_ih)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranges of streams on threads (policy.reduced_groups): the same bits as one range
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weights", ["int8", "bfloat16"])
+def test_ranges_on_threads_give_each_stream_its_bits(weights):
+    """A batch split into ranges stepped on threads at once (steps, then a chunk) and sequences
+    split into ranges (run) give every stream exactly the bits of one range."""
+    rng = np.random.default_rng(21)
+    I, H, L, N, T = 6, 40, 2, 11, 9
+    layers = [[LayerParams(rng.uniform(-.4, .4, (4 * H, I if l == 0 else H)), rng.uniform(-.4, .4, (4 * H, H)),
+                           rng.uniform(-.3, .3, 4 * H))] for l in range(L)]
+    st = LSTMModel(layers, weights=weights)._rstack
+    one, three = st.streams(N), st.streams(N, groups=3)
+    assert one.groups == 1 and three.groups == 3
+    xs = rng.normal(size=(T, N * I)).astype(np.float32)
+    for t in range(T):  # step by step
+        y1, y3 = np.empty(N * H, np.float32), np.empty(N * H, np.float32)
+        one.step_into(xs[t], y1)
+        three.step_into(xs[t], y3)
+        np.testing.assert_array_equal(y1, y3)
+    ys1, ys3 = np.empty((T, N * H), np.float32), np.empty((T, N * H), np.float32)
+    one.run_into(xs, ys1)  # then a chunk
+    three.run_into(xs, ys3)
+    np.testing.assert_array_equal(ys1, ys3)
+    np.testing.assert_array_equal(one.h, three.h)
+    np.testing.assert_array_equal(one.c, three.c)
+    x = rng.normal(size=(T, N, I)).astype(np.float32)
+    h0 = rng.normal(size=(L, N, H)).astype(np.float32)
+    c0 = rng.normal(size=(L, N, H)).astype(np.float32)
+    lens = rng.integers(0, T + 1, N)
+    for u, v in zip(st.run(x, h0, c0, lens), st.run_groups(x, h0, c0, lens, groups=2)):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_stream_ranges_and_their_policy():
+    from lstm_cpu import policy
+
+    assert Q.group_bounds(11, 3) == [(0, 4), (4, 8), (8, 11)]
+    assert Q.group_bounds(64, 2) == [(0, 32), (32, 64)]
+    assert Q.group_bounds(5, 4) == [(0, 4), (4, 5)]
+    assert Q.group_bounds(3, 2) == [(0, 3)]
+    MB = 1 << 20
+    assert policy.reduced_groups(MB, 64, 2) == 2
+    assert policy.reduced_groups(MB, 64, 1) == 1
+    assert policy.reduced_groups(MB, 4, 2) == 1  # fewer than two ranges of four
+    assert policy.reduced_groups(1, 64, 2) == 1  # below the batched rule
+    assert policy.reduced_groups(1, 64, 2, "parallel") == 2
+    assert policy.reduced_groups(MB, 64, 2, "serial") == 1
