@@ -296,6 +296,7 @@ def _make_block(BW, RB):
 
 
 def _make_product(BW, RB):
+    assert BW == PANEL, "a register block spans a whole panel"
     wide, one = _make_block(BW, RB), _make_block(BW, 1)
 
     @njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
