@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import _config, kernels, policy
+from . import _config, aligned, kernels, policy
 from . import layout as lay
 from . import quant
 from .errors import InputError, InputTypeError, UnsupportedModelError
@@ -29,6 +29,28 @@ _KERNEL_FLAGS = 0x0001 | 0x0100 | 0x0400
 def _readonly(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
     return a
+
+
+def _maps_a_file(a) -> bool:
+    """Whether ``a``'s memory is a memory-mapped file (``packed.load(mmap=True)``)."""
+    import mmap
+
+    seen = 0
+    while a is not None and seen < 16:  # base chain: arrays, then a memoryview of the map
+        if isinstance(a, mmap.mmap):
+            return True
+        a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
+        seen += 1
+    return False
+
+
+def _placed(wbuf: np.ndarray) -> np.ndarray:
+    """``wbuf`` with its gate matrices on 64-byte boundaries (``aligned.py``): a copy where
+    they are not, except a mapped file's buffer, which stays shared (files that ``save`` wrote
+    are aligned; older ones run as they are, correct and a little slower)."""
+    if aligned.is_aligned(wbuf, lay.W_CONSTS) or _maps_a_file(wbuf):
+        return wbuf
+    return aligned.aligned(wbuf, lay.W_CONSTS)
 
 
 def _as_float_array(x, dtype, what: str) -> np.ndarray:
@@ -167,6 +189,7 @@ class LSTMModel:
     def _set_packed(self, plan, wbuf, fpar, init, source, kernel, weights="float32", reduced=None,
                     weight_error=None):
         self._plan = plan  # layout.Plan: sizes, flags, offsets (the only reader of offsets)
+        wbuf = _placed(wbuf)
         self._wfull = _readonly(wbuf)  # (plan.total,) packed weights, see layout.py (or None: _wbuf)
         self._meta = plan.meta  # (M_LD + L*D*LD_STRIDE,) int64: the plan as the kernels read it
         self._fpar = _readonly(fpar)  # (F_LD + L*D*F_STRIDE,) float64 clip and activation params
@@ -238,7 +261,7 @@ class LSTMModel:
         from .packed import _gate_regions
 
         plan, rest = self._plan, self._wrest
-        wbuf = np.empty(plan.total, rest.dtype)
+        wbuf = aligned.empty(plan.total, rest.dtype, lay.W_CONSTS)  # gate matrices on lines
         prev = src = 0
         for (a, b), q in zip(_gate_regions(plan), (q for row in self._canonical() for q in row)):
             wbuf[prev:a] = rest[src : src + a - prev]

@@ -7,7 +7,8 @@ Layout (the safetensors layout, so standard tools can list it)::
                                      ["init_h": ..., "init_c": ...],
                                      "__metadata__": {"format": "lstm-cpu-packed", "version": "3",
                                                       "sha256": <hex>, "source": <JSON>}}
-    data section       the tensors, 8-byte aligned, at their "data_offsets"
+    data section       the tensors at their "data_offsets" (since lstm-cpu 0.1 each starts on a
+                       64-byte boundary of the file, see aligned.py; older files: 8 bytes)
 
 The checksum covers every byte that is read: the length prefix, the header (with the 64 hex
 digits of the digest itself read as zeros) and the data section. Swapping two offsets, shapes or
@@ -34,6 +35,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from . import aligned
 from . import layout as lay
 from .errors import FormatError, UnsupportedModelError
 
@@ -118,15 +120,20 @@ def save(path, plan: lay.Plan, wbuf, fpar, init=None, source=None, weights="floa
         tensors += _reduced_tensors(reduced)
     else:
         tensors.append(("wbuf", wbuf))
+    # Each tensor starts on a 64-byte boundary of the file (wbuf: its gate matrices do, at element
+    # W_CONSTS), so that a mapped or loaded model's weights sit as aligned.py places them; the
+    # gaps are zeros, the last tensor is padded to 8 bytes as in every format-3 file.
     header, blobs, offset = {}, [], 0
     for name, a in tensors:
         a = np.ascontiguousarray(a)
+        lead = lay.W_CONSTS * a.itemsize if name == "wbuf" else 0
+        gap = (-(offset + lead)) % aligned.WEIGHT_ALIGN
         raw = a.tobytes()
-        pad = (-len(raw)) % 8
         header[name] = {"dtype": _DTYPE_NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw + b"\0" * pad)
-        offset += len(raw) + pad
+                        "data_offsets": [offset + gap, offset + gap + len(raw)]}
+        blobs += [b"\0" * gap, raw]
+        offset += gap + len(raw)
+    blobs.append(b"\0" * ((-offset) % 8))
     data = b"".join(blobs)
     header["__metadata__"] = {
         "format": FORMAT_NAME,
@@ -138,7 +145,7 @@ def save(path, plan: lay.Plan, wbuf, fpar, init=None, source=None, weights="floa
         header["__metadata__"]["weights"] = weights
         header["__metadata__"]["weight_error"] = repr(float(weight_error)) if weight_error is not None else ""
     hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * ((-len(hb)) % 8)
+    hb += b" " * ((-(8 + len(hb))) % aligned.WEIGHT_ALIGN)  # the data section starts on a boundary
     prefix = struct.pack("<Q", len(hb))
     hb = hb.replace(_ZERO_DIGEST.encode(), _digest(prefix, hb, data).encode(), 1)
     path = os.fspath(path)
@@ -253,7 +260,7 @@ def load(path, mmap=False) -> Packed:
         for req in ("meta", "fpar", "wbuf"):
             if req not in entries:
                 raise FormatError(f"{path}: tensor '{req}' is missing")
-        # save() packs the tensors back to back, each padded to 8 bytes: anything after the last
+        # save() packs the tensors in order, the last padded to 8 bytes: anything after the last
         # one is not ours (and is refused here, before a hash pass over arbitrary trailing data).
         end = max(b + int(np.prod(shp)) * np.dtype(dt).itemsize for dt, shp, b in entries.values())
         if data_len != end + (-end) % 8:
@@ -266,8 +273,10 @@ def load(path, mmap=False) -> Packed:
                 raise FormatError(f"cannot map {path}: {e}") from None
             data = memoryview(buf)[data_start:]
         else:
-            buf = f.read(data_len)  # one read: the bytes we checksum are the bytes we use
-            if len(buf) != data_len:
+            # one read into a 64-byte aligned buffer (aligned.py): the bytes we checksum are the
+            # bytes we use, and the tensors keep the file's alignment
+            buf = aligned.empty(data_len, np.uint8)
+            if f.readinto(memoryview(buf)) != data_len:
                 raise FormatError(f"{path}: the file changed while it was read (short read)")
             data, data_start = buf, 0
     digest = _digest(prefix, raw_header, data)

@@ -45,6 +45,7 @@ import threading
 
 import numpy as np
 
+from .aligned import aligned
 from .errors import UnsupportedModelError
 
 PANEL = 16
@@ -115,7 +116,8 @@ def pack_quads(Wq, rows):
         padded[4 * qr[s] : 4 * qr[s] + n] = Wq[rows[s] : rows[s + 1]]
     K4 = int(qr[-1])
     # (K4, 4, P, 16) -> (P, K4, 16, 4)
-    return np.ascontiguousarray(padded.reshape(K4, 4, C // PANEL, PANEL).transpose(2, 0, 3, 1)).reshape(
+    # on a 64-byte boundary (aligned.py): each panel row is one line, one zmm load
+    return aligned(padded.reshape(K4, 4, C // PANEL, PANEL).transpose(2, 0, 3, 1)).reshape(
         C // PANEL, K4, 64)
 
 
@@ -170,7 +172,7 @@ def pack_panels(W):
     W = np.asarray(W)
     K, C = W.shape
     _check_panels(C)
-    return np.ascontiguousarray(W.reshape(K, C // PANEL, PANEL).transpose(1, 0, 2))
+    return aligned(W.reshape(K, C // PANEL, PANEL).transpose(1, 0, 2))  # 64-byte aligned
 
 
 def pack_pairs(B, rows):
@@ -187,8 +189,8 @@ def pack_pairs(B, rows):
         n = int(rows[s + 1] - rows[s])
         padded[2 * pr[s] : 2 * pr[s] + n] = B[rows[s] : rows[s + 1]]
     K2 = pr[-1]
-    return np.ascontiguousarray(padded.reshape(K2, 2, C // PANEL, PANEL).transpose(2, 0, 3, 1)).reshape(
-        C // PANEL, K2, 32), np.array(pr, dtype=np.int64)
+    return aligned(padded.reshape(K2, 2, C // PANEL, PANEL).transpose(2, 0, 3, 1)).reshape(
+        C // PANEL, K2, 32), np.array(pr, dtype=np.int64)  # 64-byte aligned
 
 
 def unpack_quads(Wq4, rows):
