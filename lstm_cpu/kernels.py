@@ -489,19 +489,22 @@ def _load_z(l, s, x, sbuf, meta, N):
     out = meta[M_OUT]
     K = meta[M_LD + l * LD_STRIDE + LD_K]
     h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
+    # every copy between views indexed from 0: an offset index (x[s * kin + k]) carries Numba's
+    # negative-index wraparound and stays scalar (64 streams at (128,256,2): 36 -> 5 us a step)
     z = sbuf[z_off + s * K : z_off + (s + 1) * K]
     if l == 0:
         kin = meta[M_I]
-        for k in range(kin):
-            z[k] = x[s * kin + k]
+        src = x[s * kin : (s + 1) * kin]
     else:
         kin = out
-        src = h_off + ((l - 1) * N + s) * out
-        for k in range(out):
-            z[k] = sbuf[src + k]
-    hl = h_off + (l * N + s) * out
+        src = sbuf[h_off + ((l - 1) * N + s) * out : h_off + ((l - 1) * N + s + 1) * out]
+    zin = z[:kin]
+    for k in range(kin):
+        zin[k] = src[k]
+    hl = sbuf[h_off + (l * N + s) * out : h_off + (l * N + s + 1) * out]
+    zh = z[kin : kin + out]
     for k in range(out):
-        z[kin + k] = sbuf[hl + k]
+        zh[k] = hl[k]
 
 
 @njit(**_FLAGS)
@@ -581,8 +584,9 @@ def _emit(s, wbuf, meta, sbuf, N, y):
         hw = meta[M_HEAD_W]
         _axpy_rows(wbuf[hw : hw + out * O].reshape((out, O)), h, y[s * O : (s + 1) * O])
     else:
+        ys = y[s * out : (s + 1) * out]  # indexed from 0 (see _load_z)
         for j in range(out):
-            y[s * out + j] = h[j]
+            ys[j] = h[j]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -755,11 +759,14 @@ def _seq_finish(t, s, l, d, wbuf, meta, h, y, mb):
     out, P, D = meta[M_OUT], meta[M_P], meta[M_D]
     if P > 0:
         _project(mb[s], wbuf, meta[M_LD + (l * D + d) * LD_STRIDE + LD_HR], meta[M_HP], P, h[s])
-    else:
+    hs = h[s]  # (out,) 1-D views indexed from 0 (see _load_z)
+    if P == 0:
+        ms = mb[s]
         for j in range(out):
-            h[s, j] = mb[s, j]
+            hs[j] = ms[j]
+    ys = y[t, s, d * out : (d + 1) * out]
     for j in range(out):
-        y[t, s, d * out + j] = h[s, j]
+        ys[j] = hs[j]
 
 
 @njit(**_FLAGS)

@@ -1213,16 +1213,17 @@ def load_z_batch(l, x, h, z, n0, n1):
     I = x.shape[0] // N
     for n in range(n0, n1):
         zn = z[n - n0]
-        if l == 0:
-            for k in range(I):
-                zn[k] = x[n * I + k]
-            kin = I
-        else:
-            for k in range(H):
-                zn[k] = h[l - 1, n, k]
-            kin = H
+        # copies between 1-D views indexed from 0: an offset index (x[n * I + k]) carries
+        # Numba's negative-index wraparound and stays scalar
+        src = x[n * I : (n + 1) * I] if l == 0 else h[l - 1, n]
+        kin = src.shape[0]
+        zi = zn[:kin]
+        for k in range(kin):
+            zi[k] = src[k]
+        hs = h[l, n]
+        zh = zn[kin : kin + H]
         for k in range(H):
-            zn[kin + k] = h[l, n, k]
+            zh[k] = hs[k]
 
 
 @njit(**_FLAGS)
@@ -1240,8 +1241,10 @@ def stack_step_batch(gates, kern, x, prms, h, c, y, z, scr, acc, n0, n1):
         for n in range(n0, n1):
             cells(acc[n - n0], c[l, n], h[l, n])
     for n in range(n0, n1):
+        ys = y[n * H : (n + 1) * H]  # indexed from 0 (see load_z_batch)
+        hs = h[L - 1, n]
         for k in range(H):
-            y[n * H + k] = h[L - 1, n, k]
+            ys[k] = hs[k]
 
 
 @njit(**_FLAGS)
@@ -1270,11 +1273,14 @@ def layer_run_batch(gates, kern, xs, backward, lengths, prm, h, c, y, y0, z, scr
         for n in range(B):
             if t < lengths[n]:
                 live[N] = n
-                zn = z[N]
+                zn = z[N]  # 1-D views indexed from 0 (see load_z_batch)
+                xn = xs[t, n]
+                hn = h[n]
+                zh = zn[kin : kin + H]
                 for k in range(kin):
-                    zn[k] = xs[t, n, k]
+                    zn[k] = xn[k]
                 for k in range(H):
-                    zn[kin + k] = h[n, k]
+                    zh[k] = hn[k]
                 N += 1
         if N == 0:
             continue
@@ -1282,8 +1288,10 @@ def layer_run_batch(gates, kern, xs, backward, lengths, prm, h, c, y, y0, z, scr
         for r in range(N):
             n = live[r]
             cells(acc[r], c[n], h[n])
+            yn = y[t, n, y0 : y0 + H]
+            hn = h[n]
             for k in range(H):
-                y[t, n, y0 + k] = h[n, k]
+                yn[k] = hn[k]
 
 
 # ---------------------------------------------------------------------------------------------
