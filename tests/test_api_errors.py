@@ -258,6 +258,35 @@ def test_step_out_argument(model):
         s.step(x, out=np.empty(model.output_size, np.float64))
 
 
+def test_one_stream_fast_path_is_the_general_step(model):
+    """A single float stream steps through a closure over its arrays (Stream._one_stream_step);
+    every input it does not take as it is falls back to Stream.step itself. Both must give the
+    same bits, keep the same state and raise the same errors."""
+    from lstm_cpu.model import Stream
+
+    rng = np.random.default_rng(6)
+    xs = rng.standard_normal((8, I)).astype(np.float32)
+    fast, slow = model.stream(), model.stream()
+    assert "step" in vars(fast)  # the closure is installed on the instance
+    out = np.empty(model.output_size, np.float32)
+    ro = xs.copy()
+    ro.flags.writeable = False  # read-only: not the kernel's type, so the general path copies it
+    strided = np.empty(2 * model.output_size, np.float32)[::2]
+    for t in range(8):
+        want = Stream.step(slow, xs[t])
+        x = (xs[t], ro[t], xs[t].tolist(), xs[t].astype(np.float64))[t % 4]
+        got = fast.step(x, out=out) if t % 2 else fast.step(x)
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(fast.state[0], slow.state[0])
+    np.testing.assert_array_equal(fast.state[1], slow.state[1])
+    for bad_out in (strided, np.empty(model.output_size + 1, np.float32)):
+        with pytest.raises(InputError, match="out: expected"):
+            fast.step(xs[0], out=bad_out)
+    _shape_error(lambda: fast.step(np.ones(I + 1, np.float32)), "expected shape", str(I + 1))
+    with pytest.raises(InputTypeError):
+        fast.step(np.array(["a"] * I))
+
+
 def test_model_construction_errors():
     rng = np.random.default_rng(0)
     good = LayerParams(w_ih=rng.standard_normal((4 * H, I)), w_hh=rng.standard_normal((4 * H, H)))

@@ -24,6 +24,7 @@ import textwrap
 import threading
 import time
 import tracemalloc
+import types
 
 import numpy as np
 import pytest
@@ -739,9 +740,11 @@ def test_allocation_detector_fires_on_one_output_per_step(wide_model, monkeypatc
             out[...] = y
         return y
 
-    monkeypatch.setattr(lstm_cpu.Stream, "step", leaky_step)
+    s = wide_model.stream(kernel="serial")
+    # on the instance: a single float stream's step is its own closure (Stream._one_stream_step)
+    monkeypatch.setattr(s, "step", types.MethodType(leaky_step, s))
     with pytest.raises(AssertionError, match="a step with out= reached"):
-        _assert_step_allocates_nothing(wide_model.stream(kernel="serial"), None)
+        _assert_step_allocates_nothing(s, None)
 
 
 def test_allocation_detector_sees_numba_allocations(wide_model, monkeypatch):
@@ -760,9 +763,10 @@ def test_allocation_detector_sees_numba_allocations(wide_model, monkeypatch):
         real(self, x, out=out)
         return fresh_copy(out)
 
-    monkeypatch.setattr(lstm_cpu.Stream, "step", step_then_numba_alloc)
+    s = wide_model.stream(kernel="serial")
+    monkeypatch.setattr(s, "step", types.MethodType(step_then_numba_alloc, s))
     with pytest.raises(AssertionError, match="a step with out= reached"):
-        _assert_step_allocates_nothing(wide_model.stream(kernel="serial"), None)
+        _assert_step_allocates_nothing(s, None)
 
 
 def test_long_run_float32_tracks_float64():
