@@ -732,7 +732,10 @@ def _input_product(r, R, X, wbuf, meta, l, d, xp):
     rec = M_LD + (l * D + d) * LD_STRIDE
     K = meta[rec + LD_K]
     Wp = wbuf[meta[rec + LD_W] : meta[rec + LD_W] + K * C].reshape((n, K, PANEL))  # panels
-    _projection(X, Wp, xp, p0, p1)
+    if R == 1:  # constant bounds, as in _range_product
+        _projection(X, Wp, xp, 0, Wp.shape[0])
+    else:
+        _projection(X, Wp, xp, p0, p1)
 
 
 @njit(**_FLAGS)
