@@ -509,28 +509,32 @@ class LSTMModel:
             if not X.flags.writeable:
                 X = X.copy()
             for d in range(D):
-                # The input projection of the whole sequence in one pass over W's panels (the
-                # kernel adds the bias as it reads xp: no extra pass over T*B*C floats).
-                xp = np.empty((T, B, C), self.dtype)  # (T, B, C)
-                with (kernels.parallel_guard() if choice.parallel else nullcontext()):
-                    in_fn(X, *in_args, wbuf, meta, l, d, xp.reshape(T * B, C))
                 h = np.array(h0[l * D + d], order="C")  # (B, out) a copy: never the caller's array
                 c = np.zeros((B, Hp), self.dtype)  # (B, Hp) padded cell state
                 c[:, :H] = c0[l * D + d]
-                if choice.blas:  # serial cell updates: never Numba threads next to BLAS calls
-                    w_rec = plan.gate_panels(wbuf, l, d)[:, kin:, :]  # (n, out, PANEL) recurrent rows
-                    panel_out = np.empty((C // lay.PANEL, B, lay.PANEL), self.dtype)  # (n, B, PANEL)
-                    args = (xp, wbuf, meta, self._fpar, l, d, lens, h, c, y, acc, mb)
-                    call = kernels.compiled_entry(kernels.sequence_cells_serial, (0,) + args)
-                    backward = d == 1 or self.reverse
-                    for step in range(T):
-                        t = T - 1 - step if backward else step
-                        np.matmul(h, w_rec, out=panel_out)  # (B, out) @ (n, out, PANEL)
-                        acc.reshape(B, -1, lay.PANEL)[...] = panel_out.transpose(1, 0, 2)
-                        call(t, *args)
-                else:
-                    with (kernels.parallel_guard() if choice.parallel else nullcontext()):
-                        fn(xp, R, wbuf, meta, self._fpar, l, d, lens, h, c, y, acc, mb)
+                if not choice.blas:
+                    # Projections and recurrence in chunks of Tc steps (policy.sequence_chunk;
+                    # Tc = T for all but long, wide batches), each chunk projected in one pass
+                    # over W's panels right before the recurrence reads it. The kernel adds the
+                    # bias as it reads xp. A backward direction takes the chunks last first.
+                    self._sequence_chunks(X, in_fn, fn, in_args, R, l, d, lens, h, c, y, acc, mb,
+                                          choice.parallel, d == 1 or self.reverse)
+                    hN[l * D + d], cN[l * D + d] = h, c[:, :H]
+                    continue
+                # BLAS products (policy): serial cell updates, never Numba threads next to BLAS
+                # calls; the whole sequence's projections first (small models only)
+                xp = np.empty((T, B, C), self.dtype)  # (T, B, C)
+                in_fn(X, *in_args, wbuf, meta, l, d, xp.reshape(T * B, C))
+                w_rec = plan.gate_panels(wbuf, l, d)[:, kin:, :]  # (n, out, PANEL) recurrent rows
+                panel_out = np.empty((C // lay.PANEL, B, lay.PANEL), self.dtype)  # (n, B, PANEL)
+                args = (xp, wbuf, meta, self._fpar, l, d, lens, h, c, y, acc, mb)
+                call = kernels.compiled_entry(kernels.sequence_cells_serial, (0,) + args)
+                backward = d == 1 or self.reverse
+                for step in range(T):
+                    t = T - 1 - step if backward else step
+                    np.matmul(h, w_rec, out=panel_out)  # (B, out) @ (n, out, PANEL)
+                    acc.reshape(B, -1, lay.PANEL)[...] = panel_out.transpose(1, 0, 2)
+                    call(t, *args)
                 hN[l * D + d], cN[l * D + d] = h, c[:, :H]
             empty = lens == 0  # onnxruntime: a sequence of length 0 ends in a zero state
             if empty.any():
@@ -547,6 +551,28 @@ class LSTMModel:
         if not batched:
             return y[:, 0, :], (hN[:, 0, :], cN[:, 0, :])
         return y, (hN, cN)
+
+    def _sequence_chunks(self, X, in_fn, fn, in_args, R, l, d, lens, h, c, y, acc, mb, parallel,
+                         backward):
+        """Layer l, direction d of ``run`` over X (T*B, kin), time-major, in chunks of Tc steps:
+        xp (Tc, B, C) <- the chunk's input projections, then the recurrence over it, writing
+        y[t0:t1] (T, B, D*out) and updating h (B, out), c (B, Hp). A chunk's lengths are the
+        global ones minus t0, clipped to [0, Tc]: the kernels' "t < lengths[s]" in chunk time.
+        Each row is projected on its own, so the bits do not depend on Tc (tests)."""
+        T, B = y.shape[0], y.shape[1]
+        C = self._plan.C
+        wbuf, meta, fpar = self._wbuf, self._meta, self._fpar
+        Tc = policy.sequence_chunk(T, B, C, np.dtype(self.dtype).itemsize)
+        xp = np.empty((Tc, B, C), self.dtype)  # (Tc, B, C), reused by every chunk
+        starts = list(range(0, T, Tc))
+        for t0 in (reversed(starts) if backward else starts):
+            t1 = min(T, t0 + Tc)
+            n = t1 - t0
+            part = xp[:n]  # (n, B, C)
+            clens = lens if Tc == T else np.clip(lens - t0, 0, n)  # (B,) int64
+            with (kernels.parallel_guard() if parallel else nullcontext()):
+                in_fn(X[t0 * B : t1 * B], *in_args, wbuf, meta, l, d, part.reshape(n * B, C))
+                fn(part, R, wbuf, meta, fpar, l, d, clens, h, c, y[t0:t1], acc, mb)
 
     def _initial_batch(self, state, B, batched):
         """(h0 (L*D, B, out), c0 (L*D, B, H)) from the caller's state, the model's, or zeros."""
