@@ -562,7 +562,10 @@ class LSTMModel:
         T, B = y.shape[0], y.shape[1]
         C = self._plan.C
         wbuf, meta, fpar = self._wbuf, self._meta, self._fpar
-        Tc = policy.sequence_chunk(T, B, C, np.dtype(self.dtype).itemsize)
+        # serial only: the parallel kernels run whole, with no extra parallel launches per chunk
+        # ((128,256,2) B=16, 2 threads, one run: 323 us chunked, 286-302 whole; 2-thread timings
+        # on the 2-vCPU benchmark box vary up to 1.7x between runs, so this is not settled)
+        Tc = T if parallel else policy.sequence_chunk(T, B, C, np.dtype(self.dtype).itemsize)
         xp = np.empty((Tc, B, C), self.dtype)  # (Tc, B, C), reused by every chunk
         starts = list(range(0, T, Tc))
         for t0 in (reversed(starts) if backward else starts):
