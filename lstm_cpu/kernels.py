@@ -279,18 +279,32 @@ def _make_block(BW, RB):
     @njit(inline="always", nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
     def block(Z, s, Wp, p, k0, k1, A, c0):
         acc = carray(_stack_like(A, n), (RB, BW))  # (RB, BW) accumulators
-        for r in range(RB):
+        if RB == 1:
+            # One stream: its row through a (BW,) view indexed from 0. A[s, c0 + j] carries
+            # Numba's negative-index wraparound wherever c0's sign is unknown to LLVM (panel
+            # ranges from run-time bounds), which kept these loads and stores scalar: 1.13 vs
+            # 0.94 us at (96, 256). (The same views in the 4-stream block made it slower.)
+            a1 = A[s, c0 : c0 + BW]
             for j in range(BW):
-                acc[r, j] = A[s + r, c0 + j]
+                acc[0, j] = a1[j]
+        else:
+            for r in range(RB):
+                for j in range(BW):
+                    acc[r, j] = A[s + r, c0 + j]
         for k in range(k0, k1):
             q = k - k0
             for r in range(RB):
                 zr = Z[s + r, q]
                 for j in range(BW):
                     acc[r, j] += Wp[p, k, j] * zr
-        for r in range(RB):
+        if RB == 1:
+            a1 = A[s, c0 : c0 + BW]
             for j in range(BW):
-                A[s + r, c0 + j] = acc[r, j]
+                a1[j] = acc[0, j]
+        else:
+            for r in range(RB):
+                for j in range(BW):
+                    A[s + r, c0 + j] = acc[r, j]
 
     return block
 
@@ -387,9 +401,11 @@ def _panel_bounds(r, R, n):
 @njit(inline="always", **_FLAGS)
 def _range_product(Z, Wp, A, r, R, p0, p1, k0, k1):
     """:func:`_product` over panels [p0, p1), range r of R. With one range the bounds go in as
-    the constants 0 and Wp.shape[0]: the same hot loop then ran 0.93 instead of 1.13 us at
-    (K, C) = (96, 256), one stream (bench/results.md, 2026-11-26 evening; why is not known: the
-    loop's machine code is identical, the code around it is not)."""
+    the constants 0 and Wp.shape[0]: LLVM then knows every column index c0 + j >= 0, so the
+    blocks' loads and stores of A carry no negative-index wraparound and vectorise (one stream
+    at (96, 256): 0.93 instead of 1.13 us; 64 streams at (128,256,2): 1,090 instead of 1,190 us).
+    The one-stream block also reads its row through a view (see _make_block), which covers the
+    parallel ranges; the same views in the 4-stream block made it slower."""
     if R == 1:
         _product(Z, Wp, A, 0, Wp.shape[0], k0, k1)
     else:
