@@ -10,14 +10,17 @@ Two entry points per job, with the same arithmetic in the same order:
   stack for N streams, in one call (no Python loop over layers).
 * ``layer_sequence_serial`` / ``layer_sequence_parallel``: the recurrent part of one layer and
   direction over a whole sequence, after ``input_projection_serial`` / ``_parallel`` did the
-  input rows of all T*B samples in one pass.
+  input rows of all T*B samples in one pass. The parallel twin is one region for the whole
+  sequence, a team of threads that wait for each other between phases (``team.py``); a batch
+  large enough to split runs ``layer_run_split`` instead: groups of sequences, projection and
+  recurrence each on its own thread (``policy.sequence_team`` decides).
 
 All streams (or sequences of a batch) share one pass over each gate matrix (``_product``:
 register blocks of streams x columns over the packed panels of ``layout.py``), with the float
-order of a single stream. The parallel twins run two ``prange`` loops per layer (and time
-step): the product over panel ranges, each thread streaming a contiguous part of W, then the
-cell updates over (group of four streams, unit range) tasks, a unit range taking the same units
-of all four gates. The number of ranges is decided at run time from the thread count
+order of a single stream. The parallel step runs two ``prange`` loops per layer: the product
+over panel ranges, each thread streaming a contiguous part of W, then the cell updates over
+(group of four streams, unit range) tasks, a unit range taking the same units of all four
+gates; the team kernel runs the same tasks per time step inside one region. The number of ranges is decided at run time from the thread count
 (``layout.unit_ranges``), never packed. Results are
 bit-identical however many threads run and however many streams share a call: every output
 element is computed by exactly one thread in a fixed float order.
@@ -35,6 +38,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _config, _threads
+from .team import claim, finished, wait_done
 from .layout import (
     F_LD,
     F_STRIDE,
@@ -763,9 +767,15 @@ def input_projection_serial(X, wbuf, meta, l, d, xp):
 
 @njit(parallel=True, **_FLAGS)
 def input_projection_parallel(X, R, wbuf, meta, l, d, xp):
-    """The parallel twin of :func:`input_projection_serial`: prange over R panel ranges."""
+    """The parallel twin of :func:`input_projection_serial`: prange over R ranges of rows, each
+    thread reading all of W and writing its own contiguous rows of xp. (Split by panel ranges,
+    the threads' writes alternated within every row of xp, and two threads took 1.8x as long as
+    one at C = 256: 263 vs 148 us for 1,024 rows; by rows, 77 us.) Rows are independent: the
+    bits do not depend on R."""
+    M = X.shape[0]
     for r in prange(R):
-        _input_product(r, R, X, wbuf, meta, l, d, xp)
+        m0, m1 = M * r // R, M * (r + 1) // R
+        _input_product(0, 1, X[m0:m1], wbuf, meta, l, d, xp[m0:m1])
 
 
 @njit(**_FLAGS)
@@ -801,18 +811,31 @@ def _seq_finish(t, s, l, d, wbuf, meta, h, y, mb):
 
 
 @njit(**_FLAGS)
+def _zero_past(lengths, d, out, y):
+    """y[t, s, d*out:(d+1)*out] <- 0 for every step t past sequence s's length."""
+    T, B = y.shape[0], y.shape[1]
+    for s in range(B):
+        for t in range(max(0, lengths[s]), T):
+            ys = y[t, s, d * out : (d + 1) * out]
+            for j in range(out):
+                ys[j] = 0
+
+
+@njit(**_FLAGS)
 def layer_sequence_serial(xp, R, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
     """Run layer l, direction d over a sequence of B streams in one call.
 
     xp (T, B, C) input projections (no bias), in W's column order; lengths (B,) valid steps
     per sequence; h (B, out), c (B, Hp) the state, updated in place; y (T, B, D*out) the layer's
-    outputs, pre-zeroed (steps past a sequence's length stay zero), direction d writing columns
-    d*out:(d+1)*out; acc (B, C) and mb (B, Hp) scratch.
+    outputs, direction d writing columns d*out:(d+1)*out (zeros at steps past a sequence's
+    length: the kernel writes every element of its columns, so y may come uninitialised);
+    acc (B, C) and mb (B, Hp) scratch.
     Direction 1 (or a REVERSE model) runs backwards from each sequence's last valid step.
     All B streams share one pass over the recurrent rows of each panel per step (:func:`_product`),
     with the float order of a single stream: results do not depend on B (nor on R).
     """
     T, B = xp.shape[0], xp.shape[1]
+    _zero_past(lengths, d, meta[M_OUT], y)
     for step in range(T):
         t = T - 1 - step if (d == 1 or meta[M_REVERSE] != 0) else step
         _seq_product(0, 1, t, l, d, xp, wbuf, meta, h, acc)
@@ -823,21 +846,139 @@ def layer_sequence_serial(xp, R, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, 
                 _seq_finish(t, s, l, d, wbuf, meta, h, y, mb)
 
 
-@njit(parallel=True, **_FLAGS)
-def layer_sequence_parallel(xp, R, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
-    """The parallel twin of :func:`layer_sequence_serial`: prange over R panel ranges (product)
-    and (stream group, unit range) tasks (cells)."""
+@njit(**_FLAGS)
+def _seq_cells_finish(q, R, t, l, d, wbuf, meta, fpar, lengths, h, c, y, acc, mb):
+    """:func:`_seq_cells` of task q, then, for a model without projection, h[s] and y[t, s] of
+    the same units (a copy of mb[s]'s, as :func:`_seq_finish` makes it)."""
+    _seq_cells(q, R, t, l, d, wbuf, meta, fpar, lengths, c, acc, mb)
+    if meta[M_P] > 0:
+        return
+    out, D = meta[M_OUT], meta[M_D]
+    B = c.shape[0]
+    g = q // R
+    u0, u1 = _range_bounds(q % R, R, meta[M_HP])
+    u1 = min(u1, out)
+    for s in range(4 * g, min(4 * g + 4, B)):
+        if t < lengths[s] and u0 < u1:
+            ms = mb[s, u0:u1]  # 1-D views indexed from 0 (see _load_z)
+            hs = h[s, u0:u1]
+            ys = y[t, s, d * out + u0 : d * out + u1]
+            for j in range(u1 - u0):
+                hs[j] = ms[j]
+                ys[j] = ms[j]
+
+
+@njit(**_FLAGS)
+def _team_member(p, P, RA, RB, xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb, sync):
+    """Participant p of P of :func:`layer_sequence_parallel` (see ``team.py``). Per time step:
+    phase A, RA tasks (panel ranges of the product); phase B, groups x RB tasks (cells, and h
+    and y when there is no projection); phase C, one task per stream (the projection) if the
+    model has one. Participant p first runs the tasks j = p, p + P, ... of each list (the same
+    ones every step), then any still unclaimed."""
     T, B = xp.shape[0], xp.shape[1]
-    tasks = ((B + 3) // 4) * R
+    if p == 0:
+        _zero_past(lengths, d, meta[M_OUT], y)  # read by nobody inside the region
+    nA = RA
+    nB = ((B + 3) // 4) * RB
+    nC = B if meta[M_P] > 0 else 0
+    per_step = nA + nB + nC
     for step in range(T):
         t = T - 1 - step if (d == 1 or meta[M_REVERSE] != 0) else step
-        for r in prange(R):  # panel ranges
-            _seq_product(r, R, t, l, d, xp, wbuf, meta, h, acc)
-        for q in prange(tasks):  # unit ranges
-            _seq_cells(q, R, t, l, d, wbuf, meta, fpar, lengths, c, acc, mb)
-        for s in range(B):
-            if t < lengths[s]:
-                _seq_finish(t, s, l, d, wbuf, meta, h, y, mb)
+        done0 = step * per_step
+        for sweep in range(2):  # own tasks, then the rest
+            for j in range(p if sweep == 0 else 0, nA, P if sweep == 0 else 1):
+                if claim(sync, 0, j, step):
+                    _seq_product(j, RA, t, l, d, xp, wbuf, meta, h, acc)
+                    finished(sync)
+        wait_done(sync, done0 + nA)
+        for sweep in range(2):
+            for j in range(p if sweep == 0 else 0, nB, P if sweep == 0 else 1):
+                if claim(sync, nA, j, step):
+                    _seq_cells_finish(j, RB, t, l, d, wbuf, meta, fpar, lengths, h, c, y, acc, mb)
+                    finished(sync)
+        wait_done(sync, done0 + nA + nB)
+        if nC > 0:
+            for sweep in range(2):
+                for j in range(p if sweep == 0 else 0, nC, P if sweep == 0 else 1):
+                    if claim(sync, nA + nB, j, step):
+                        if t < lengths[j]:
+                            _seq_finish(t, j, l, d, wbuf, meta, h, y, mb)
+                        finished(sync)
+            wait_done(sync, done0 + per_step)
+
+
+@njit(parallel=True, **_FLAGS)
+def layer_sequence_parallel(xp, P, RA, RB, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb,
+                            sync):
+    """The parallel twin of :func:`layer_sequence_serial` (same arguments, plus): one parallel
+    region for the whole sequence, a team of P participants (``team.py``) walking the time
+    steps together: RA panel ranges of the product, then (stream group, RB unit ranges) tasks
+    of the cells, waiting on ``sync`` (int64, ``team.sync_size`` of all their tasks, zeroed)
+    between phases. Every element is computed by one task in the serial kernel's float order:
+    the bits do not depend on P, RA or RB."""
+    for p in prange(P):
+        _team_member(p, P, RA, RB, xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb, sync)
+
+
+@njit(**_FLAGS)
+def _group_run(X3, s0, s1, Tc, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
+    """Layer l, direction d for the sequences s0 .. s1-1 of X3 (T, B, kin), as the serial path
+    of ``model.run`` does it: chunks of Tc steps, each chunk's inputs copied together, projected
+    into the group's own buffer and run through :func:`layer_sequence_serial` (so the same bits).
+    h, c, y, acc, mb as there, for all B sequences (the group writes its own rows)."""
+    T, kin, C = X3.shape[0], X3.shape[2], meta[M_C]
+    G = s1 - s0
+    xg = np.empty((Tc * G, kin), X3.dtype)  # (Tc*G, kin) a chunk's inputs, time-major
+    xpg = np.empty((Tc, G, C), X3.dtype)  # (Tc, G, C) their projections
+    clens = np.empty(G, np.int64)  # (G,) lengths in chunk time
+    # The group's state and scratch in its own buffers: rows of the shared (B, ·) arrays meet
+    # other groups' rows inside a cache line, which two threads writing every step pass back
+    # and forth (measured at (32,64,1) B=16, 2 groups: 7.9 us per step, 5.3 alone)
+    hg = h[s0:s1].copy()  # (G, out)
+    cg = c[s0:s1].copy()  # (G, Hp)
+    accg = np.empty((G, C), acc.dtype)  # (G, C)
+    mbg = np.empty((G, mb.shape[1]), mb.dtype)  # (G, Hp)
+    # ... and its outputs too: the serial kernel then gets C-contiguous arrays only, the very
+    # types of the serial path, so it is the same compiled function (y[:, s0:s1] would be a
+    # strided view: another specialisation, which LLVM may contract into FMAs differently)
+    out = meta[M_OUT]
+    yg = np.empty((Tc, G, y.shape[2]), y.dtype)  # (Tc, G, D*out), direction d's columns used
+    backward = d == 1 or meta[M_REVERSE] != 0
+    chunks = (T + Tc - 1) // Tc
+    for i in range(chunks):
+        t0 = (chunks - 1 - i if backward else i) * Tc
+        n = min(T, t0 + Tc) - t0
+        for t in range(n):
+            for s in range(G):
+                src = X3[t0 + t, s0 + s]
+                dst = xg[t * G + s]
+                for k in range(kin):
+                    dst[k] = src[k]
+        part = xpg[:n]
+        input_projection_serial(xg[: n * G], wbuf, meta, l, d, part.reshape((n * G, C)))
+        for s in range(G):
+            clens[s] = min(max(lengths[s0 + s] - t0, 0), n)
+        layer_sequence_serial(part, 1, wbuf, meta, fpar, l, d, clens, hg, cg, yg[:n], accg, mbg)
+        for t in range(n):
+            for s in range(G):
+                src = yg[t, s, d * out : (d + 1) * out]
+                dst = y[t0 + t, s0 + s, d * out : (d + 1) * out]
+                for j in range(out):
+                    dst[j] = src[j]
+    h[s0:s1] = hg
+    c[s0:s1] = cg
+
+
+@njit(parallel=True, **_FLAGS)
+def layer_run_split(X3, SG, Tc, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
+    """Layer l, direction d of ``model.run`` for B sequences X3 (T, B, kin) in SG stream groups,
+    one per iteration (:func:`_group_run`, chunks of Tc steps): input projection and recurrence
+    together. Streams never read each other's state, so nothing is shared and nobody waits;
+    each thread writes only its own streams' rows. Bit-identical to the serial path."""
+    B = X3.shape[1]
+    for g in prange(SG):
+        _group_run(X3, B * g // SG, B * (g + 1) // SG, Tc, wbuf, meta, fpar, l, d, lengths, h, c,
+                   y, acc, mb)
 
 
 @njit(**_FLAGS)

@@ -17,6 +17,7 @@ from . import layout as lay
 from . import quant
 from .errors import InputError, InputTypeError, UnsupportedModelError
 from .spec import ACTIVATIONS, Activation, LayerParams, as_activations
+from .team import new_sync
 
 _CODE_TO_NAME = {v[0]: k for k, v in ACTIVATIONS.items()}
 
@@ -359,11 +360,11 @@ class LSTMModel:
                    else self._rstack.canonical_nbytes)
         return int((plan.total - gates) * size + reduced)
 
-    def _choose(self, kernel, streams: int, job: str = "step") -> policy.KernelChoice:
+    def _choose(self, kernel, streams: int, job: str = "step", steps: int = 1) -> policy.KernelChoice:
         """The policy's kernel for this model: ``kernel`` or the model's own request."""
         requested = self._kernel if kernel is None else policy.check_requested(kernel)
         return policy.choose_kernel(self.weight_bytes, streams,
-                                    _config.num_threads(), requested, job)
+                                    _config.num_threads(), requested, job, steps)
 
     @property
     def default_kernel(self) -> str:
@@ -492,33 +493,40 @@ class LSTMModel:
             return (y, (hN, cN)) if batched else (y[:, 0, :], (hN[:, 0, :], cN[:, 0, :]))
         plan, wbuf, meta = self._plan, self._wbuf, self._meta
         C, Hp = plan.C, plan.Hp
-        choice = self._choose(kernel, B, job="sequence")
+        choice = self._choose(kernel, B, job="sequence", steps=T)
         fn = kernels.layer_sequence_parallel if choice.parallel else kernels.layer_sequence_serial
-        R = lay.unit_ranges(Hp, _config.num_threads()) if choice.parallel else 1
-        acc = np.empty((B, C), self.dtype)  # (B, C) gate pre-activations
-        mb = np.empty((B, Hp), self.dtype)  # (B, Hp) o * h_act(c) before the projection
+        team = policy.sequence_team(B, _config.num_threads(), C, Hp) if choice.parallel else None
+        # Per-sequence rows start on cache lines (aligned.empty), so that threads splitting a
+        # row at panel or unit-range bounds (multiples of 16 floats) never share a line.
+        acc = aligned.empty(B * C, self.dtype).reshape(B, C)  # (B, C) gate pre-activations
+        mb = aligned.empty(B * Hp, self.dtype).reshape(B, Hp)  # (B, Hp) o * h_act(c), unprojected
         hN = np.empty((L * D, B, out), self.dtype)
         cN = np.empty((L * D, B, H), self.dtype)
         inp = xb  # (T, B, fan_in)
         in_fn = kernels.input_projection_parallel if choice.parallel else kernels.input_projection_serial
-        in_args = (R,) if choice.parallel else ()
+        in_args = (team.participants,) if choice.parallel else ()
         for l in range(L):
-            y = np.zeros((T, B, D * out), self.dtype)  # (T, B, D*out) direction d: columns d*out..
+            # (T, B, D*out), direction d in columns d*out..: the Numba kernels write every
+            # element (zeros past a sequence's length), each on the thread that computes it
+            y = aligned.empty(T * B * D * out, self.dtype).reshape(T, B, D * out)
+            if choice.blas:
+                y[...] = 0
             kin = plan.input_rows(l)
             X = np.ascontiguousarray(inp.reshape(T * B, kin))  # (T*B, kin)
             if not X.flags.writeable:
                 X = X.copy()
             for d in range(D):
-                h = np.array(h0[l * D + d], order="C")  # (B, out) a copy: never the caller's array
-                c = np.zeros((B, Hp), self.dtype)  # (B, Hp) padded cell state
+                h = aligned.aligned(np.array(h0[l * D + d], order="C"))  # (B, out) never the caller's
+                c = aligned.empty(B * Hp, self.dtype).reshape(B, Hp)  # (B, Hp) padded cell state
+                c[:, H:] = 0
                 c[:, :H] = c0[l * D + d]
                 if not choice.blas:
                     # Projections and recurrence in chunks of Tc steps (policy.sequence_chunk;
                     # Tc = T for all but long, wide batches), each chunk projected in one pass
                     # over W's panels right before the recurrence reads it. The kernel adds the
                     # bias as it reads xp. A backward direction takes the chunks last first.
-                    self._sequence_chunks(X, in_fn, fn, in_args, R, l, d, lens, h, c, y, acc, mb,
-                                          choice.parallel, d == 1 or self.reverse)
+                    self._sequence_chunks(X, in_fn, fn, in_args, team, l, d, lens, h, c, y, acc,
+                                          mb, d == 1 or self.reverse)
                     hN[l * D + d], cN[l * D + d] = h, c[:, :H]
                     continue
                 # BLAS products (policy): serial cell updates, never Numba threads next to BLAS
@@ -552,7 +560,7 @@ class LSTMModel:
             return y[:, 0, :], (hN[:, 0, :], cN[:, 0, :])
         return y, (hN, cN)
 
-    def _sequence_chunks(self, X, in_fn, fn, in_args, R, l, d, lens, h, c, y, acc, mb, parallel,
+    def _sequence_chunks(self, X, in_fn, fn, in_args, team, l, d, lens, h, c, y, acc, mb,
                          backward):
         """Layer l, direction d of ``run`` over X (T*B, kin), time-major, in chunks of Tc steps:
         xp (Tc, B, C) <- the chunk's input projections, then the recurrence over it, writing
@@ -562,10 +570,19 @@ class LSTMModel:
         T, B = y.shape[0], y.shape[1]
         C = self._plan.C
         wbuf, meta, fpar = self._wbuf, self._meta, self._fpar
-        # serial only: the parallel kernels run whole, with no extra parallel launches per chunk
-        # ((128,256,2) B=16, 2 threads, one run: 323 us chunked, 286-302 whole; 2-thread timings
-        # on the 2-vCPU benchmark box vary up to 1.7x between runs, so this is not settled)
-        Tc = T if parallel else policy.sequence_chunk(T, B, C, np.dtype(self.dtype).itemsize)
+        # The team kernel runs whole, with no extra parallel regions per chunk ((128,256,2)
+        # B=16, 2 threads, one run: 323 us chunked, 286-302 whole, before the team kernel).
+        parallel = team is not None  # policy.sequence_team's shape of the parallel kernel
+        itemsize = np.dtype(self.dtype).itemsize
+        if parallel and team.stream_groups > 1:
+            # groups of sequences, each projected and run on its own thread, chunked as below
+            SG = team.stream_groups
+            Tc = policy.sequence_chunk(T, -(-B // SG), C, itemsize)
+            with kernels.parallel_guard():
+                kernels.layer_run_split(X.reshape(T, B, -1), SG, Tc, wbuf, meta, fpar, l, d, lens,
+                                        h, c, y, acc, mb)
+            return
+        Tc = T if parallel else policy.sequence_chunk(T, B, C, itemsize)
         xp = np.empty((Tc, B, C), self.dtype)  # (Tc, B, C), reused by every chunk
         starts = list(range(0, T, Tc))
         for t0 in (reversed(starts) if backward else starts):
@@ -575,7 +592,12 @@ class LSTMModel:
             clens = lens if Tc == T else np.clip(lens - t0, 0, n)  # (B,) int64
             with (kernels.parallel_guard() if parallel else nullcontext()):
                 in_fn(X[t0 * B : t1 * B], *in_args, wbuf, meta, l, d, part.reshape(n * B, C))
-                fn(part, R, wbuf, meta, fpar, l, d, clens, h, c, y[t0:t1], acc, mb)
+                if parallel:
+                    sync = new_sync(team.tasks(B, self._plan.P > 0))  # (team.sync_size,) int64
+                    fn(part, *team.args(), wbuf, meta, fpar, l, d, clens, h, c, y[t0:t1], acc, mb,
+                       sync)
+                else:
+                    fn(part, 1, wbuf, meta, fpar, l, d, clens, h, c, y[t0:t1], acc, mb)
 
     def _initial_batch(self, state, B, batched):
         """(h0 (L*D, B, out), c0 (L*D, B, H)) from the caller's state, the model's, or zeros."""

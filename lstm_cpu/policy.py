@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import InputError
+from .layout import PANEL, unit_ranges
 
 #: What callers may ask for. "auto" lets the rules below decide.
 KERNELS = ("auto", "serial", "parallel")
@@ -91,8 +92,15 @@ def sequence_chunk(T: int, B: int, C: int, itemsize: int) -> int:
     return max(1, min(T, SEQUENCE_CHUNK_BYTES // per_step))
 
 
+#: A batch of sequences that splits into stream groups (``SPLIT_MIN_STREAMS`` each, one per
+#: thread) runs them in parallel under "auto" once weight bytes x B x T reach this: the groups
+#: never wait for each other, so only the region's start (a few us per layer) is overhead.
+#: Measured on 2 cores, (32,64,1) B=16 T=200 (1.6 MB x T), us per step: serial 11.6, split 7.7.
+SPLIT_MIN_WORK_BYTES = 64 << 20
+
+
 def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto",
-                  job: str = "step") -> KernelChoice:
+                  job: str = "step", steps: int = 1) -> KernelChoice:
     """The kernel for ``streams`` streams (or sequences) of a model whose gate matrices take
     ``weight_bytes``, on ``threads`` Numba threads.
 
@@ -102,7 +110,9 @@ def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto
     since layout 7 its input projection is a Numba kernel too, so no OpenBLAS worker spins next
     to Numba's threads (they starved them 2.5x when it was a BLAS call). Measured on 2 cores,
     serial vs parallel us per step at T=100: (512,1024,1) B=1 404/174, (128,256,2) B=1 41/24,
-    B=16 500/262; (32,64,1) B=16 (1.6 MB) 19.5/23.1.
+    B=16 500/262; (32,64,1) B=16 (1.6 MB) 19.5/23.1 (two prange loops per step, before the
+    one-region kernel). A batch that splits into stream groups (``sequence_team``) also goes
+    parallel once weight bytes x B x ``steps`` reach :data:`SPLIT_MIN_WORK_BYTES`.
     """
     requested = check_requested(requested)
     if job not in JOBS:
@@ -115,7 +125,55 @@ def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto
         return KernelChoice(parallel=False, blas=False)
     if streams == 1 and job == "step":
         return KernelChoice(parallel=weight_bytes >= PARALLEL_MIN_WEIGHT_BYTES, blas=False)
+    if (job == "sequence" and streams >= SPLIT_MIN_STREAMS * min(int(threads), 2)
+            and weight_bytes * streams * max(1, int(steps)) >= SPLIT_MIN_WORK_BYTES):
+        return KernelChoice(parallel=True, blas=False)
     return KernelChoice(parallel=weight_bytes * streams >= BATCH_PARALLEL_MIN_BYTES, blas=False)
+
+
+#: ``model.run``'s parallel twin splits a batch into stream groups, one per thread, once every
+#: group gets this many sequences (a full register block of the product, ``kernels._make_block``):
+#: streams share nothing, so the threads never wait for each other. Below it, a team of threads
+#: walks the time steps together, splitting each step's product and cells (``team.py``).
+#: Measured on the Zen 4 host, 2 threads, one layer, T=200, us per step, serial / team / split:
+#: (32,64,1) B=16 8.7 / 8.5-21 / 7.2; (128,256,2) B=16 89 / 57-87 / 50; (512,1024,1) B=16
+#: 1,300 / 670-745 / 700; B=1: (128,256,2) 12.5 / 6.1-9.0 (two prange loops per step: 8.7-13.9),
+#: (512,1024,1) 224 / 98-100 (101-108).
+SPLIT_MIN_STREAMS = 4
+
+
+@dataclass(frozen=True)
+class SequenceTeam:
+    """How ``model.run``'s parallel kernels split a layer: ``stream_groups`` > 1 runs the batch
+    as that many groups of sequences (``kernels.layer_run_split``: each group's projection and
+    recurrence on one thread); otherwise the input projection runs on ``participants`` ranges of
+    rows and a team of ``participants`` threads shares each time step as ``panel_ranges``
+    ranges of the product and ``unit_ranges`` ranges of the cells
+    (``kernels.layer_sequence_parallel``)."""
+
+    participants: int
+    panel_ranges: int
+    unit_ranges: int
+    stream_groups: int
+
+    def args(self):
+        """(P, RA, RB), as ``layer_sequence_parallel`` takes them."""
+        return self.participants, self.panel_ranges, self.unit_ranges
+
+    def tasks(self, B: int, projected: bool) -> int:
+        """Claim slots the team needs (``team.sync_size``): all its task lists."""
+        return self.panel_ranges + ((B + 3) // 4) * self.unit_ranges + (B if projected else 0)
+
+
+def sequence_team(B: int, threads: int, C: int, Hp: int) -> SequenceTeam:
+    """How ``model.run``'s parallel kernels split B sequences of a layer with C gate columns
+    (C / PANEL panels) and Hp padded units over ``threads`` threads."""
+    threads = max(1, int(threads))
+    groups = min(threads, B // SPLIT_MIN_STREAMS)
+    if groups > 1:
+        return SequenceTeam(threads, 1, 1, groups)
+    ranges = min(threads, max(1, C // PANEL))
+    return SequenceTeam(threads, ranges, unit_ranges(Hp, threads), 1)
 
 
 def reduced_groups(weight_bytes: int, streams: int, threads: int, requested="auto") -> int:
@@ -133,5 +191,5 @@ def reduced_groups(weight_bytes: int, streams: int, threads: int, requested="aut
     return max(1, min(int(threads), streams // 4))
 
 
-__all__ = ["KERNELS", "reduced_groups", "sequence_chunk", "SEQUENCE_CHUNK_BYTES", "KernelChoice", "choose_kernel", "check_requested", "PARALLEL_MIN_WEIGHT_BYTES",
+__all__ = ["KERNELS", "SequenceTeam", "sequence_team", "SPLIT_MIN_STREAMS", "SPLIT_MIN_WORK_BYTES", "reduced_groups", "sequence_chunk", "SEQUENCE_CHUNK_BYTES", "KernelChoice", "choose_kernel", "check_requested", "PARALLEL_MIN_WEIGHT_BYTES",
            "BATCH_PARALLEL_MIN_BYTES", "BLAS_MIN_BATCH", "BLAS_MAX_WEIGHT_BYTES"]

@@ -15,7 +15,7 @@ import pytest
 
 from lstm_cpu import InputError, LayerParams, LSTMModel, policy
 from lstm_cpu.policy import (BATCH_PARALLEL_MIN_BYTES, BLAS_MAX_WEIGHT_BYTES, BLAS_MIN_BATCH, PARALLEL_MIN_WEIGHT_BYTES,
-                             choose_kernel)
+                             SPLIT_MIN_STREAMS, SPLIT_MIN_WORK_BYTES, choose_kernel)
 
 MB = 1 << 20
 
@@ -52,6 +52,39 @@ def test_choose_kernel_table(wbytes, streams, threads, requested, job, want):
     assert choose_kernel(wbytes, streams, threads, requested, job).name == want
 
 
+@pytest.mark.parametrize("wbytes,streams,threads,steps,want", [
+    # a batch that splits into stream groups (no waiting between threads): total work decides
+    (SPLIT_MIN_WORK_BYTES // (8 * 64), 8, 2, 64, "parallel"),
+    (SPLIT_MIN_WORK_BYTES // (8 * 64), 8, 2, 63, "serial"),
+    (1024, 2 * SPLIT_MIN_STREAMS - 1, 2, 10 ** 6, "serial"),  # groups too small
+    (1024, 16, 1, 10 ** 6, "serial"),  # one thread
+    (1024, 16, 2, 10 ** 6, "parallel"),
+])
+def test_split_batches_go_parallel_on_total_work(wbytes, streams, threads, steps, want):
+    assert choose_kernel(wbytes, streams, threads, "auto", "sequence", steps).name == want
+    # streaming steps never take this rule
+    assert choose_kernel(1, streams, threads, "auto", "step", 10 ** 9).name == "serial"
+
+
+@pytest.mark.parametrize("B,threads,C,Hp,want", [
+    # (participants, panel ranges, unit ranges, stream groups)
+    (1, 2, 256, 64, (2, 2, 1, 1)),  # a team; 64 units make one unit range
+    (1, 2, 1024, 256, (2, 2, 2, 1)),
+    (7, 2, 1024, 256, (2, 2, 2, 1)),  # 3 streams a group would not fill a register block
+    (8, 2, 1024, 256, (2, 1, 1, 2)),  # two groups of four
+    (64, 2, 1024, 256, (2, 1, 1, 2)),  # one group per thread
+    (64, 4, 64, 16, (4, 1, 1, 4)),
+    (3, 4, 64, 16, (4, 1, 1, 1)),  # one panel: one range
+    (1, 1, 1024, 256, (1, 1, 1, 1)),
+])
+def test_sequence_team_shapes(B, threads, C, Hp, want):
+    t = policy.sequence_team(B, threads, C, Hp)
+    assert (t.participants, t.panel_ranges, t.unit_ranges, t.stream_groups) == want
+    assert t.args() == want[:3]
+    # the claim slots cover the team's three task lists
+    assert t.tasks(B, True) == t.panel_ranges + -(-B // 4) * t.unit_ranges + B
+
+
 def test_bad_request_is_a_typed_error():
     with pytest.raises(InputError, match="kernel must be one of"):
         choose_kernel(1, 1, 1, "fast")
@@ -69,8 +102,8 @@ def test_every_path_asks_the_policy(monkeypatch):
     calls = []
     real = policy.choose_kernel
 
-    def spy(wbytes, streams, threads, requested="auto", job="step"):
-        choice = real(wbytes, streams, threads, requested, job)
+    def spy(wbytes, streams, threads, requested="auto", job="step", steps=1):
+        choice = real(wbytes, streams, threads, requested, job, steps)
         calls.append((streams, requested, job, choice.name))
         return choice
 
