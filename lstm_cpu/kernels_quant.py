@@ -85,7 +85,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from . import _config
-from .kernels import _tanh_f32
+from .kernels import _fma as _fma_scalar, _tanh_f32
 
 _FLAGS = dict(nogil=True, cache=_config.CACHE, fastmath=_config.FASTMATH, error_model="numpy")
 
@@ -752,7 +752,7 @@ def cells(acc, c, h):
     for u in range(H):
         i = half * _tanh_f32(half * gi[u]) + half
         f = half * _tanh_f32(half * gf[u]) + half
-        cn = f * c[u] + i * _tanh_f32(gg[u])
+        cn = _fma_scalar(f, c[u], i * _tanh_f32(gg[u]))  # as kernels._epilogue_common
         c[u] = cn
         h[u] = (half * _tanh_f32(half * go[u]) + half) * _tanh_f32(cn)
 

@@ -221,7 +221,7 @@ def hot_loops(loops: List[Loop], min_fp: int = 4) -> Dict[str, Loop]:
     the loop doing the math: the vectoriser's main body rather than its remainder loops
     (narrower registers) or the scalar fallback it keeps for arrays that may overlap, the widest
     register block of a gemm, and a branch-free fast path rather than a vectorised general path
-    (``_epilogue`` vectorises its peephole/clip branch too, at a tenth of the density). Functions
+    (``_epilogue`` vectorises its peephole/clip branch, at a tenth of the common case's density). Functions
     whose loops all hold fewer than ``min_fp`` FP instructions are left out.
     {function: loop}, most lanes first."""
     by_fn = collections.defaultdict(list)
@@ -353,7 +353,7 @@ def _layers(I, H, L, rng):
 
 #: The kernel families: what each exercises in the engine.
 FAMILIES = {
-    "step serial": "Stream.step, serial (stack_step_serial: panel_product + _epilogue; _axpy_rows for projection/head)",
+    "step serial": "Stream.step, serial (stack_step_serial: panel_product + _epilogue_common; _axpy_rows for projection/head)",
     "step serial f64": "Stream.step of a float64 model (stack_step_serial, float64)",
     "step parallel": "Stream.step, parallel (stack_step_parallel: panel_product over panel ranges)",
     "run serial": "Stream.run, serial (stack_run_serial)",
