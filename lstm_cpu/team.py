@@ -45,6 +45,7 @@ Layout of ``sync`` (int64, 1-D, zeroed by the caller per region, :func:`sync_siz
 
 from __future__ import annotations
 
+import os
 import platform
 
 import numpy as np
@@ -53,7 +54,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import _config
+from . import _config, aligned
 
 #: int64 elements per cache line: one claim slot (and the done counter) per line.
 SLOT = 8
@@ -137,6 +138,32 @@ def spin_pause(typingctx):
     return types.none(), codegen
 
 
+_POSIX = os.name == "posix"
+
+
+@intrinsic
+def os_yield(typingctx):
+    """``sched_yield()`` (POSIX; nothing elsewhere): give this core to another runnable thread.
+    Declared by name, not through a ctypes pointer, so the kernels calling it stay cacheable."""
+
+    def codegen(context, builder, sig, args):
+        if _POSIX:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []),
+                                                "sched_yield")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+#: Pauses a waiting participant spins before it starts yielding its core (about 5 us on Zen 4,
+#: longer than a balanced phase's wait). Spinning alone, a participant whose partner shares its
+#: core (more runnable threads than cores) would keep the partner off that core for a whole
+#: time slice. (It does not cure the worst case seen, another process's or library's threads
+#: busy on the other core: every parallel region, this one's or OpenMP's, then waits at its end
+#: for a worker the scheduler has not run yet, up to a time slice: README, "Threads".)
+SPINS_BEFORE_YIELD = 256
+
 _FLAGS = dict(nogil=True, cache=_config.CACHE, error_model="numpy")
 
 
@@ -158,15 +185,25 @@ def finished(sync):
 
 @njit(inline="always", **_FLAGS)
 def wait_done(sync, target):
-    """Spin until ``target`` tasks in all are done."""
+    """Wait until ``target`` tasks in all are done: spin briefly, then yield the core between
+    checks (see :data:`SPINS_BEFORE_YIELD`)."""
+    spins = 0
     while atomic_load(sync, 0) < target:
-        spin_pause()
+        if spins < SPINS_BEFORE_YIELD:
+            spin_pause()
+            spins += 1
+        else:
+            os_yield()
 
 
 def new_sync(tasks: int) -> np.ndarray:
-    """A zeroed ``sync`` array (int64, :func:`sync_size` elements) for one team region."""
-    return np.zeros(sync_size(tasks), np.int64)
+    """A zeroed ``sync`` array (int64, :func:`sync_size` elements) for one team region, starting
+    on a cache line: so the counter and each claim slot have a line of their own, shared with
+    nothing else the process writes."""
+    s = aligned.empty(sync_size(tasks), np.int64)
+    s[:] = 0
+    return s
 
 
-__all__ = ["SLOT", "sync_size", "new_sync", "atomic_add", "atomic_cas", "atomic_load",
-           "spin_pause", "claim", "finished", "wait_done"]
+__all__ = ["SLOT", "SPINS_BEFORE_YIELD", "sync_size", "new_sync", "atomic_add", "atomic_cas",
+           "atomic_load", "spin_pause", "os_yield", "claim", "finished", "wait_done"]

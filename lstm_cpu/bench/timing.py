@@ -101,6 +101,14 @@ def warm_up(runners: List[Runner], calls: Dict[str, Callable], n: int,
 #: (512,1024,1) 8.0 ms right after onnxruntime's block, 4.0 ms alone).
 SETTLE_S = 0.05
 
+#: ... and this long after numpy's BLAS (the bound row): OpenBLAS's idle workers spin, calling
+#: sched_yield, for about 2^28 cycles (OPENBLAS_THREAD_TIMEOUT's default, 0.1 s here) after each
+#: call. Any parallel region starting meanwhile waits for a worker the spinner keeps off its
+#: core: our (128,256,2) parallel run measured 110-160 us per step 50 ms after a BLAS call, 17
+#: after 200 ms (and the previous per-step kernel 60 ms a run). Applications that call BLAS on
+#: all cores right before lstm-cpu's parallel kernels see the same (README, "Threads").
+SETTLE_AFTER_BLAS_S = 0.25
+
 
 def time_interleaved(runners: List[Runner], calls: Dict[str, Callable], steps: int, rounds: int,
                      progress: Progress, pin: Callable[[Runner], None],
@@ -113,6 +121,7 @@ def time_interleaved(runners: List[Runner], calls: Dict[str, Callable], steps: i
     block = math.ceil(steps / rounds)
     out: Dict[str, List[int]] = {r.name: [] for r in runners}
     pc = time.perf_counter_ns
+    previous = None
     for rnd in range(rounds):
         k = rnd % len(runners)
         for r in runners[k:] + runners[:k]:
@@ -121,7 +130,9 @@ def time_interleaved(runners: List[Runner], calls: Dict[str, Callable], steps: i
             if n <= 0:
                 continue
             if settle:
-                time.sleep(settle)
+                after_blas = previous is not None and previous.kind == "bound"
+                time.sleep(max(settle, SETTLE_AFTER_BLAS_S) if after_blas else settle)
+            previous = r
             pin(r)
             fn()  # one untimed call: the previous runtime's weights evicted ours from cache
             stamps = [pc()]
