@@ -863,6 +863,56 @@ def _zero_past(lengths, d, out, y):
 
 
 @njit(**_FLAGS)
+def _cells_rows(A3, C2, M2, s, half):
+    """:func:`_epilogue_common` of stream s, indexing A3 (B, 4, Hp) (gates i, f, g, o), C2 and
+    M2 (B, Hp) directly instead of through (Hp,) views: the same arithmetic in the same order,
+    so the same bits, without a view's reference-count updates."""
+    for u in range(C2.shape[1]):
+        f = half * _tanh_f32(half * A3[s, 1, u]) + half
+        i = half * _tanh_f32(half * A3[s, 0, u]) + half
+        cn = _fma(f, C2[s, u], i * _tanh_f32(A3[s, 2, u]))  # one fusion, the same everywhere (_fma)
+        C2[s, u] = cn
+        M2[s, u] = (half * _tanh_f32(half * A3[s, 3, u]) + half) * _tanh_f32(cn)
+
+
+@njit(**_FLAGS)
+def _seq_common(xp, wbuf, meta, l, d, lengths, h, c, y, acc, mb):
+    """:func:`layer_sequence_serial` for a model in the common case (:func:`_is_common`)
+    without projection: the same product, cell update and copies in the same order (so the
+    same bits), with the views made once per call instead of per stream and step. Each view of
+    an array updates its reference count (two atomic operations): at (32,64,1) about 0.1 us of
+    a 0.94 us step for one stream, and a dozen views per stream and step. Arguments as there."""
+    T, B = xp.shape[0], xp.shape[1]
+    C, hp, out, D = meta[M_C], meta[M_HP], meta[M_OUT], meta[M_D]
+    n_panels = C // PANEL
+    rec = M_LD + (l * D + d) * LD_STRIDE
+    K = meta[rec + LD_K]
+    bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
+    Wp = wbuf[meta[rec + LD_W] : meta[rec + LD_W] + K * C].reshape((n_panels, K, PANEL))  # panels
+    half = wbuf[W_HALF]
+    A3 = acc.reshape((B, 4, hp))  # (B, 4, Hp) gates i, f, g, o per stream
+    y4 = y.reshape((T, B, D, out))  # (T, B, D, out)
+    backward = d == 1 or meta[M_REVERSE] != 0
+    n = 0  # steps to run: the longest sequence's (shorter ones skip their cells past the end)
+    for s in range(B):
+        n = max(n, min(max(lengths[s], 0), T))
+    for step in range(T):
+        t = T - 1 - step if backward else step
+        if t >= n:
+            continue  # no sequence is inside: nothing to compute
+        for s in range(B):
+            for j in range(C):
+                acc[s, j] = xp[t, s, j] + bias[j]
+        _product(h, Wp, acc, 0, n_panels, K - out, K)  # h (B, out): the recurrent rows
+        for s in range(B):
+            if t < lengths[s]:
+                _cells_rows(A3, c, mb, s, half)
+                for j in range(out):
+                    h[s, j] = mb[s, j]
+                    y4[t, s, d, j] = mb[s, j]
+
+
+@njit(**_FLAGS)
 def layer_sequence_serial(xp, R, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
     """Run layer l, direction d over a sequence of B streams in one call.
 
@@ -877,6 +927,9 @@ def layer_sequence_serial(xp, R, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, 
     """
     T, B = xp.shape[0], xp.shape[1]
     _zero_past(lengths, d, meta[M_OUT], y)
+    if meta[M_P] == 0 and _is_common(wbuf, meta):
+        _seq_common(xp, wbuf, meta, l, d, lengths, h, c, y, acc, mb)
+        return
     for step in range(T):
         t = T - 1 - step if (d == 1 or meta[M_REVERSE] != 0) else step
         _seq_product(0, 1, t, l, d, xp, wbuf, meta, h, acc)

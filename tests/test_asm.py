@@ -30,7 +30,7 @@ FULL = TARGET["full_reg"]
 #: 16 registers: reported, not held. (``_epilogue``, the general case with peepholes, clip or
 #: other activations, spills on both: reported, not held.)
 NO_SPILL = {"panel_product", "_axpy_rows", "i8a16_vnni", "bf16_dp", "fma_panels"}
-NO_SPILL_AVX512 = NO_SPILL | {"_epilogue_common"}
+NO_SPILL_AVX512 = NO_SPILL | {"_epilogue_common", "_cells_rows"}
 
 
 def _loops(fn, args):
@@ -111,7 +111,8 @@ _ZN8lstm_cpu7kernels10_gemm_rowsB2v7B86c8tJTIeFIj:
 # ---------------------------------------------------------------------------------------------
 # The engine's kernels
 # ---------------------------------------------------------------------------------------------
-FAMILIES = ["step serial", "batch cells (BLAS)", "sequence cells (BLAS)", "reduced int8", "reduced bfloat16"]
+FAMILIES = ["step serial", "sequence serial", "batch cells (BLAS)", "sequence cells (BLAS)", "reduced int8",
+            "reduced bfloat16"]
 
 
 @pytest.fixture(scope="module")
