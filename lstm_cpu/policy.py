@@ -135,10 +135,11 @@ def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto
 #: group gets this many sequences (a full register block of the product, ``kernels._make_block``):
 #: streams share nothing, so the threads never wait for each other. Below it, a team of threads
 #: walks the time steps together, splitting each step's product and cells (``team.py``).
-#: Measured on the Zen 4 host, 2 threads, one layer, T=200, us per step, serial / team / split:
-#: (32,64,1) B=16 8.7 / 8.5-21 / 7.2; (128,256,2) B=16 89 / 57-87 / 50; (512,1024,1) B=16
-#: 1,300 / 670-745 / 700; B=1: (128,256,2) 12.5 / 6.1-9.0 (two prange loops per step: 8.7-13.9),
-#: (512,1024,1) 224 / 98-100 (101-108).
+#: Measured on the Zen 4 host, 2 threads, one layer, T=200, us per step, serial / team / split
+#: (before the split had private buffers and the serial kernel its views hoisted): (32,64,1)
+#: B=16 8.7 / 8.5-21 / 7.2; (128,256,2) B=16 89 / 57-87 / 50; (512,1024,1) B=16 1,300 /
+#: 670-745 / 700; B=1: (128,256,2) 12.5 / 6.1-9.0 (two prange loops per step: 8.7-13.9),
+#: (512,1024,1) 224 / 98-100 (101-108). Now: `python bench/team_probe.py`.
 SPLIT_MIN_STREAMS = 4
 
 
