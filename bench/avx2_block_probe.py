@@ -8,6 +8,13 @@ the weights and broadcasts spill). Measured on the Zen 4 host with Haswell code,
 (K, C) = (256, 1024), N = 12 / 16 / 24 streams: 64x2 59.7 each; half-panel blocks 32x2 / 32x3
 / 32x4 5.5-6.1, ten times slower, for a reason not found yet (the same as the earlier "half-panel
 chains ran at 5-9 GFLOP/s"). bench/results.md, "AVX2 code", has what this costs `run`.
+
+Clue: run without the environment variables (AVX-512 code), 64x2 runs at 106 GFLOP/s and the
+32-wide blocks at 4.7-6.5, a 32x2 block alone (j0 = 0, no second half) at 4.7: so it is not the
+ISA, nor the offset into the panel, but the 32-column loop. A guess to test: LLVM unrolls a
+32-trip loop fully before the loop vectoriser sees it, and the SLP vectoriser then fails on the
+stack accumulators (the 64-trip loop is vectorised first and promoted to registers). Explicit
+vectors would settle it: kernels_quant's VecType ops exist for 8 and 16 lanes.
 """
 import numpy as np, time
 from numba import njit, carray
