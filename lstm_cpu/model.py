@@ -472,8 +472,11 @@ class LSTMModel:
         or None for all T. Returns ``y (T, [B,] D*out or O)`` and the final ``(h, c)``.
         Outputs past a sequence's length are zero and its final state is the state at its
         last valid step; the reverse direction starts from that step.
-        ``kernel``: "auto" runs whole sequences serially (see :func:`lstm_cpu.policy.choose_kernel`);
-        "parallel" asked for here or at construction splits the units across threads.
+        ``kernel``: "auto" follows :func:`lstm_cpu.policy.choose_kernel` (parallel for large
+        enough models or batches when Numba has more than one thread); "parallel", asked for here
+        or at construction, runs each layer in one parallel region: groups of sequences per
+        thread, or a team of threads sharing every time step (``policy.sequence_team``). The
+        bits are the serial kernel's either way.
         """
         x = _as_float_array(x, self.dtype, "x")
         if x.ndim not in (2, 3) or x.shape[-1] != self.input_size:
