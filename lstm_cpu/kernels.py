@@ -225,7 +225,8 @@ def _act(code, alpha, beta, x, half, approx):
 def _axpy_rows(W, z, acc):
     """acc (C,) += W (K, C)^T @ z (K,) for the small row-major matrices (projection, head): K
     axpys over contiguous rows, four rows per pass over acc, a fixed sum order per column (LLVM
-    vectorises across columns without reassociating anything)."""
+    vectorises across columns without reassociating anything). The fusions are spelled out
+    (:func:`_fma`): ``w0*z0 + w1*z1`` could be fused either way under "contract"."""
     K = W.shape[0]
     C = W.shape[1]
     k = 0
@@ -235,7 +236,7 @@ def _axpy_rows(W, z, acc):
         z2 = z[k + 2]
         z3 = z[k + 3]
         for j in range(C):
-            acc[j] += W[k, j] * z0 + W[k + 1, j] * z1 + W[k + 2, j] * z2 + W[k + 3, j] * z3
+            acc[j] += _fma(W[k + 3, j], z3, _fma(W[k + 2, j], z2, _fma(W[k + 1, j], z1, W[k, j] * z0)))
         k += 4
     while k < K:
         zk = z[k]
