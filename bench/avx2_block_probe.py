@@ -21,8 +21,9 @@ explicit 8-lane vectors (kernels_quant's ``fma_f``/``bcast_ld_f``/``store_f`` an
 vector load), Haswell code on the Zen 4 host, GFLOP/s at (256, 1024): 6 streams x 16 columns
 (12 ymm accumulators, MLAS's shape) 103.1; 4 x 16 99.3; 3 x 32 46.8; 2 x 64 45.0. Each element
 is still one fma chain in ascending k from A's value, so the bits are the AVX-512 block's.
-Next step: that 6 x 16 block in ``kernels._make_product`` for hosts without AVX-512 (the vector
-ops would move out of kernels_quant into a module both import).
+
+**Integrated**: ``kernels._make_vblock`` / ``_make_v8_panel`` (hosts without AVX-512), the
+vector type and its operations now in ``lstm_cpu/simd.py`` (this probe reads them from there).
 """
 import numpy as np, time
 from numba import njit, carray
@@ -81,63 +82,30 @@ for N in (12, 16, 24):
         print(N, name, f"{2*N*Kr*C/dt/1e9:.1f} GFLOP/s")
 
 
-# ---- explicit 8-lane vectors -------------------------------------------------------------
-from numba import njit, types
-from numba.extending import intrinsic
-from llvmlite import ir
+# ---- explicit 8-lane vectors: the shipped blocks (kernels._make_vblock) ---------------------
+from numba import njit
 from lstm_cpu import aligned
-from lstm_cpu import kernels_quant as KQ
-from lstm_cpu.kernels import PANEL
-V = KQ._V8
-VF = KQ.VecType(types.float32, 8)
-lf = ir.VectorType(ir.FloatType(), 8)
-@intrinsic
-def load_f(typingctx, arr, i):
-    def cg(ctx, b, sig, args):
-        return KQ._load(b, KQ._ptr(ctx, b, sig.args[0], args[0], args[1], lf.as_pointer()), 4)
-    return VF(arr, i), cg
-fma, bld, st = V["fma_f"], V["bcast_ld_f"], V["store_f"]
+from lstm_cpu.kernels import PANEL, _make_vblock
 F = dict(nogil=True, fastmath={"contract"}, error_model="numpy")
-def gen(RB, NV):
-    # block: RB streams x NV ymm (8 cols each); Wf flat panels (n*K*64,), Zf flat (N*K,), Af flat (N*C,)
-    L = []
-    L.append("def block(Zf, s, K, Wf, p, c0, j0, k0, k1, Af, C):")
-    for r in range(RB):
-        for v in range(NV):
-            L.append(f"    a{r}_{v} = load_f(Af, (s + {r}) * C + c0 + j0 + {8*v})")
-    L.append("    base = p * K * 64 + j0")
-    L.append("    for k in range(k0, k1):")
-    L.append("        wo = base + k * 64")
-    for v in range(NV):
-        L.append(f"        w{v} = load_f(Wf, wo + {8*v})")
-    for r in range(RB):
-        L.append(f"        z = bld(Zf, (s + {r}) * K + k - k0)")
-        for v in range(NV):
-            L.append(f"        a{r}_{v} = fma(w{v}, z, a{r}_{v})")
-    for r in range(RB):
-        for v in range(NV):
-            L.append(f"    st(Af, (s + {r}) * C + c0 + j0 + {8*v}, a{r}_{v})")
-    ns = dict(load_f=load_f, fma=fma, bld=bld, st=st)
-    exec("\n".join(L), ns)
-    return njit(inline="always", **F)(ns["block"])
 def make_prod(RB, NV):
-    blk = gen(RB, NV); BW = 8 * NV
+    blk = _make_vblock(RB, NV, False); BW = 8 * NV
     @njit(**F)
-    def prod(Zf, N, K, Wf, n, Af, C, reps):
+    def prod(Z, Wp, A, reps):
+        N, K, n = Z.shape[0], Z.shape[1], Wp.shape[0]
         for r in range(reps):
             for p in range(n):
-                for j0 in range(0, 64, BW):
+                for j0 in range(0, PANEL, BW):
                     s = 0
                     while s + RB <= N:
-                        blk(Zf, s, K, Wf, p, p * 64, j0, 0, K, Af, C)
+                        blk(Z, s, Wp, p, 0, K, A, p * PANEL, j0)
                         s += RB
     return prod
 Kr, C = 256, 1024; n = C // 64
-Wp = aligned.empty(n * Kr * 64, np.float32); Wp[:] = 0.01
+Wp = aligned.empty(n * Kr * 64, np.float32).reshape(n, Kr, 64); Wp[:] = 0.01
 for RB, NV in ((6, 2), (4, 2), (3, 4), (2, 8), (4, 3)):
     if 64 % (8 * NV): continue
     N = 24 if 24 % RB == 0 else 16
-    Z = np.ones(N * Kr, np.float32); A = np.zeros(N * C, np.float32)
-    fn = make_prod(RB, NV); fn(Z, N, Kr, Wp, n, A, C, 1)
-    t = time.perf_counter(); fn(Z, N, Kr, Wp, n, A, C, 200); dt = (time.perf_counter() - t) / 200
+    Z = np.ones((N, Kr), np.float32); A = np.zeros((N, C), np.float32)
+    fn = make_prod(RB, NV); fn(Z, Wp, A, 1)
+    t = time.perf_counter(); fn(Z, Wp, A, 200); dt = (time.perf_counter() - t) / 200
     print(f"{RB} streams x {8*NV} cols (explicit ymm): {2*N*Kr*C/dt/1e9:.1f} GFLOP/s")

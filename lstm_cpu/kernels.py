@@ -36,9 +36,9 @@ import numpy as np
 from numba import carray, njit, prange, types
 from llvmlite import ir
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-from . import _config, _threads
+from . import _config, _threads, simd
 from .team import claim, finished, wait_done
 from .layout import (
     F_LD,
@@ -260,26 +260,32 @@ def _axpy_rows(W, z, acc):
 # took five for four and ran 5-18% slower on batches, the same on one stream.)
 #
 # Block sizes follow the vector registers the code is compiled for (Numba compiles for the host,
-# and its cache is keyed on the CPU): a whole panel (64 columns) x 4 streams with AVX-512 (16 zmm
-# accumulators of 32 registers), x 2 streams otherwise (16 ymm: some reloads from L1). Measured
-# on the Zen 4 host, GFLOP/s of the product at (K, C) = (384, 1024), N = 1 / 16 / 64 streams:
-# AVX-512 64x4 42 / 103 / 104 (the row-quad expression at 64x2: 41 / 86 / 90); Haswell code,
-# 64x2 45 / 54 / 61 (row quads at 32x2: 39 / 54 / 77; half-panel chains, 32x1, 32x2, 16x4, ran
-# at 5-9: not used). The choice changes speed only, never bits.
+# and its cache is keyed on the CPU):
+#
+# * AVX-512: a whole panel (64 columns) x 4 streams, plain loops (16 zmm accumulators of 32).
+# * Otherwise (:data:`V8_BLOCKS`): explicit 8-lane vectors (simd.py), up to 6 streams x 16
+#   columns (12 ymm accumulators of 16; :func:`_make_v8_panel`), MLAS's shape for AVX2. Written
+#   as plain loops, blocks of fewer than 64 columns ran at 5-9 GFLOP/s on both ISAs (LLVM kept
+#   them out of registers), and the 64 x 2 block spills on 16 registers.
+#
+# GFLOP/s of the product at (K, C) = (384, 1024), N = 1 / 2 / 16 / 64 streams, 1 thread, Zen 4
+# host (bench/avx2_block_probe.py; "Haswell" = NUMBA_CPU_NAME=haswell, our proxy for AVX2):
+#
+#   AVX-512, 64 x 4 plain                 44 / 45 / 102 / 103
+#   Haswell, 64 x 2 plain (before)        44 / 44 /  46 /  44
+#   Haswell, 8-lane blocks                45 / 67 /  99 / 102
+#
+# (One stream is bound by the weights' bytes, 1.5 MB from L3.) The choice changes speed only,
+# never bits: tests/test_vector_width.py compares the Haswell engine's outputs with the host's.
 
 
-def _host_has_avx512() -> bool:
-    try:
-        from numba.core.registry import cpu_target
-
-        feats = cpu_target.target_context.codegen()._tm_features
-        return "+avx512f" in feats.split(",")
-    except Exception:  # pragma: no cover - a Numba without these internals
-        return False
-
-
-#: Register block of the gate products on this host: BW columns (a whole panel) x RB streams.
-BLOCK_COLUMNS, BLOCK_STREAMS = (64, 4) if _host_has_avx512() else (64, 2)
+#: Register block of the gate products on this host: BW columns (a whole panel) x RB streams
+#: with AVX-512; on 256-bit hosts the batched blocks are :func:`_make_vblock`'s (V8_BLOCK_*).
+BLOCK_COLUMNS, BLOCK_STREAMS = (64, 4) if simd.has_avx512() else (64, 2)
+#: 256-bit hosts (AVX2 without AVX-512): N >= 2 streams run in explicit 8-lane blocks of up to
+#: V8_BLOCK_STREAMS streams x 16 columns (12 ymm accumulators, 2 for a weight row, 1 broadcast).
+V8_BLOCKS = not simd.has_avx512()
+V8_BLOCK_STREAMS = 6
 
 
 @intrinsic
@@ -361,7 +367,108 @@ def _make_product(BW, RB):
     return panel_product
 
 
-_product = _make_product(BLOCK_COLUMNS, BLOCK_STREAMS)
+_V8_OPS = simd._V8
+
+
+def _make_vblock(RB, NV, zero):
+    """``block(Z, s, Wp, p, k0, k1, A, c0, j0)``: for the RB streams s .. s+RB and the 8*NV
+    columns j0 .. of panel p (A's columns c0 + j0 ..)::
+
+        A[s+r, c0+j0+j] (+)= sum over k in [k0, k1) of Z[s+r, k-k0] * Wp[p, k, j0+j]
+
+    in explicit 8-lane vectors (simd.py): RB*NV accumulators, each a chain of FMAs in ascending
+    k, started from A (``zero=False``: the gate product) or from 0 (``zero=True``: the input
+    projection, A neither read nor pre-zeroed). The same chain as :func:`_make_block`, so the
+    same bits. Numba has no register arrays; named locals are what LLVM keeps in registers,
+    hence the generated source (the same text :func:`_make_vblock` always makes for RB, NV)."""
+    L = ["def block(Z, s, Wp, p, k0, k1, A, c0, j0):"]
+    acc = [[f"a{r}_{v}" for v in range(NV)] for r in range(RB)]
+    for r in range(RB):
+        for v in range(NV):
+            L.append(f"    {acc[r][v]} = zero()" if zero else f"    {acc[r][v]} = ld(A, (s + {r}, c0 + j0 + {8 * v}))")
+    L.append("    for k in range(k0, k1):")
+    L.append("        q = k - k0")
+    for v in range(NV):
+        L.append(f"        w{v} = ld(Wp, (p, k, j0 + {8 * v}))")
+    for r in range(RB):
+        L.append(f"        z = bc(Z, (s + {r}, q))")
+        for v in range(NV):
+            L.append(f"        {acc[r][v]} = fma(w{v}, z, {acc[r][v]})")
+    for r in range(RB):
+        for v in range(NV):
+            L.append(f"    st(A, (s + {r}, c0 + j0 + {8 * v}), {acc[r][v]})")
+    ns = dict(ld=_V8_OPS["load_at"], st=_V8_OPS["store_at"], bc=_V8_OPS["bcast_at"],
+              fma=_V8_OPS["fma_f"], zero=_V8_OPS["zero_f"])
+    exec(compile("\n".join(L), f"<kernels._make_vblock({RB}, {NV}, {zero})>", "exec"), ns)
+    return njit(inline="always", nogil=True, fastmath=_config.FASTMATH, error_model="numpy")(ns["block"])
+
+
+def _make_v8_panel(zero):
+    """``panel(Z, s0, N, Wp, p, k0, k1, A, c0)``: the product (or projection, ``zero``) of the N
+    streams s0 .. s0+N over panel p, in 8-lane blocks.
+
+    * N >= 4: 16-column strips; in each, ceil(N/6) blocks of 3-6 streams, as even as whole
+      streams allow (16 streams: 6 + 5 + 5), 6-12 accumulators each. Strips outer: a strip of
+      the panel (64 bytes a row) stays in L1 while every block of streams goes over it.
+    * N = 2 or 3: 32-column strips of 2 streams (8 accumulators) or 16-column strips of 3 (6).
+    * N = 1: one block of the whole panel (8 accumulators)."""
+    b6, b5, b4, b3 = (_make_vblock(r, 2, zero) for r in (6, 5, 4, 3))
+    b2w, b1w = _make_vblock(2, 4, zero), _make_vblock(1, 8, zero)
+
+    @njit(inline="always", nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
+    def panel(Z, s0, N, Wp, p, k0, k1, A, c0):
+        if N >= 4:
+            nb = (N + V8_BLOCK_STREAMS - 1) // V8_BLOCK_STREAMS
+            for j0 in range(0, PANEL, 16):
+                for b in range(nb):
+                    s = s0 + N * b // nb
+                    r = s0 + N * (b + 1) // nb - s
+                    if r == 6:
+                        b6(Z, s, Wp, p, k0, k1, A, c0, j0)
+                    elif r == 5:
+                        b5(Z, s, Wp, p, k0, k1, A, c0, j0)
+                    elif r == 4:
+                        b4(Z, s, Wp, p, k0, k1, A, c0, j0)
+                    else:
+                        b3(Z, s, Wp, p, k0, k1, A, c0, j0)
+        elif N == 3:
+            for j0 in range(0, PANEL, 16):
+                b3(Z, s0, Wp, p, k0, k1, A, c0, j0)
+        elif N == 2:
+            for j0 in range(0, PANEL, 32):
+                b2w(Z, s0, Wp, p, k0, k1, A, c0, j0)
+        elif N == 1:
+            b1w(Z, s0, Wp, p, k0, k1, A, c0, 0)
+
+    return panel
+
+
+def _make_product_v8():
+    """:func:`_make_product`'s ``panel_product`` for 256-bit hosts (:data:`V8_BLOCKS`), in
+    :func:`_make_v8_panel`'s blocks; float64 (chosen at compile time) runs :func:`_make_product`'s."""
+    panel = _make_v8_panel(False)
+
+    @njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
+    def panel_product(Z, Wp, A, p0, p1, k0, k1):
+        N = Z.shape[0]
+        for p in range(p0, p1):
+            panel(Z, 0, N, Wp, p, k0, k1, A, p * PANEL)
+
+    plain = _make_product(BLOCK_COLUMNS, BLOCK_STREAMS)
+
+    def product(Z, Wp, A, p0, p1, k0, k1):  # pragma: no cover - compiled code uses the overload
+        raise NotImplementedError
+
+    @overload(product, inline="always")
+    def _by_dtype(Z, Wp, A, p0, p1, k0, k1):  # the 8-lane blocks are float32 only
+        f = panel_product if Wp.dtype == types.float32 else plain
+        return lambda Z, Wp, A, p0, p1, k0, k1: f(Z, Wp, A, p0, p1, k0, k1)
+
+    return njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")(
+        lambda Z, Wp, A, p0, p1, k0, k1: product(Z, Wp, A, p0, p1, k0, k1))
+
+
+_product = _make_product_v8() if V8_BLOCKS else _make_product(BLOCK_COLUMNS, BLOCK_STREAMS)
 
 
 def _make_block0(BW, RB):
@@ -418,7 +525,36 @@ def _make_projection(BW, RB):
     return panel_projection
 
 
-_projection = _make_projection(BLOCK_COLUMNS, BLOCK_STREAMS)
+def _make_projection_v8():
+    """:func:`_make_projection`'s ``panel_projection`` for 256-bit hosts: tiles of rows, panels
+    inside, each (tile, panel) in :func:`_make_v8_panel`'s blocks."""
+    panel = _make_v8_panel(True)
+    TS = PROJECTION_TILE
+
+    @njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
+    def panel_projection(X, Wp, A, p0, p1):
+        M = X.shape[0]
+        kin = X.shape[1]
+        for t0 in range(0, M, TS):
+            t1 = min(t0 + TS, M)
+            for p in range(p0, p1):
+                panel(X, t0, t1 - t0, Wp, p, 0, kin, A, p * PANEL)
+
+    plain = _make_projection(BLOCK_COLUMNS, BLOCK_STREAMS)
+
+    def projection(X, Wp, A, p0, p1):  # pragma: no cover - compiled code uses the overload
+        raise NotImplementedError
+
+    @overload(projection, inline="always")
+    def _by_dtype(X, Wp, A, p0, p1):  # the 8-lane blocks are float32 only
+        f = panel_projection if Wp.dtype == types.float32 else plain
+        return lambda X, Wp, A, p0, p1: f(X, Wp, A, p0, p1)
+
+    return njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")(
+        lambda X, Wp, A, p0, p1: projection(X, Wp, A, p0, p1))
+
+
+_projection = _make_projection_v8() if V8_BLOCKS else _make_projection(BLOCK_COLUMNS, BLOCK_STREAMS)
 
 
 @njit(inline="always", **_FLAGS)
