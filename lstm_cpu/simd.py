@@ -129,18 +129,23 @@ def _ptr(context, builder, arrty, arr, idx, elem_ptr_type):
 
 
 def _float32_index(arrty, idxty) -> bool:
-    """Whether ``arr[idx]`` is one float32 element: idx an int for 1-D, else arr.ndim ints."""
+    """Whether ``arr[idx]`` names one float32 element: a tuple of arr.ndim ints, or one int (the
+    index of a 1-D array, or the flat element index of a C-contiguous array of any ndim)."""
     if not isinstance(arrty, types.Array) or arrty.dtype != types.float32:
         return False
     if isinstance(idxty, types.Integer):
-        return arrty.ndim == 1
+        return arrty.ndim == 1 or arrty.layout == "C"
     return (isinstance(idxty, types.UniTuple) and idxty.count == arrty.ndim
             and isinstance(idxty.dtype, types.Integer))
 
 
 def _item_ptr(context, builder, arrty, arr, idxty, idx):
-    """&arr[idx] (float*): no wraparound, no bounds check."""
+    """&arr[idx] (float*): no wraparound, no bounds check. A flat index into a C-contiguous
+    array is one add, where the tuple's address multiplies by run-time strides: a kernel that
+    computes ``(p * K + k) * PANEL + j`` itself gives LLVM the constant row stride."""
     ary = context.make_array(arrty)(context, builder, arr)
+    if isinstance(idxty, types.Integer) and arrty.ndim > 1:
+        return builder.gep(ary.data, [context.cast(builder, idx, idxty, types.intp)])
     if isinstance(idxty, types.Integer):
         inds = [context.cast(builder, idx, idxty, types.intp)]
     else:
@@ -298,8 +303,9 @@ def _vec_ops(n):
 
         return VF(VF, VI, VI), cg
 
-    # Indexed float32 access: arr[idx] with idx an int (1-D) or a tuple of arr.ndim ints, the
-    # address from the array's own shape or strides (any layout; the last axis contiguous).
+    # Indexed float32 access: arr[idx] with idx a tuple of arr.ndim ints (the address from the
+    # array's own shape or strides: any layout, the last axis contiguous) or one int (1-D, or
+    # the flat element index of a C-contiguous array).
     @intrinsic
     def load_at(typingctx, arr, idx):
         """arr[idx : idx + n] along the last axis as n float32 lanes."""
@@ -338,10 +344,26 @@ def _vec_ops(n):
 
         return VF(arr, idx), cg
 
+    @intrinsic
+    def prefetch_l2_at(typingctx, arr, idx):
+        """Prefetch the cache line of arr[idx] into L2 (``llvm.prefetch``, locality 2:
+        ``prefetcht1``). A hint: it never faults, so idx may point past the array's end."""
+        if not _float32_index(arr, idx):
+            return None
+
+        def cg(ctx, b, sig, args):
+            p = b.bitcast(_item_ptr(ctx, b, sig.args[0], args[0], sig.args[1], args[1]), _I8.as_pointer())
+            fn = cgutils.get_or_insert_function(
+                b.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0")
+            b.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
+            return ctx.get_dummy_value()
+
+        return types.none(arr, idx), cg
+
     for k, v in list(locals().items()):
         if k in ("zero_i", "zero_f", "load_i", "bcast4", "dpbusd", "add_i", "add_f", "store_i",
                  "store_f", "bcast_f", "bcast_ld_f", "fma_f", "load_wf", "dpbf16", "load_at",
-                 "store_at", "bcast_at"):
+                 "store_at", "bcast_at", "prefetch_l2_at"):
             ops[k] = v
     return ops
 
