@@ -7,7 +7,8 @@ kernel runs (serial or parallel, Numba or BLAS products) is decided in ``policy.
 Two entry points per job, with the same arithmetic in the same order:
 
 * ``stack_step_serial`` / ``stack_step_parallel``: one time step of the whole (unidirectional)
-  stack for N streams, in one call (no Python loop over layers).
+  stack for N streams, in one call (no Python loop over layers). ``stack_step_split`` is the
+  parallel step for 4+ streams a thread: groups of streams, each stepped whole on one thread.
 * ``layer_sequence_serial`` / ``layer_sequence_parallel``: the recurrent part of one layer and
   direction over a whole sequence, after ``input_projection_serial`` / ``_parallel`` did the
   input rows of all T*B samples in one pass. The parallel twin is one region for the whole
@@ -58,6 +59,7 @@ from .layout import (
     M_GENERAL,
     M_H,
     M_HEAD_B,
+    M_KMAX,
     M_HEAD_O,
     M_HEAD_W,
     M_HP,
@@ -718,12 +720,18 @@ def _cells(a, c, m, peep, u0, u1, hp, wbuf, meta, fpar, rec, frec):
 @njit(**_FLAGS)
 def _load_z(l, s, x, sbuf, meta, N):
     """z[s] (K_l,) <- [input of layer l | h[l, s]] for stream s; x (N*I,); z is (N, K_l)."""
-    out = meta[M_OUT]
     K = meta[M_LD + l * LD_STRIDE + LD_K]
     h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
+    _fill_z(l, s, x, sbuf, meta, N, sbuf[z_off + s * K : z_off + (s + 1) * K])
+
+
+@njit(inline="always", **_FLAGS)
+def _fill_z(l, s, x, sbuf, meta, N, z):
+    """z (K_l,) <- [input of layer l | h[l, s]] for stream s; x (N*I,)."""
+    out = meta[M_OUT]
+    h_off = _sbuf_offsets(meta, N)[0]
     # every copy between views indexed from 0: an offset index (x[s * kin + k]) carries Numba's
     # negative-index wraparound and stays scalar (64 streams at (128,256,2): 36 -> 5 us a step)
-    z = sbuf[z_off + s * K : z_off + (s + 1) * K]
     if l == 0:
         kin = meta[M_I]
         src = x[s * kin : (s + 1) * kin]
@@ -865,6 +873,65 @@ def stack_step_parallel(x, R, wbuf, meta, fpar, sbuf, y):
             _finish_layer(l, s, wbuf, meta, sbuf, N)
     for s in range(N):
         _emit(s, wbuf, meta, sbuf, N, y)
+
+
+@njit(**_FLAGS)
+def _streams_product(l, N, s0, s1, zb, wbuf, meta, sbuf):
+    """:func:`_layer_product` over all panels for the streams s0 .. s1 of N only: acc[s] <-
+    bias + W^T z[s], their z rows (s1-s0, K_l) at sbuf[zb:]. The same chain per element as
+    any other stream count, so the same bits."""
+    C = meta[M_C]
+    rec = M_LD + l * LD_STRIDE
+    K = meta[rec + LD_K]
+    h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
+    bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
+    A = sbuf[acc_off + s0 * C : acc_off + s1 * C].reshape((s1 - s0, C))  # (s1-s0, C)
+    for s in range(s1 - s0):
+        a = A[s]
+        for j in range(C):
+            a[j] = bias[j]
+    Wp = wbuf[meta[rec + LD_W] : meta[rec + LD_W] + K * C].reshape((C // PANEL, K, PANEL))  # panels
+    Z = sbuf[zb : zb + (s1 - s0) * K].reshape((s1 - s0, K))  # (s1-s0, K)
+    _product(Z, Wp, A, 0, Wp.shape[0], 0, K)
+
+
+@njit(parallel=True, **_FLAGS)
+def stack_step_split(x, SG, wbuf, meta, fpar, sbuf, y):
+    """:func:`stack_step_serial` with the N streams in SG groups of whole groups of four, each
+    group on one thread for the whole step (every layer's product and cells): one parallel
+    region per step, and the threads never wait for each other (:func:`stack_step_parallel`
+    opens two per layer, and its threads wait at the end of each). Streams are independent, so
+    this is the serial arithmetic stream by stream: the same bits.
+
+    The z scratch is (N, K_l) for layer l, so its rows move when K_l does: a group running
+    layer 1 would overwrite rows of the next group still in layer 0. Each group keeps its z
+    rows inside its own stretch, [s0 * Kmax, s1 * Kmax) of the z block (tests/test_team.py
+    runs layers of different widths)."""
+    N = x.shape[0] // meta[M_I]
+    G = (N + 3) // 4  # groups of four streams (the cells' unit of work)
+    z_off = _sbuf_offsets(meta, N)[2]
+    for gi in prange(SG):
+        g0, g1 = G * gi // SG, G * (gi + 1) // SG
+        s0, s1 = 4 * g0, min(4 * g1, N)
+        zb = z_off + s0 * meta[M_KMAX]  # this group's z rows (s1-s0, K_l), for every layer
+        for l in range(meta[M_L]):
+            K = meta[M_LD + l * LD_STRIDE + LD_K]
+            for s in range(s0, s1):
+                _fill_z(l, s, x, sbuf, meta, N, sbuf[zb + (s - s0) * K : zb + (s - s0 + 1) * K])
+            _streams_product(l, N, s0, s1, zb, wbuf, meta, sbuf)
+            for g in range(g0, g1):
+                _group_cells(g, 1, l, N, wbuf, meta, fpar, sbuf)
+            for s in range(s0, s1):
+                _finish_layer(l, s, wbuf, meta, sbuf, N)
+        for s in range(s0, s1):
+            _emit(s, wbuf, meta, sbuf, N, y)
+
+
+@njit(**_FLAGS)
+def stack_run_split(xs, SG, wbuf, meta, fpar, sbuf, ys):
+    """T steps in one call with the split step kernel."""
+    for t in range(xs.shape[0]):
+        stack_step_split(xs[t], SG, wbuf, meta, fpar, sbuf, ys[t])
 
 
 @njit(**_FLAGS)

@@ -692,6 +692,9 @@ class Stream:
         self._run_fn = kernels.stack_run_parallel if choice.parallel else kernels.stack_run_serial
         self._guard = kernels.parallel_guard if choice.parallel else None
         R = lay.unit_ranges(Hp, _config.num_threads()) if choice.parallel else 1  # unit ranges
+        groups = policy.step_groups(N, _config.num_threads()) if choice.parallel else 0
+        if groups:  # groups of streams, each whole on one thread (policy.step_groups)
+            self._step_fn, self._run_fn, R = kernels.stack_step_split, kernels.stack_run_split, groups
         self._blas = choice.blas
         if self._blas:
             # Views for the BLAS path: acc (N, C) and per layer z (N, K_l) and Wp (C/PANEL, K_l,
@@ -711,7 +714,8 @@ class Stream:
         self._want = (model.input_size,) if batch is None else (N, model.input_size)
         self._yshape = (model.output_size,) if batch is None else (N, model.output_size)
         self._ylen = N * model.output_size
-        # The kernels' arguments after x: the parallel twin also takes its unit ranges R.
+        # The kernels' arguments after x: the parallel twins also take their unit ranges (or
+        # stream groups) R.
         self._wargs = (((R,) if choice.parallel else ()) + (model._wbuf, model._meta, model._fpar, self._sbuf))
         # The compiled kernel for exactly these argument types: step() guarantees them, so the
         # per-call type dispatch of Numba (~1 us, a third of a small model's step) is skipped.

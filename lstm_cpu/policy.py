@@ -177,6 +177,20 @@ def sequence_team(B: int, threads: int, C: int, Hp: int) -> SequenceTeam:
     return SequenceTeam(threads, ranges, unit_ranges(Hp, threads), 1)
 
 
+def step_groups(streams: int, threads: int) -> int:
+    """How many groups of streams a parallel batched step splits into, each group stepping
+    whole on one thread (``kernels.stack_step_split``: one parallel region a step, no waits);
+    0 to split each layer's product by panel ranges and its cells by unit ranges instead
+    (``kernels.stack_step_parallel``: two regions a layer), which a lone stream or a few need.
+    Split from :data:`SPLIT_MIN_STREAMS` streams a thread. Measured on the Zen 4 host, 2
+    threads, us per step, serial / panel ranges / split (``bench/step_split_probe.py``):
+    (32,64,1) N=8 6.1 / 9.0 / 5.2, N=64 43.9 / 44.9 / 24.3; (128,256,2) N=8 139 / 93 / 73,
+    N=64 1,106 / 972 / 623; (512,1024,1) N=8 1,005 / 516 / 543 (each thread streams all 25 MB
+    of weights: the one case where panel ranges win, by 5%), N=64 7,272 / 4,206 / 3,936."""
+    groups = min(max(1, int(threads)), int(streams) // SPLIT_MIN_STREAMS)
+    return groups if groups > 1 else 0
+
+
 def reduced_groups(weight_bytes: int, streams: int, threads: int, requested="auto") -> int:
     """How many groups of streams (or sequences) a reduced-weight model's serial kernels run on
     at once, one per thread (``quant.ReducedBatch``, ``ReducedStack.run_groups``): 1 with one
@@ -192,5 +206,5 @@ def reduced_groups(weight_bytes: int, streams: int, threads: int, requested="aut
     return max(1, min(int(threads), streams // 4))
 
 
-__all__ = ["KERNELS", "SequenceTeam", "sequence_team", "SPLIT_MIN_STREAMS", "SPLIT_MIN_WORK_BYTES", "reduced_groups", "sequence_chunk", "SEQUENCE_CHUNK_BYTES", "KernelChoice", "choose_kernel", "check_requested", "PARALLEL_MIN_WEIGHT_BYTES",
+__all__ = ["KERNELS", "SequenceTeam", "sequence_team", "step_groups", "SPLIT_MIN_STREAMS", "SPLIT_MIN_WORK_BYTES", "reduced_groups", "sequence_chunk", "SEQUENCE_CHUNK_BYTES", "KernelChoice", "choose_kernel", "check_requested", "PARALLEL_MIN_WEIGHT_BYTES",
            "BATCH_PARALLEL_MIN_BYTES", "BLAS_MIN_BATCH", "BLAS_MAX_WEIGHT_BYTES"]

@@ -209,3 +209,81 @@ def test_split_and_team_are_what_runs(monkeypatch):
         numba.set_num_threads(saved)
     assert calls == ["layer_run_split", "layer_sequence_parallel"]
     assert policy.sequence_team(8, 2, m._plan.C, m._plan.Hp).stream_groups == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched streams: kernels.stack_step_split (groups of streams, one region a step)
+# ---------------------------------------------------------------------------------------------
+_STREAM_CASES = {
+    # layers of different widths: K_0 = 13 + 72 and K_1 = 72 + 72 move the z rows between
+    # layers (the race stack_step_split's per-group z stretch prevents)
+    "two layers": dict(H=72, L=2),
+    "three layers, projection": dict(H=150, L=3, P=40),
+    "peepholes+clip": dict(H=96, peep=True, clip=2.0),
+    "float64": dict(H=70, L=2, dtype=np.float64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_STREAM_CASES))
+@pytest.mark.parametrize("N", [8, 9, 13, 64])
+def test_split_step_is_bit_identical_to_serial(name, N):
+    """Every stream's outputs and state after several steps and a run, from a random state,
+    equal the serial kernel's, for 1-4 groups (more groups than threads included)."""
+    spec = dict(_STREAM_CASES[name])
+    rng = np.random.default_rng(zlib.crc32(name.encode()) + N)
+    I = 13
+    kw = {k: spec.pop(k) for k in ("clip", "dtype") if k in spec}
+    m = LSTMModel(_layers(rng, I, **spec), **kw)
+    h0 = rng.standard_normal((m.num_layers, N, m.output_size)).astype(m.dtype)
+    c0 = rng.standard_normal((m.num_layers, N, m.hidden_size)).astype(m.dtype)
+    xs = rng.standard_normal((6, N, I)).astype(m.dtype)
+
+    def steps(SG):
+        """The outputs of 3 steps and a 3-step run, on a stream's buffers driven by the serial
+        kernels (SG = 0; not Stream.step, which takes BLAS products from 40 streams) or the
+        split ones."""
+        s = m.stream(batch=N, kernel="serial")
+        s._h[...], s._c[:, :, : m.hidden_size] = h0, c0
+        wbuf, meta, fpar, sbuf = s.numba_args()
+        out = []
+        for x in xs[:3]:
+            y = np.full(N * m.output_size, np.nan, m.dtype)
+            if SG:
+                kernels.stack_step_split(x.reshape(-1), SG, wbuf, meta, fpar, sbuf, y)
+            else:
+                kernels.stack_step_serial(x.reshape(-1), wbuf, meta, fpar, sbuf, y)
+            out.append(y)
+        ys = np.full((3, N * m.output_size), np.nan, m.dtype)
+        if SG:
+            kernels.stack_run_split(xs[3:].reshape(3, -1), SG, wbuf, meta, fpar, sbuf, ys)
+        else:
+            kernels.stack_run_serial(xs[3:].reshape(3, -1), wbuf, meta, fpar, sbuf, ys)
+        return out + [ys, s._h, s._c]
+
+    want = steps(0)
+    assert not np.isnan(want[3]).any()
+    for SG in (1, 2, 3, 4):
+        got = steps(SG)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} N={N} SG={SG}")
+
+
+def test_parallel_streams_split_into_groups(monkeypatch):
+    """A parallel stream of 8+ streams on 2 threads steps with the split kernel, and gives the
+    serial kernel's bits through the public API; fewer streams keep the panel-range kernel."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")  # pragma: no cover - CI machines have 2 cores
+    rng = np.random.default_rng(11)
+    m = LSTMModel(_layers(rng, 9, H=64, L=2))
+    threads = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        assert policy.step_groups(8, 2) == 2 and policy.step_groups(7, 2) == 0
+        assert policy.step_groups(64, 1) == 0 and policy.step_groups(64, 4) == 4
+        s8, s4 = m.stream(batch=8, kernel="parallel"), m.stream(batch=4, kernel="parallel")
+        assert s8._step_fn is kernels.stack_step_split and s4._step_fn is kernels.stack_step_parallel
+        ref = m.stream(batch=8, kernel="serial")
+        for x in rng.standard_normal((4, 8, 9)).astype(np.float32):
+            np.testing.assert_array_equal(s8.step(x), ref.step(x))
+    finally:
+        numba.set_num_threads(threads)
