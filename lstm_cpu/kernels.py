@@ -949,42 +949,6 @@ def stack_run_parallel(xs, R, wbuf, meta, fpar, sbuf, ys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Many streams (policy: BLAS products): the gate product is a numpy matrix product
-# ---------------------------------------------------------------------------------------------
-@njit(**_FLAGS)
-def batch_load_z(l, x, sbuf, meta):
-    """z (N, K_l) <- [input of layer l | h[l]] for every stream; x (N*I,)."""
-    N = x.shape[0] // meta[M_I]
-    for s in range(N):
-        _load_z(l, s, x, sbuf, meta, N)
-
-
-@njit(**_FLAGS)
-def batch_cells_serial(l, N, wbuf, meta, fpar, sbuf):
-    """After acc (N, C) = z @ W (BLAS): bias, cell update and h of layer l."""
-    C, hp = meta[M_C], meta[M_HP]
-    rec = M_LD + l * LD_STRIDE
-    h_off, c_off, z_off, acc_off, m_off, _end = _sbuf_offsets(meta, N)
-    bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
-    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if the model has them
-    for s in range(N):
-        acc = sbuf[acc_off + s * C : acc_off + (s + 1) * C]  # (C,)
-        for j in range(C):
-            acc[j] += bias[j]
-        c = sbuf[c_off + (l * N + s) * hp : c_off + (l * N + s + 1) * hp]  # (Hp,)
-        m = sbuf[m_off + s * hp : m_off + (s + 1) * hp]  # (Hp,)
-        _cells(acc, c, m, peep, 0, hp, hp, wbuf, meta, fpar, rec, F_LD + l * F_STRIDE)
-        _finish_layer(l, s, wbuf, meta, sbuf, N)
-
-
-@njit(**_FLAGS)
-def batch_emit(N, wbuf, meta, sbuf, y):
-    """y (N*O,) <- head(h[L-1]) or h[L-1]."""
-    for s in range(N):
-        _emit(s, wbuf, meta, sbuf, N, y)
-
-
-# ---------------------------------------------------------------------------------------------
 # Whole sequences: the recurrent part of one layer and direction
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)

@@ -671,7 +671,7 @@ class Stream:
         N = 1 if batch is None else batch
         self._N = N
         choice = model._choose(kernel, N)
-        self.kernel = choice.name  # "serial", "parallel" or "blas" (lstm_cpu.policy)
+        self.kernel = choice.name  # "serial" or "parallel" (lstm_cpu.policy)
         plan, meta = model._plan, model._meta
         h_off, c_off, z_off, acc_off, _m, end = (int(v) for v in lay.sbuf_offsets(meta, N))
         self._sbuf = np.zeros(end, model.dtype)  # state and scratch, see layout.py
@@ -695,19 +695,6 @@ class Stream:
         groups = policy.step_groups(N, _config.num_threads()) if choice.parallel else 0
         if groups:  # groups of streams, each whole on one thread (policy.step_groups)
             self._step_fn, self._run_fn, R = kernels.stack_step_split, kernels.stack_run_split, groups
-        self._blas = choice.blas
-        if self._blas:
-            # Views for the BLAS path: acc (N, C) and per layer z (N, K_l) and Wp (C/PANEL, K_l,
-            # PANEL). Its cell updates stay serial: numpy's OpenBLAS workers spin after each
-            # product and starve Numba's (a 64-stream (256,512,2) step took 20 ms with parallel
-            # cell updates on 2 cores).
-            self._acc = self._sbuf[acc_off : acc_off + N * C].reshape(N, C)
-            self._panel_out = np.empty((C // lay.PANEL, N, lay.PANEL), model.dtype)  # (n, N, PANEL)
-            self._layers = []
-            for l in range(L):
-                K = plan.record(l, 0).K
-                self._layers.append((self._sbuf[z_off : z_off + N * K].reshape(N, K),
-                                     plan.gate_panels(model._wbuf, l, 0)))
         # Precomputed for the hot path: kernels take flat x (N*I,) and y (N*O,), stream-major.
         self._dtype = np.dtype(model.dtype)
         self._single = batch is None
@@ -721,14 +708,7 @@ class Stream:
         # per-call type dispatch of Numba (~1 us, a third of a small model's step) is skipped.
         self._step_call = kernels.compiled_entry(
             self._step_fn, (self._x, *self._wargs, np.empty(self._ylen, self._dtype)))
-        if self._blas:  # the BLAS path's three kernels, resolved once for the same reason
-            y0 = np.empty(self._ylen, self._dtype)
-            self._blas_calls = (
-                kernels.compiled_entry(kernels.batch_load_z, (0, self._x, self._sbuf, meta)),
-                kernels.compiled_entry(kernels.batch_cells_serial,
-                                       (0, N, model._wbuf, meta, model._fpar, self._sbuf)),
-                kernels.compiled_entry(kernels.batch_emit, (N, model._wbuf, meta, self._sbuf, y0)))
-        if batch is None and not choice.parallel and not self._blas:
+        if batch is None and not choice.parallel:
             self.step = self._one_stream_step()  # the common case's hot path, see there
         self.reset()
 
@@ -767,7 +747,7 @@ class Stream:
         rb = rstack.streams(N, self._h, self._c, groups)
         self._rstep, self._rrun = rb.step_into, rb.run_into
         self.kernel = "serial" if rb.groups == 1 else "parallel"
-        self._blas, self._guard, self._wargs = False, None, None
+        self._guard, self._wargs = None, None
         self._dtype = np.dtype(m.dtype)
         self._single = self.batch is None
         self._want = (m.input_size,) if self.batch is None else (N, m.input_size)
@@ -849,29 +829,12 @@ class Stream:
             ret = out
         if self._rstep is not None:
             self._rstep(xk, y)
-        elif self._blas:
-            self._step_blas(xk, y)
         elif self._guard is None:
             self._step_call(xk, *self._wargs, y)
         else:
             with self._guard():
                 self._step_call(xk, *self._wargs, y)
         return ret
-
-    def _step_blas(self, xk, y):
-        """One step of many streams (policy: BLAS): the gate products as BLAS matrix products.
-
-        xk (N*I,) inputs, y (N*O,) outputs."""
-        m = self.model
-        wbuf, meta, fpar, sbuf, N = m._wbuf, m._meta, m._fpar, self._sbuf, self._N
-        load_z, cells, emit = self._blas_calls
-        out, acc = self._panel_out, self._acc
-        for l, (z, wp) in enumerate(self._layers):
-            load_z(l, xk, sbuf, meta)
-            np.matmul(z, wp, out=out)  # (N, K) @ (n, K, PANEL) -> (n, N, PANEL), a BLAS call per panel
-            acc.reshape(N, -1, lay.PANEL)[...] = out.transpose(1, 0, 2)  # -> (N, C)
-            cells(l, N, wbuf, meta, fpar, sbuf)
-        emit(N, wbuf, meta, sbuf, y)
 
     def numba_args(self):
         """``(wbuf, meta, fpar, sbuf)`` for ``lstm_cpu.kernels.stack_step_serial(x, wbuf, meta,
@@ -898,9 +861,6 @@ class Stream:
         ys = np.empty((T, self._ylen), self._dtype)  # (T, N*O)
         if self._rrun is not None:
             self._rrun(xk, ys)
-        elif T and self._blas:
-            for t in range(T):
-                self._step_blas(xk[t], ys[t])
         elif T:
             if self._guard is None:
                 self._run_fn(xk, *self._wargs, ys)

@@ -37,12 +37,16 @@ PARALLEL_MIN_WEIGHT_BYTES = 8 << 20
 #: N=32 148/98; (128,256,2) N=4 145/121, N=32 972/547.
 BATCH_PARALLEL_MIN_BYTES = 2 << 20
 
-#: From this many streams (or sequences in a batch) up, the gate products of a model under
+#: From this many sequences in a batch up, ``model.run``'s recurrent products of a model under
 #: :data:`BLAS_MAX_WEIGHT_BYTES` are numpy BLAS matrix products with serial Numba cell updates;
 #: otherwise Numba's register-blocked panel product runs them (no Python between layers or time
-#: steps, bit-identical to a lone stream). Measured on the Zen 4 host (layout 7), us per step of
-#: 64 streams, BLAS vs Numba, 1 thread: (32,64,1) 56/65, (64,128,1) 152/181, (128,256,2)
+#: steps, bit-identical to a lone sequence). Measured on the Zen 4 host (layout 7), us per step
+#: of 64 streams, BLAS vs Numba, 1 thread: (32,64,1) 56/65, (64,128,1) 152/181, (128,256,2)
 #: 1465/1361, (512,1024,1) 10582/8571; 2 threads: 56/65, 153/124, 1038/768, 7200/8451 (noisy).
+#: Streams no longer take BLAS products (2026-11-27): the Numba kernels got faster and now win
+#: at every size measured, 7-20% on 1 thread and about 2x split on 2, e.g. (32,64,1) x 64 streams
+#: 50.1 us BLAS, 43.2 Numba serial, 23.7 split on 2 threads (``bench/blas_step_probe.py``).
+#: ``run``'s rule was not re-measured.
 BLAS_MIN_BATCH = 40
 
 #: ... and only for models whose weights are smaller than this: OpenBLAS's GEMM wins on small
@@ -54,15 +58,17 @@ JOBS = ("step", "sequence")
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """What runs: ``parallel`` (Numba's prange twin) and ``blas`` (numpy matrix products for the
-    gates, Numba serial cell updates; never Numba threads next to BLAS calls)."""
+    """What runs: ``parallel`` (Numba's prange twin) and ``blas`` (``model.run`` only: numpy
+    matrix products for the gates, Numba serial cell updates; never Numba threads next to BLAS
+    calls)."""
 
     parallel: bool
     blas: bool
 
     @property
     def name(self) -> str:
-        """"serial", "parallel" or "blas", as ``Stream.kernel`` and ``info()`` report it."""
+        """"serial", "parallel" or "blas" (``run`` only), as ``Stream.kernel`` and ``info()``
+        report it."""
         return "blas" if self.blas else ("parallel" if self.parallel else "serial")
 
 
@@ -117,7 +123,7 @@ def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto
     requested = check_requested(requested)
     if job not in JOBS:
         raise ValueError(f"job must be one of {JOBS}, got {job!r}")
-    if streams >= BLAS_MIN_BATCH and weight_bytes < BLAS_MAX_WEIGHT_BYTES:
+    if job == "sequence" and streams >= BLAS_MIN_BATCH and weight_bytes < BLAS_MAX_WEIGHT_BYTES:
         return KernelChoice(parallel=False, blas=True)
     if requested != "auto":
         return KernelChoice(parallel=requested == "parallel", blas=False)

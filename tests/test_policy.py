@@ -28,13 +28,17 @@ MB = 1 << 20
     # batched streams: bytes x streams decide
     (BATCH_PARALLEL_MIN_BYTES // 8, 8, 2, "auto", "step", "parallel"),
     (BATCH_PARALLEL_MIN_BYTES // 8 - 1, 8, 2, "auto", "step", "serial"),
-    # many streams: BLAS products, whatever was asked for
-    (1, BLAS_MIN_BATCH, 2, "auto", "step", "blas"),
-    (1, BLAS_MIN_BATCH, 2, "parallel", "step", "blas"),
+    # many streams: the Numba kernels, whatever their number (no BLAS products for streams)
+    (1, BLAS_MIN_BATCH, 2, "auto", "step", "serial"),
+    (1, BLAS_MIN_BATCH, 2, "parallel", "step", "parallel"),
+    (BLAS_MAX_WEIGHT_BYTES - 1, 64, 2, "auto", "step", "parallel"),
+    (BLAS_MAX_WEIGHT_BYTES - 1, 64, 1, "auto", "step", "serial"),
+    # many sequences in run(): BLAS products, whatever was asked for ...
     (1, BLAS_MIN_BATCH, 2, "auto", "sequence", "blas"),
+    (1, BLAS_MIN_BATCH, 2, "parallel", "sequence", "blas"),
     # ... of small models only: from BLAS_MAX_WEIGHT_BYTES the panel product wins
-    (BLAS_MAX_WEIGHT_BYTES - 1, BLAS_MIN_BATCH, 1, "auto", "step", "blas"),
-    (BLAS_MAX_WEIGHT_BYTES, BLAS_MIN_BATCH, 1, "auto", "step", "serial"),
+    (BLAS_MAX_WEIGHT_BYTES - 1, BLAS_MIN_BATCH, 1, "auto", "sequence", "blas"),
+    (BLAS_MAX_WEIGHT_BYTES, BLAS_MIN_BATCH, 1, "auto", "sequence", "serial"),
     (BLAS_MAX_WEIGHT_BYTES, BLAS_MIN_BATCH, 2, "auto", "step", "parallel"),
     (BLAS_MAX_WEIGHT_BYTES, BLAS_MIN_BATCH, 2, "serial", "sequence", "serial"),
     # an explicit request wins below the BLAS threshold
@@ -110,7 +114,8 @@ def test_every_path_asks_the_policy(monkeypatch):
     monkeypatch.setattr(policy, "choose_kernel", spy)
     m = LSTMModel(_layers(np.random.default_rng(1), 4, 16))
     assert m.stream().kernel == calls[-1][3] and calls[-1][:3] == (1, "auto", "step")
-    assert m.stream(batch=BLAS_MIN_BATCH).kernel == "blas" == calls[-1][3]
+    many = m.stream(batch=BLAS_MIN_BATCH)
+    assert many.kernel == calls[-1][3] != "blas"  # streams never take BLAS products
     assert m.stream(batch=5, kernel="parallel").kernel == "parallel"
     assert calls[-1] == (5, "parallel", "step", "parallel")
     m.run(np.zeros((3, 2, 4), np.float32))
@@ -144,7 +149,7 @@ _PROBE = textwrap.dedent("""
         ybig = big.run(xbig)
         y, (h, c) = m.run(x)
         y2, _ = m.run(x[:, :2], kernel=kernel)
-        for name, a in (("step", ys), ("batch", yb), ("blas", ybig), ("run", [y, h, c]), ("run2", y2)):
+        for name, a in (("step", ys), ("batch", yb), ("many", ybig), ("run", [y, h, c]), ("run2", y2)):
             out[kernel + "/" + name] = hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes()
                                                                for v in a)).hexdigest()
         out[kernel + "/kernels"] = [s.kernel, b.kernel, big.kernel]
@@ -154,8 +159,8 @@ _PROBE = textwrap.dedent("""
 
 def test_results_are_bit_identical_across_numba_thread_counts(tmp_path):
     """Issue 13: the same weights built and run under NUMBA_NUM_THREADS=1 and 2 (and a packed
-    file written under either) give the same bytes, for step, batched streams, BLAS streams and
-    run; and the serial and parallel kernels agree with each other."""
+    file written under either) give the same bytes, for step, batched streams, many streams
+    (BLAS_MIN_BATCH + 1) and run; and the serial and parallel kernels agree with each other."""
     results = {}
     for n in ("1", "2"):
         env = dict(os.environ, NUMBA_NUM_THREADS=n)
@@ -165,7 +170,7 @@ def test_results_are_bit_identical_across_numba_thread_counts(tmp_path):
         results[n] = json.loads(p.stdout.strip().splitlines()[-1])
     assert results["1"] == results["2"]
     r = results["2"]
-    for name in ("step", "batch", "blas", "run", "run2"):
+    for name in ("step", "batch", "many", "run", "run2"):
         assert r[f"serial/{name}"] == r[f"parallel/{name}"], name
     assert r["parallel/kernels"][:2] == ["parallel", "parallel"]
     for kernel in ("serial", "parallel"):

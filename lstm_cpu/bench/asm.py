@@ -359,7 +359,6 @@ FAMILIES = {
     "run serial": "Stream.run, serial (stack_run_serial)",
     "sequence serial": "LSTMModel.run, serial (layer_sequence_serial)",
     "sequence parallel": "LSTMModel.run, parallel (layer_sequence_parallel)",
-    "batch cells (BLAS)": "Stream.step of >= BLAS_MIN_BATCH streams (batch_cells_serial)",
     "sequence cells (BLAS)": "LSTMModel.run of >= BLAS_MIN_BATCH sequences (sequence_cells_serial)",
     "reduced int8": "Stream.step of an int8 model (kernels_quant: the host's int8 step)",
     "reduced bfloat16": "Stream.step of a bfloat16 model (kernels_quant: the host's bf16 step)",
@@ -400,7 +399,6 @@ def engine_calls(families=None) -> Dict[str, tuple]:
     x = np.zeros((3, 4, 32), np.float32)
     record("sequence serial", lambda: m32.run(x, kernel="serial"))
     record("sequence parallel", lambda: m32.run(x, kernel="parallel"))
-    record("batch cells (BLAS)", lambda: m32.stream(batch=B), kernels.batch_cells_serial)
     record("sequence cells (BLAS)", lambda: m32.run(np.zeros((2, B, 32), np.float32)),
            kernels.sequence_cells_serial)
     # Reduced models: built inside the recording, so their error estimate runs no kernel.
