@@ -2,8 +2,8 @@
 
     python bench/blas_step_probe.py [threads]
 
-Until 2026-11-27, ``Stream`` stepped N >= policy.BLAS_MIN_BATCH streams of a model under
-policy.BLAS_MAX_WEIGHT_BYTES with numpy BLAS products and serial Numba cells. This probe keeps
+Until 2026-11-27, ``Stream`` stepped N >= 40 streams of a model under 1 MB with numpy BLAS
+products and serial Numba cells. This probe keeps
 that path (``blas_step`` below, the removed ``Stream._step_blas`` and its kernels) and times it
 against the serial Numba kernel and, with 2+ threads, the split kernel
 (``kernels.stack_step_split``), us per step, best of 5 x 200 steps. Figures: bench/results.md.

@@ -23,7 +23,7 @@ of the batched product A (N, C) += Z (N, K) @ W (K, C), N streams at one step:
     g1  v2 once per stream                W read N times
     g2  four streams per pass             W read N/4 times      (the kernels' product to layout 6)
     panelN  register blocks of 2 streams x 64 columns over panels   <- lstm_cpu.kernels._product
-    blas numpy's sgemm                    above model.BLAS_MIN_BATCH streams
+    blas numpy's sgemm                    the former BLAS path (40+ streams, until 2026-11-27)
 
 and of the cell update for Uc units (float32, Sigmoid/Tanh/Tanh):
 

@@ -2,7 +2,7 @@
 
 The Python API (``model.py``) validates every shape and dtype once; nothing here checks. The packed
 layout the kernels read (``wbuf``, ``meta``, ``fpar``, ``sbuf``) is defined in ``layout.py``; which
-kernel runs (serial or parallel, Numba or BLAS products) is decided in ``policy.py``.
+kernel runs (serial or parallel, and how a parallel one splits) is decided in ``policy.py``.
 
 Two entry points per job, with the same arithmetic in the same order:
 
@@ -1263,25 +1263,6 @@ def layer_run_split(X3, SG, Tc, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, m
     for g in prange(SG):
         _group_run(X3, B * g // SG, B * (g + 1) // SG, Tc, wbuf, meta, fpar, l, d, lengths, h, c,
                    y, acc, mb)
-
-
-@njit(**_FLAGS)
-def sequence_cells_serial(t, xp, wbuf, meta, fpar, l, d, lengths, h, c, y, acc, mb):
-    """Time step t of a batched sequence whose recurrent product acc (B, C) = h @ W_rec was
-    done by BLAS: add the input projection and bias, update the cells, write h and y[t]."""
-    B = xp.shape[1]
-    C, hp, D = meta[M_C], meta[M_HP], meta[M_D]
-    rec = M_LD + (l * D + d) * LD_STRIDE
-    bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
-    peep = wbuf[meta[rec + LD_PEEP] : meta[rec + LD_PEEP] + 3 * hp]  # (3*Hp,) if the model has them
-    for s in range(B):
-        if t < lengths[s]:
-            a = acc[s]  # (C,)
-            for j in range(C):
-                a[j] += xp[t, s, j] + bias[j]
-            _cells(a, c[s], mb[s], peep, 0, hp, hp, wbuf, meta, fpar, rec,
-                   F_LD + (l * D + d) * F_STRIDE)
-            _seq_finish(t, s, l, d, wbuf, meta, h, y, mb)
 
 
 # ---------------------------------------------------------------------------------------------

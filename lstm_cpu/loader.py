@@ -181,7 +181,6 @@ def warmup(verbose=False):
     """Compile every kernel specialisation a model can use (float32 and float64, serial and
     parallel, step, chunk run and whole sequence), so the first real call hits Numba's cache."""
     from .model import LSTMModel
-    from .policy import BLAS_MIN_BATCH
     from .spec import LayerParams
 
     rng = np.random.default_rng(0)
@@ -198,12 +197,13 @@ def warmup(verbose=False):
             done.append(f"{np.dtype(dtype).name}/{kernel}")
             if verbose:
                 print("compiled", done[-1])
-        # many streams or sequences: BLAS products + serial Numba cell updates
-        sb = m.stream(batch=BLAS_MIN_BATCH)
-        sb.step(np.zeros((BLAS_MIN_BATCH, I), dtype))
-        sb.run(np.zeros((2, BLAS_MIN_BATCH, I), dtype))
-        m.run(np.zeros((2, BLAS_MIN_BATCH, I), dtype))
-        done.append(f"{np.dtype(dtype).name}/blas-batch")
+        # batched streams and sequences (the split kernels from 4 a thread)
+        for kernel in ("serial", "parallel"):
+            sb = m.stream(batch=8, kernel=kernel)
+            sb.step(np.zeros((8, I), dtype))
+            sb.run(np.zeros((2, 8, I), dtype))
+            m.run(np.zeros((2, 8, I), dtype), kernel=kernel)
+        done.append(f"{np.dtype(dtype).name}/batch")
         if verbose:
             print("compiled", done[-1])
     for weights in ("int8", "bfloat16"):  # the reduced step kernels this CPU selects

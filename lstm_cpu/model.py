@@ -520,8 +520,6 @@ class LSTMModel:
             # (T, B, D*out), direction d in columns d*out..: the Numba kernels write every
             # element (zeros past a sequence's length), each on the thread that computes it
             y = buf(T, B, D * out)
-            if choice.blas:
-                y[...] = 0
             kin = plan.input_rows(l)
             X = np.ascontiguousarray(inp.reshape(T * B, kin))  # (T*B, kin)
             if not X.flags.writeable:
@@ -532,29 +530,12 @@ class LSTMModel:
                 c = buf(B, Hp)  # (B, Hp) padded cell state
                 c[:, H:] = 0
                 c[:, :H] = c0[l * D + d]
-                if not choice.blas:
-                    # Projections and recurrence in chunks of Tc steps (policy.sequence_chunk;
-                    # Tc = T for all but long, wide batches), each chunk projected in one pass
-                    # over W's panels right before the recurrence reads it. The kernel adds the
-                    # bias as it reads xp. A backward direction takes the chunks last first.
-                    self._sequence_chunks(X, in_fn, fn, in_args, team, l, d, lens, h, c, y, acc,
-                                          mb, d == 1 or self.reverse)
-                    hN[l * D + d], cN[l * D + d] = h, c[:, :H]
-                    continue
-                # BLAS products (policy): serial cell updates, never Numba threads next to BLAS
-                # calls; the whole sequence's projections first (small models only)
-                xp = np.empty((T, B, C), self.dtype)  # (T, B, C)
-                in_fn(X, *in_args, wbuf, meta, l, d, xp.reshape(T * B, C))
-                w_rec = plan.gate_panels(wbuf, l, d)[:, kin:, :]  # (n, out, PANEL) recurrent rows
-                panel_out = np.empty((C // lay.PANEL, B, lay.PANEL), self.dtype)  # (n, B, PANEL)
-                args = (xp, wbuf, meta, self._fpar, l, d, lens, h, c, y, acc, mb)
-                call = kernels.compiled_entry(kernels.sequence_cells_serial, (0,) + args)
-                backward = d == 1 or self.reverse
-                for step in range(T):
-                    t = T - 1 - step if backward else step
-                    np.matmul(h, w_rec, out=panel_out)  # (B, out) @ (n, out, PANEL)
-                    acc.reshape(B, -1, lay.PANEL)[...] = panel_out.transpose(1, 0, 2)
-                    call(t, *args)
+                # Projections and recurrence in chunks of Tc steps (policy.sequence_chunk;
+                # Tc = T for all but long, wide batches), each chunk projected in one pass over
+                # W's panels right before the recurrence reads it. The kernel adds the bias as
+                # it reads xp. A backward direction takes the chunks last first.
+                self._sequence_chunks(X, in_fn, fn, in_args, team, l, d, lens, h, c, y, acc,
+                                      mb, d == 1 or self.reverse)
                 hN[l * D + d], cN[l * D + d] = h, c[:, :H]
             empty = lens == 0  # onnxruntime: a sequence of length 0 ends in a zero state
             if empty.any():

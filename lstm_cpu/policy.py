@@ -1,4 +1,4 @@
-"""The kernel policy: serial or parallel, Numba or BLAS products, decided in one place.
+"""The kernel policy: serial or parallel, and how a parallel kernel splits its work, decided in one place.
 
 Every path that runs a model (a stream, N batched streams, a whole sequence) asks
 :func:`choose_kernel`; nothing else compares sizes with thresholds. The thresholds below were
@@ -7,10 +7,9 @@ measurement.
 
 What the choice never changes: a result's bits. The serial and parallel twins compute every
 output element in the same float order (the parallel one splits units across threads, see
-``layout.py``), and Numba's batched product gives a stream the bits it gets alone. Only the BLAS
-products (from :data:`BLAS_MIN_BATCH` streams or sequences of a model under
-:data:`BLAS_MAX_WEIGHT_BYTES`) round differently (about 1e-8
-relative), because numpy's BLAS orders its sums its own way.
+``layout.py``), and Numba's batched product gives a stream (or a sequence) the bits it gets
+alone. (Until 2026-11-27, 40+ streams or sequences of models under 1 MB took numpy BLAS products,
+which round differently; the Numba kernels had overtaken them: bench/results.md.)
 """
 
 from __future__ import annotations
@@ -30,46 +29,26 @@ KERNELS = ("auto", "serial", "parallel")
 #: gain a lot use it by default.
 PARALLEL_MIN_WEIGHT_BYTES = 8 << 20
 
-#: N batched streams (2 <= N < BLAS_MIN_BATCH) run the parallel kernel by default once weight
+#: N batched streams (N >= 2) run the parallel kernel by default once weight
 #: bytes x N (what a step streams through the product) reach this: their tasks are (group of
 #: four streams, unit range), so even a narrow model has N/4 of them. Measured on 2 cores, serial
 #: vs parallel us per step: (32,64,1) N=16 34/33, N=32 44/28; (64,128,1) N=8 33/33, N=16 64/59,
 #: N=32 148/98; (128,256,2) N=4 145/121, N=32 972/547.
 BATCH_PARALLEL_MIN_BYTES = 2 << 20
 
-#: From this many sequences in a batch up, ``model.run``'s recurrent products of a model under
-#: :data:`BLAS_MAX_WEIGHT_BYTES` are numpy BLAS matrix products with serial Numba cell updates;
-#: otherwise Numba's register-blocked panel product runs them (no Python between layers or time
-#: steps, bit-identical to a lone sequence). Measured on the Zen 4 host (layout 7), us per step
-#: of 64 streams, BLAS vs Numba, 1 thread: (32,64,1) 56/65, (64,128,1) 152/181, (128,256,2)
-#: 1465/1361, (512,1024,1) 10582/8571; 2 threads: 56/65, 153/124, 1038/768, 7200/8451 (noisy).
-#: Streams no longer take BLAS products (2026-11-27): the Numba kernels got faster and now win
-#: at every size measured, 7-20% on 1 thread and about 2x split on 2, e.g. (32,64,1) x 64 streams
-#: 50.1 us BLAS, 43.2 Numba serial, 23.7 split on 2 threads (``bench/blas_step_probe.py``).
-#: ``run``'s rule was not re-measured.
-BLAS_MIN_BATCH = 40
-
-#: ... and only for models whose weights are smaller than this: OpenBLAS's GEMM wins on small
-#: matrices (K = 96..192 rows: 15-20% ahead), the panel product on larger ones (5-25% ahead).
-BLAS_MAX_WEIGHT_BYTES = 1 << 20
-
 JOBS = ("step", "sequence")
 
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """What runs: ``parallel`` (Numba's prange twin) and ``blas`` (``model.run`` only: numpy
-    matrix products for the gates, Numba serial cell updates; never Numba threads next to BLAS
-    calls)."""
+    """What runs: ``parallel`` (a Numba prange twin) or not (the serial kernel)."""
 
     parallel: bool
-    blas: bool
 
     @property
     def name(self) -> str:
-        """"serial", "parallel" or "blas" (``run`` only), as ``Stream.kernel`` and ``info()``
-        report it."""
-        return "blas" if self.blas else ("parallel" if self.parallel else "serial")
+        """"serial" or "parallel", as ``Stream.kernel`` and ``info()`` report it."""
+        return "parallel" if self.parallel else "serial"
 
 
 def check_requested(requested) -> str:
@@ -110,7 +89,7 @@ def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto
     """The kernel for ``streams`` streams (or sequences) of a model whose gate matrices take
     ``weight_bytes``, on ``threads`` Numba threads.
 
-    ``requested`` "serial" / "parallel" is honoured for the Numba kernels; "auto" follows the
+    ``requested`` "serial" / "parallel" is honoured; "auto" follows the
     measured thresholds above. ``job`` "sequence" (``model.run``, B sequences) goes parallel
     once weight bytes x B reach :data:`BATCH_PARALLEL_MIN_BYTES`, a lone sequence included:
     since layout 7 its input projection is a Numba kernel too, so no OpenBLAS worker spins next
@@ -123,18 +102,16 @@ def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto
     requested = check_requested(requested)
     if job not in JOBS:
         raise ValueError(f"job must be one of {JOBS}, got {job!r}")
-    if job == "sequence" and streams >= BLAS_MIN_BATCH and weight_bytes < BLAS_MAX_WEIGHT_BYTES:
-        return KernelChoice(parallel=False, blas=True)
     if requested != "auto":
-        return KernelChoice(parallel=requested == "parallel", blas=False)
+        return KernelChoice(parallel=requested == "parallel")
     if threads <= 1:
-        return KernelChoice(parallel=False, blas=False)
+        return KernelChoice(parallel=False)
     if streams == 1 and job == "step":
-        return KernelChoice(parallel=weight_bytes >= PARALLEL_MIN_WEIGHT_BYTES, blas=False)
+        return KernelChoice(parallel=weight_bytes >= PARALLEL_MIN_WEIGHT_BYTES)
     if (job == "sequence" and streams >= SPLIT_MIN_STREAMS * min(int(threads), 2)
             and weight_bytes * streams * max(1, int(steps)) >= SPLIT_MIN_WORK_BYTES):
-        return KernelChoice(parallel=True, blas=False)
-    return KernelChoice(parallel=weight_bytes * streams >= BATCH_PARALLEL_MIN_BYTES, blas=False)
+        return KernelChoice(parallel=True)
+    return KernelChoice(parallel=weight_bytes * streams >= BATCH_PARALLEL_MIN_BYTES)
 
 
 #: ``model.run``'s parallel twin splits a batch into stream groups, one per thread, once every
@@ -213,4 +190,4 @@ def reduced_groups(weight_bytes: int, streams: int, threads: int, requested="aut
 
 
 __all__ = ["KERNELS", "SequenceTeam", "sequence_team", "step_groups", "SPLIT_MIN_STREAMS", "SPLIT_MIN_WORK_BYTES", "reduced_groups", "sequence_chunk", "SEQUENCE_CHUNK_BYTES", "KernelChoice", "choose_kernel", "check_requested", "PARALLEL_MIN_WEIGHT_BYTES",
-           "BATCH_PARALLEL_MIN_BYTES", "BLAS_MIN_BATCH", "BLAS_MAX_WEIGHT_BYTES"]
+           "BATCH_PARALLEL_MIN_BYTES"]

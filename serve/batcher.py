@@ -18,10 +18,10 @@ from typing import Optional
 
 import numpy as np
 
-from ..policy import BLAS_MIN_BATCH  # below it, a batched stream gives each stream its lone bits
-
-#: Largest group stepped through one batched stream: the fused kernel's range.
-GROUP_MAX = max(1, BLAS_MIN_BATCH - 1)
+#: Largest group stepped through one batched stream. Any group gives each stream its lone bits
+#: (the fused kernels; batches of 40+ took BLAS products until 2026-11-27, hence the 39): the cap
+#: only bounds one call's latency.
+GROUP_MAX = 39
 
 
 class StreamRecord:

@@ -111,8 +111,7 @@ _ZN8lstm_cpu7kernels10_gemm_rowsB2v7B86c8tJTIeFIj:
 # ---------------------------------------------------------------------------------------------
 # The engine's kernels
 # ---------------------------------------------------------------------------------------------
-FAMILIES = ["step serial", "sequence serial", "sequence cells (BLAS)", "reduced int8",
-            "reduced bfloat16"]
+FAMILIES = ["step serial", "sequence serial", "reduced int8", "reduced bfloat16"]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from lstm_cpu import InputError, LayerParams, LSTMModel, policy
-from lstm_cpu.policy import (BATCH_PARALLEL_MIN_BYTES, BLAS_MAX_WEIGHT_BYTES, BLAS_MIN_BATCH, PARALLEL_MIN_WEIGHT_BYTES,
+from conftest import MANY
+from lstm_cpu.policy import (BATCH_PARALLEL_MIN_BYTES, PARALLEL_MIN_WEIGHT_BYTES,
                              SPLIT_MIN_STREAMS, SPLIT_MIN_WORK_BYTES, choose_kernel)
 
 MB = 1 << 20
@@ -28,20 +29,16 @@ MB = 1 << 20
     # batched streams: bytes x streams decide
     (BATCH_PARALLEL_MIN_BYTES // 8, 8, 2, "auto", "step", "parallel"),
     (BATCH_PARALLEL_MIN_BYTES // 8 - 1, 8, 2, "auto", "step", "serial"),
-    # many streams: the Numba kernels, whatever their number (no BLAS products for streams)
-    (1, BLAS_MIN_BATCH, 2, "auto", "step", "serial"),
-    (1, BLAS_MIN_BATCH, 2, "parallel", "step", "parallel"),
-    (BLAS_MAX_WEIGHT_BYTES - 1, 64, 2, "auto", "step", "parallel"),
-    (BLAS_MAX_WEIGHT_BYTES - 1, 64, 1, "auto", "step", "serial"),
-    # many sequences in run(): BLAS products, whatever was asked for ...
-    (1, BLAS_MIN_BATCH, 2, "auto", "sequence", "blas"),
-    (1, BLAS_MIN_BATCH, 2, "parallel", "sequence", "blas"),
-    # ... of small models only: from BLAS_MAX_WEIGHT_BYTES the panel product wins
-    (BLAS_MAX_WEIGHT_BYTES - 1, BLAS_MIN_BATCH, 1, "auto", "sequence", "blas"),
-    (BLAS_MAX_WEIGHT_BYTES, BLAS_MIN_BATCH, 1, "auto", "sequence", "serial"),
-    (BLAS_MAX_WEIGHT_BYTES, BLAS_MIN_BATCH, 2, "auto", "step", "parallel"),
-    (BLAS_MAX_WEIGHT_BYTES, BLAS_MIN_BATCH, 2, "serial", "sequence", "serial"),
-    # an explicit request wins below the BLAS threshold
+    # many streams or sequences: the Numba kernels, whatever their number (no BLAS products)
+    (1, MANY, 2, "auto", "step", "serial"),
+    (1, MANY, 2, "parallel", "step", "parallel"),
+    ((1 << 20) - 1, 64, 2, "auto", "step", "parallel"),
+    ((1 << 20) - 1, 64, 1, "auto", "step", "serial"),
+    (1, MANY, 2, "auto", "sequence", "serial"),
+    (1, MANY, 2, "parallel", "sequence", "parallel"),
+    ((1 << 20) - 1, MANY, 1, "auto", "sequence", "serial"),
+    (1 << 20, MANY, 2, "serial", "sequence", "serial"),
+    # an explicit request wins
     (1, 1, 1, "parallel", "step", "parallel"),
     (64 * MB, 1, 2, "serial", "step", "serial"),
     # whole sequences: bytes x sequences decide, a lone sequence included (no BLAS projection
@@ -114,8 +111,8 @@ def test_every_path_asks_the_policy(monkeypatch):
     monkeypatch.setattr(policy, "choose_kernel", spy)
     m = LSTMModel(_layers(np.random.default_rng(1), 4, 16))
     assert m.stream().kernel == calls[-1][3] and calls[-1][:3] == (1, "auto", "step")
-    many = m.stream(batch=BLAS_MIN_BATCH)
-    assert many.kernel == calls[-1][3] != "blas"  # streams never take BLAS products
+    many = m.stream(batch=MANY)
+    assert many.kernel == calls[-1][3] and calls[-1][:3] == (MANY, "auto", "step")
     assert m.stream(batch=5, kernel="parallel").kernel == "parallel"
     assert calls[-1] == (5, "parallel", "step", "parallel")
     m.run(np.zeros((3, 2, 4), np.float32))
@@ -128,7 +125,7 @@ _PROBE = textwrap.dedent("""
     import numpy as np
     import lstm_cpu
     from lstm_cpu import LayerParams, LSTMModel
-    from lstm_cpu.policy import BLAS_MIN_BATCH
+    MANY = 40
 
     rng = np.random.default_rng(7)
     I, H = 12, 200     # Hp = 208: up to 3 unit ranges
@@ -136,7 +133,7 @@ _PROBE = textwrap.dedent("""
                            rng.normal(size=(4 * H, H)) * 0.2, rng.normal(size=4 * H) * 0.2)]
               for l in range(2)]
     x = rng.normal(size=(9, 6, I)).astype(np.float32)
-    xbig = rng.normal(size=(3, BLAS_MIN_BATCH + 1, I)).astype(np.float32)
+    xbig = rng.normal(size=(3, MANY + 1, I)).astype(np.float32)
     out = {}
     for kernel in ("serial", "parallel"):
         m = LSTMModel(layers, kernel=kernel)
@@ -145,7 +142,7 @@ _PROBE = textwrap.dedent("""
         ys = [s.step(x[t, 0]) for t in range(9)]
         b = m.stream(batch=6)
         yb = [b.step(x[t]) for t in range(9)]
-        big = m.stream(batch=BLAS_MIN_BATCH + 1)
+        big = m.stream(batch=MANY + 1)
         ybig = big.run(xbig)
         y, (h, c) = m.run(x)
         y2, _ = m.run(x[:, :2], kernel=kernel)
@@ -160,7 +157,7 @@ _PROBE = textwrap.dedent("""
 def test_results_are_bit_identical_across_numba_thread_counts(tmp_path):
     """Issue 13: the same weights built and run under NUMBA_NUM_THREADS=1 and 2 (and a packed
     file written under either) give the same bytes, for step, batched streams, many streams
-    (BLAS_MIN_BATCH + 1) and run; and the serial and parallel kernels agree with each other."""
+    (MANY + 1) and run; and the serial and parallel kernels agree with each other."""
     results = {}
     for n in ("1", "2"):
         env = dict(os.environ, NUMBA_NUM_THREADS=n)

@@ -7,7 +7,7 @@
 Models are random canonical LayerParams (no torch needed), with the serial or the parallel kernel
 (``LSTMModel(kernel=...)``, the default for the model's streams and runs). What the README promises
 bit for bit is asserted with array_equal: the step and chunk paths share one kernel; a stream in a
-batch below the BLAS crossover (``BLAS_MIN_BATCH``) computes exactly what it computes alone.
+batch computes exactly what it computes alone.
 ``model.run`` is not bit-identical to stepping, nor to itself over another batch: it computes the
 input projection for all T*B rows as one BLAS product, whose rounding depends on the shape (a
 single row takes numpy's matrix-vector path): a relative 1e-6 tolerance in float32 and 1e-12 in
@@ -23,7 +23,6 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import BLAS_MIN_BATCH  # noqa: E402
 from lstm_cpu.model import LSTMModel  # noqa: E402
 from lstm_cpu.spec import LayerParams  # noqa: E402
 
@@ -105,7 +104,7 @@ def test_step_equals_chunks_equals_run(data):
 @given(data=st.data())
 def test_batch_of_streams_equals_single_streams(data):
     model, dtype, seed = data.draw(models())
-    N = data.draw(st.integers(1, min(5, BLAS_MIN_BATCH - 1)))  # below the BLAS crossover
+    N = data.draw(st.integers(1, 5))
     T = data.draw(st.integers(1, 25))
     x = np.random.default_rng(seed + 2).standard_normal((T, N, model.input_size))  # (T, N, I)
     sb = model.stream(batch=N)

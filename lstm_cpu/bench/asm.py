@@ -317,7 +317,7 @@ def target() -> dict:
 @contextlib.contextmanager
 def _recording(calls):
     """While active, the engine's kernel calls are recorded, not run: ``kernels.compiled_entry``
-    (every stream's step, the BLAS path's kernels, the reduced step) and the whole-sequence
+    (every stream's step and the reduced step) and the whole-sequence
     kernels. Each (dispatcher, args) lands in ``calls``; the engine gets a no-op back."""
     from .. import kernels
 
@@ -359,7 +359,6 @@ FAMILIES = {
     "run serial": "Stream.run, serial (stack_run_serial)",
     "sequence serial": "LSTMModel.run, serial (layer_sequence_serial)",
     "sequence parallel": "LSTMModel.run, parallel (layer_sequence_parallel)",
-    "sequence cells (BLAS)": "LSTMModel.run of >= BLAS_MIN_BATCH sequences (sequence_cells_serial)",
     "reduced int8": "Stream.step of an int8 model (kernels_quant: the host's int8 step)",
     "reduced bfloat16": "Stream.step of a bfloat16 model (kernels_quant: the host's bf16 step)",
 }
@@ -368,7 +367,7 @@ FAMILIES = {
 def engine_calls(families=None) -> Dict[str, tuple]:
     """{family: (dispatcher, args)}: the kernel call the engine makes for each family, recorded
     from real models (I=32, H=64, 2 layers) built and driven through the public API."""
-    from .. import kernels, policy
+    from .. import kernels
     from ..model import LSTMModel
 
     want = set(FAMILIES if families is None else families)
@@ -386,7 +385,6 @@ def engine_calls(families=None) -> Dict[str, tuple]:
         out[name] = calls[0]
 
     m32 = LSTMModel(layers)
-    B = policy.BLAS_MIN_BATCH
     record("step serial", lambda: m32.stream(kernel="serial"), kernels.stack_step_serial)
     record("step serial f64", lambda: LSTMModel(layers, dtype=np.float64).stream(kernel="serial"),
            kernels.stack_step_serial)
@@ -399,8 +397,6 @@ def engine_calls(families=None) -> Dict[str, tuple]:
     x = np.zeros((3, 4, 32), np.float32)
     record("sequence serial", lambda: m32.run(x, kernel="serial"))
     record("sequence parallel", lambda: m32.run(x, kernel="parallel"))
-    record("sequence cells (BLAS)", lambda: m32.run(np.zeros((2, B, 32), np.float32)),
-           kernels.sequence_cells_serial)
     # Reduced models: built inside the recording, so their error estimate runs no kernel.
     for fmt in ("int8", "bfloat16"):
         name = f"reduced {fmt}"
