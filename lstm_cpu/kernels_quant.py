@@ -504,12 +504,16 @@ def cells(acc, c, h):
     gf = acc[hp : hp + H]
     gg = acc[2 * hp : 2 * hp + H]
     go = acc[3 * hp : 3 * hp + H]
+    # activations in place (acc is scratch), then the cell: as kernels._epilogue_common
     for u in range(H):
-        i = half * _tanh_f32(half * gi[u]) + half
-        f = half * _tanh_f32(half * gf[u]) + half
-        cn = _fma_scalar(f, c[u], i * _tanh_f32(gg[u]))  # as kernels._epilogue_common
+        gi[u] = half * _tanh_f32(half * gi[u]) + half
+        gf[u] = half * _tanh_f32(half * gf[u]) + half
+        gg[u] = _tanh_f32(gg[u])
+        go[u] = half * _tanh_f32(half * go[u]) + half
+    for u in range(H):
+        cn = _fma_scalar(gf[u], c[u], gi[u] * gg[u])
         c[u] = cn
-        h[u] = (half * _tanh_f32(half * go[u]) + half) * _tanh_f32(cn)
+        h[u] = go[u] * _tanh_f32(cn)
 
 
 @njit(**_FLAGS)
