@@ -11,7 +11,8 @@ Two entry points per job, with the same arithmetic in the same order:
   parallel step for 4+ streams a thread: groups of streams, each stepped whole on one thread.
 * ``layer_sequence_serial`` / ``layer_sequence_parallel``: the recurrent part of one layer and
   direction over a whole sequence, after ``input_projection_serial`` / ``_parallel`` did the
-  input rows of all T*B samples in one pass. The parallel twin is one region for the whole
+  input rows of all T*B samples in one pass, each element's chain started from the bias as a
+  step starts it, so that a sequence gets a stream's bits. The parallel twin is one region for the whole
   sequence, a team of threads that wait for each other between phases (``team.py``); a batch
   large enough to split runs ``layer_run_split`` instead: groups of sequences, projection and
   recurrence each on its own thread (``policy.sequence_team`` decides).
@@ -513,55 +514,46 @@ _product = _make_product_v8() if V8_BLOCKS else _make_product(BLOCK_COLUMNS, BLO
 _product_down = _make_product_v8(True) if V8_BLOCKS else _make_product(BLOCK_COLUMNS, BLOCK_STREAMS, True)
 
 
-def _make_block0(BW, RB):
-    """``block0(Z, s, Wp, p, k1, A, c0)``: A[s:s+RB, c0:c0+BW] = Z[s:s+RB, :k1] @ Wp[p, :k1],
-    accumulators started at zero in registers (A is neither read nor pre-zeroed). The same
-    chain as :func:`_make_block` from a zero accumulator, so the same bits."""
-    n = RB * BW
-
-    @njit(inline="always", nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
-    def block0(Z, s, Wp, p, k1, A, c0):
-        acc = carray(_stack_like(A, n), (RB, BW))  # (RB, BW) accumulators
-        for r in range(RB):
-            for j in range(BW):
-                acc[r, j] = 0
-        for k in range(k1):
-            for r in range(RB):
-                zr = Z[s + r, k]
-                for j in range(BW):
-                    acc[r, j] += Wp[p, k, j] * zr
-        for r in range(RB):
-            for j in range(BW):
-                A[s + r, c0 + j] = acc[r, j]
-
-    return block0
-
-
 #: Rows per tile of the input projection: their inputs stay in L1 while the panels go by.
 #: Measured at (kin, C) = (128, 1024), 3200 rows: 85 GFLOP/s with 16, 68 with 64 or 256.
 PROJECTION_TILE = 16
 
 
+@njit(inline="always", **_FLAGS)
+def _fill_bias(bias, A, r0, r1, c0, c1):
+    """A[r, c0:c1] <- bias[c0:c1] for the rows r0 .. r1-1 (the chains' starting values)."""
+    b = bias[c0:c1]  # (c1-c0,) 1-D views: a loop bound from their own shape vectorises
+    for r in range(r0, r1):
+        a = A[r, c0:c1]
+        for j in range(b.shape[0]):
+            a[j] = b[j]
+
+
 def _make_projection(BW, RB):
-    wide, one = _make_block0(BW, RB), _make_block0(BW, 1)
+    wide, one = _make_block(BW, RB), _make_block(BW, 1)
     TS = PROJECTION_TILE
 
     @njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
-    def panel_projection(X, Wp, A, p0, p1):
-        """A[:, p0*PANEL : p1*PANEL] (M, ·) = X (M, kin) @ the first kin rows of panels p0 .. p1
-        of Wp; A (M, C). Rows in tiles of PROJECTION_TILE, panels inside."""
+    def panel_projection(X, Wp, bias, A, p0, p1):
+        """A[:, p0*PANEL : p1*PANEL] (M, ·) = bias + X (M, kin) @ the first kin rows of panels
+        p0 .. p1 of Wp; A (M, C), bias (C,). Each element is one chain of FMAs in ascending k
+        from its bias: the chain a stream's step starts with (``_layer_product``), so the
+        recurrence that continues it from the same value gives a whole sequence a stream's
+        bits. Rows in tiles of PROJECTION_TILE, each tile's rows set to the bias, then panels
+        inside."""
         M = X.shape[0]
         kin = X.shape[1]
         for t0 in range(0, M, TS):
             t1 = min(t0 + TS, M)
+            _fill_bias(bias, A, t0, t1, p0 * PANEL, p1 * PANEL)
             for p in range(p0, p1):
                 c0 = p * PANEL
                 s = t0
                 while s + RB <= t1:
-                    wide(X, s, Wp, p, kin, A, c0)
+                    wide(X, s, Wp, p, 0, kin, A, c0)
                     s += RB
                 while s < t1:
-                    one(X, s, Wp, p, kin, A, c0)
+                    one(X, s, Wp, p, 0, kin, A, c0)
                     s += 1
 
     return panel_projection
@@ -570,30 +562,31 @@ def _make_projection(BW, RB):
 def _make_projection_v8():
     """:func:`_make_projection`'s ``panel_projection`` for 256-bit hosts: tiles of rows, panels
     inside, each (tile, panel) in :func:`_make_v8_panel`'s blocks."""
-    panel = _make_v8_panel(True)
+    panel = _make_v8_panel(False)
     TS = PROJECTION_TILE
 
     @njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
-    def panel_projection(X, Wp, A, p0, p1):
+    def panel_projection(X, Wp, bias, A, p0, p1):
         M = X.shape[0]
         kin = X.shape[1]
         for t0 in range(0, M, TS):
             t1 = min(t0 + TS, M)
+            _fill_bias(bias, A, t0, t1, p0 * PANEL, p1 * PANEL)
             for p in range(p0, p1):
                 panel(X, t0, t1 - t0, Wp, p, 0, kin, A, p * PANEL)
 
     plain = _make_projection(BLOCK_COLUMNS, BLOCK_STREAMS)
 
-    def projection(X, Wp, A, p0, p1):  # pragma: no cover - compiled code uses the overload
+    def projection(X, Wp, bias, A, p0, p1):  # pragma: no cover - compiled code uses the overload
         raise NotImplementedError
 
     @overload(projection, inline="always")
-    def _by_dtype(X, Wp, A, p0, p1):  # the 8-lane blocks are float32 only
+    def _by_dtype(X, Wp, bias, A, p0, p1):  # the 8-lane blocks are float32 only
         f = panel_projection if Wp.dtype == types.float32 else plain
-        return lambda X, Wp, A, p0, p1: f(X, Wp, A, p0, p1)
+        return lambda X, Wp, bias, A, p0, p1: f(X, Wp, bias, A, p0, p1)
 
     return njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")(
-        lambda X, Wp, A, p0, p1: projection(X, Wp, A, p0, p1))
+        lambda X, Wp, bias, A, p0, p1: projection(X, Wp, bias, A, p0, p1))
 
 
 _projection = _make_projection_v8() if V8_BLOCKS else _make_projection(BLOCK_COLUMNS, BLOCK_STREAMS)
@@ -863,6 +856,22 @@ def _emit(s, wbuf, meta, sbuf, N, y):
             ys[j] = h[j]
 
 
+@njit(**_FLAGS)
+def head_rows(Y, wbuf, meta, Z):
+    """Z[m] (O,) <- head(Y[m]) for every row of Y (M, D*out): the linear head as a stream's step
+    applies it (:func:`_emit`: from the bias, rows of head_w in ascending order), so ``run``'s
+    outputs keep a stream's bits. Z (M, O)."""
+    O, F = meta[M_HEAD_O], Y.shape[1]
+    hb, hw = meta[M_HEAD_B], meta[M_HEAD_W]
+    W = wbuf[hw : hw + F * O].reshape((F, O))  # (D*out, O)
+    b = wbuf[hb : hb + O]  # (O,)
+    for m in range(Y.shape[0]):
+        z = Z[m]
+        for j in range(O):
+            z[j] = b[j]
+        _axpy_rows(W, Y[m], z)
+
+
 # ---------------------------------------------------------------------------------------------
 # Streaming: one step of the whole stack for N streams
 # ---------------------------------------------------------------------------------------------
@@ -987,21 +996,20 @@ def stack_run_parallel(xs, R, wbuf, meta, fpar, sbuf, ys):
 # ---------------------------------------------------------------------------------------------
 @njit(**_FLAGS)
 def _seq_product(r, R, t, l, d, xp, wbuf, meta, h, acc):
-    """Task r of R at time t: acc[s] (C,) <- (xp[t, s] + bias) + W_rec^T h[s] over the panels of
-    range r, for all B streams (recurrent rows only; xp holds the input projection)."""
+    """Task r of R at time t: acc[s] (C,) <- xp[t, s] + W_rec^T h[s] over the panels of range r,
+    for all B streams (recurrent rows only; xp holds bias + the input projection, and the
+    recurrent rows continue its chains)."""
     C, out, D = meta[M_C], meta[M_OUT], meta[M_D]
     n = C // PANEL
     B = h.shape[0]
     p0, p1 = _panel_bounds(r, R, n)
     rec = M_LD + (l * D + d) * LD_STRIDE
-    bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
     c0, c1 = p0 * PANEL, p1 * PANEL
-    b = bias[c0:c1]  # (c1-c0,) 1-D views: a loop bound from their own shape vectorises
     for s in range(B):
-        a = acc[s, c0:c1]
+        a = acc[s, c0:c1]  # (c1-c0,) 1-D views: a loop bound from their own shape vectorises
         xr = xp[t, s, c0:c1]
-        for j in range(b.shape[0]):
-            a[j] = xr[j] + b[j]
+        for j in range(xr.shape[0]):
+            a[j] = xr[j]
     K = meta[rec + LD_K]
     Wp = wbuf[meta[rec + LD_W] : meta[rec + LD_W] + K * C].reshape((n, K, PANEL))  # panels
     # the recurrent rows K-out .. K, the panels last first at odd t (see _product_down)
@@ -1010,18 +1018,20 @@ def _seq_product(r, R, t, l, d, xp, wbuf, meta, h, acc):
 
 @njit(**_FLAGS)
 def _input_product(r, R, X, wbuf, meta, l, d, xp):
-    """Task r of R: xp (M, C) <- X (M, kin) @ the input rows of layer l, direction d's W, over
-    the panels of range r (no bias: the sequence kernels add it as they read xp)."""
+    """Task r of R: xp (M, C) <- bias + X (M, kin) @ the input rows of layer l, direction d's
+    W, over the panels of range r: each element the chain a stream's step starts with, which
+    the sequence kernels continue over the recurrent rows."""
     C, D = meta[M_C], meta[M_D]
     n = C // PANEL
     p0, p1 = _panel_bounds(r, R, n)
     rec = M_LD + (l * D + d) * LD_STRIDE
     K = meta[rec + LD_K]
+    bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
     Wp = wbuf[meta[rec + LD_W] : meta[rec + LD_W] + K * C].reshape((n, K, PANEL))  # panels
     if R == 1:  # constant bounds, as in _range_product
-        _projection(X, Wp, xp, 0, Wp.shape[0])
+        _projection(X, Wp, bias, xp, 0, Wp.shape[0])
     else:
-        _projection(X, Wp, xp, p0, p1)
+        _projection(X, Wp, bias, xp, p0, p1)
 
 
 @njit(**_FLAGS)
@@ -1116,7 +1126,6 @@ def _seq_common(xp, wbuf, meta, l, d, lengths, h, c, y, acc, mb):
     n_panels = C // PANEL
     rec = M_LD + (l * D + d) * LD_STRIDE
     K = meta[rec + LD_K]
-    bias = wbuf[meta[rec + LD_B] : meta[rec + LD_B] + C]  # (C,)
     Wp = wbuf[meta[rec + LD_W] : meta[rec + LD_W] + K * C].reshape((n_panels, K, PANEL))  # panels
     half = wbuf[W_HALF]
     A3 = acc.reshape((B, 4, hp))  # (B, 4, Hp) gates i, f, g, o per stream
@@ -1131,7 +1140,7 @@ def _seq_common(xp, wbuf, meta, l, d, lengths, h, c, y, acc, mb):
             continue  # no sequence is inside: nothing to compute
         for s in range(B):
             for j in range(C):
-                acc[s, j] = xp[t, s, j] + bias[j]
+                acc[s, j] = xp[t, s, j]  # bias + the input rows' chain (_input_product)
         # h (B, out): the recurrent rows, the panels last first at odd t (see _product_down)
         if t % 2 == 1:
             _product_down(h, Wp, acc, 0, n_panels, K - out, K)

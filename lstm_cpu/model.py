@@ -532,8 +532,9 @@ class LSTMModel:
                 c[:, :H] = c0[l * D + d]
                 # Projections and recurrence in chunks of Tc steps (policy.sequence_chunk;
                 # Tc = T for all but long, wide batches), each chunk projected in one pass over
-                # W's panels right before the recurrence reads it. The kernel adds the bias as
-                # it reads xp. A backward direction takes the chunks last first.
+                # W's panels right before the recurrence reads it, each element's chain started
+                # from the bias as a step's is (so run has a step's bits). A backward direction
+                # takes the chunks last first.
                 self._sequence_chunks(X, in_fn, fn, in_args, team, l, d, lens, h, c, y, acc,
                                       mb, d == 1 or self.reverse)
                 hN[l * D + d], cN[l * D + d] = h, c[:, :H]
@@ -544,9 +545,10 @@ class LSTMModel:
             inp = y
         y = inp
         if self._head_o:
-            hw, hb = self.head
-            y = (y.reshape(T * B, D * out) @ hw.T.astype(self.dtype)
-                 + hb.astype(self.dtype)).reshape(T, B, self._head_o)
+            # the head as a stream's step applies it, so run keeps a stream's bits
+            z = np.empty((T * B, self._head_o), self.dtype)  # (T*B, O)
+            kernels.head_rows(np.ascontiguousarray(y.reshape(T * B, D * out)), wbuf, meta, z)
+            y = z.reshape(T, B, self._head_o)
             if lengths is not None:
                 y[np.arange(T)[:, None] >= lens[None, :]] = 0
         if not batched:

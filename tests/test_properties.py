@@ -5,13 +5,10 @@
 * ``Stream.state`` get / set / reset round-trips, and the getter returns copies
 
 Models are random canonical LayerParams (no torch needed), with the serial or the parallel kernel
-(``LSTMModel(kernel=...)``, the default for the model's streams and runs). What the README promises
-bit for bit is asserted with array_equal: the step and chunk paths share one kernel; a stream in a
-batch computes exactly what it computes alone.
-``model.run`` is not bit-identical to stepping, nor to itself over another batch: it computes the
-input projection for all T*B rows as one BLAS product, whose rounding depends on the shape (a
-single row takes numpy's matrix-vector path): a relative 1e-6 tolerance in float32 and 1e-12 in
-float64.
+(``LSTMModel(kernel=...)``, the default for the model's streams and runs). All of it is promised
+bit for bit by the README and asserted with array_equal: the step and chunk paths share one
+kernel; a stream in a batch computes exactly what it computes alone; ``model.run`` starts each
+element's chain where a step does and continues it in the same order (tests/test_run_bits.py).
 """
 
 from __future__ import annotations
@@ -26,15 +23,6 @@ from hypothesis import strategies as st  # noqa: E402
 from lstm_cpu.model import LSTMModel  # noqa: E402
 from lstm_cpu.spec import LayerParams  # noqa: E402
 
-TOL = {np.float32: 1e-6, np.float64: 1e-12}
-
-
-def _close(a, b, dtype, what):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(1.0, float(np.max(np.abs(b))) if b.size else 1.0)
-    err = float(np.max(np.abs(a - b))) / scale if a.size else 0.0
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]}"
 
 
 @st.composite
@@ -96,9 +84,10 @@ def test_step_equals_chunks_equals_run(data):
     np.testing.assert_array_equal(y_chunk, y_step, err_msg=f"chunks {sizes} vs step: y")
     np.testing.assert_array_equal(h_chunk, h_step, err_msg="chunks vs step: h")
     np.testing.assert_array_equal(c_chunk, c_step, err_msg="chunks vs step: c")
-    _close(y_step, y_run, dtype, "step vs run: y")
-    _close(h_step, h_run, dtype, "step vs run: h")
-    _close(c_step, c_run, dtype, "step vs run: c")
+    # Step vs run: the projection's chains start where a step's do (tests/test_run_bits.py).
+    np.testing.assert_array_equal(y_run, y_step, err_msg="step vs run: y")
+    np.testing.assert_array_equal(h_run, h_step, err_msg="step vs run: h")
+    np.testing.assert_array_equal(c_run, c_step, err_msg="step vs run: c")
 
 
 @given(data=st.data())
@@ -117,16 +106,14 @@ def test_batch_of_streams_equals_single_streams(data):
         np.testing.assert_array_equal(yb[:, n], yn, err_msg=f"batch item {n} y")
         np.testing.assert_array_equal(hb[:, n], hn, err_msg=f"batch item {n} h")
         np.testing.assert_array_equal(cb[:, n], cn, err_msg=f"batch item {n} c")
-    # A sequence in a batched model.run: what it gives alone, up to the rounding of the input
-    # projection (one BLAS product over all T*B rows; numpy's single-row path rounds apart).
+    # A sequence in a batched model.run: what it gives alone, and what the batched stream gives.
     yr, (hr, cr) = model.run(x)
     for n in range(N):
         yn, (hn, cn) = model.run(x[:, n])
-        _close(yr[:, n], yn, dtype, f"run: batch item {n} y")
-        _close(cr[:, n], cn, dtype, f"run: batch item {n} c")
-    # And the batched whole-sequence run agrees with the batched stream (not bit for bit).
-    _close(yb, yr, dtype, "batch stream vs run: y")
-    _close(hb, hr, dtype, "batch stream vs run: h")
+        np.testing.assert_array_equal(yr[:, n], yn, err_msg=f"run: batch item {n} y")
+        np.testing.assert_array_equal(cr[:, n], cn, err_msg=f"run: batch item {n} c")
+    np.testing.assert_array_equal(yr, yb, err_msg="batch stream vs run: y")
+    np.testing.assert_array_equal(hr, hb, err_msg="batch stream vs run: h")
 
 
 @given(data=st.data())
@@ -176,8 +163,8 @@ def test_state_round_trip(data):
         s3.state = (st_h, st_c)
         ys = np.stack([s3.step(x2[t]) for t in range(5)])
         yr, (hr, cr) = model.run(x2, state=(st_h, st_c))
-        _close(ys, yr, dtype, "set state + step vs run(state=)")
-        _close(s3.state[1], cr, dtype, "set state + step vs run(state=): c")
+        np.testing.assert_array_equal(yr, ys, err_msg="set state + step vs run(state=)")
+        np.testing.assert_array_equal(cr, s3.state[1], err_msg="set state + step vs run(state=): c")
 
     # reset() returns to zeros, and then behaves like a fresh stream.
     s.reset()

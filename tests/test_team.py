@@ -240,8 +240,7 @@ def test_split_step_is_bit_identical_to_serial(name, N):
 
     def steps(SG):
         """The outputs of 3 steps and a 3-step run, on a stream's buffers driven by the serial
-        kernels (SG = 0; not Stream.step, which takes BLAS products from 40 streams) or the
-        split ones."""
+        kernels (SG = 0) or the split ones."""
         s = m.stream(batch=N, kernel="serial")
         s._h[...], s._c[:, :, : m.hidden_size] = h0, c0
         wbuf, meta, fpar, sbuf = s.numba_args()

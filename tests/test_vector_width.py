@@ -79,16 +79,17 @@ def test_8_lane_projection_equals_the_host_projection(M):
     rng = np.random.default_rng(200 + M)
     kin, K, n = 19, 40, 4
     Wp = _panels(rng, n, K)
+    bias = rng.standard_normal(n * 64).astype(np.float32)  # (C,) the chains' start
     X = rng.standard_normal((M, kin)).astype(np.float32)
-    want = np.full((M, n * 64), np.nan, np.float32)  # not pre-zeroed: every element written
+    want = np.full((M, n * 64), np.nan, np.float32)  # not pre-set: every element written
     got = want.copy()
-    kernels._projection(X, Wp, want, 0, n)
-    V8_PROJECTION(X, Wp, got, 0, n)
+    kernels._projection(X, Wp, bias, want, 0, n)
+    V8_PROJECTION(X, Wp, bias, got, 0, n)
     np.testing.assert_array_equal(got, want)
-    ref = X.astype(np.float64) @ Wp[:, :kin].astype(np.float64).transpose(1, 0, 2).reshape(kin, -1)
+    ref = bias + X.astype(np.float64) @ Wp[:, :kin].astype(np.float64).transpose(1, 0, 2).reshape(kin, -1)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
     part = np.full_like(want, np.nan)
-    V8_PROJECTION(X, Wp, part, 1, 3)  # a panel range: the other columns untouched
+    V8_PROJECTION(X, Wp, bias, part, 1, 3)  # a panel range: the other columns untouched
     np.testing.assert_array_equal(part[:, 64:192], want[:, 64:192])
     assert np.isnan(part[:, :64]).all() and np.isnan(part[:, 192:]).all()
 
