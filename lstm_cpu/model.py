@@ -476,7 +476,9 @@ class LSTMModel:
         enough models or batches when Numba has more than one thread); "parallel", asked for here
         or at construction, runs each layer in one parallel region: groups of sequences per
         thread, or a team of threads sharing every time step (``policy.sequence_team``). The
-        bits are the serial kernel's either way.
+        bits are the serial kernel's either way, and a stream's: stepping the same inputs
+        through ``model.stream()`` gives the same outputs and state, to the bit. A short,
+        full-length forward run (``policy.run_as_steps``) goes through the streaming kernels.
         """
         x = _as_float_array(x, self.dtype, "x")
         if x.ndim not in (2, 3) or x.shape[-1] != self.input_size:
@@ -496,6 +498,9 @@ class LSTMModel:
             return (y, (hN, cN)) if batched else (y[:, 0, :], (hN[:, 0, :], cN[:, 0, :]))
         plan, wbuf, meta = self._plan, self._wbuf, self._meta
         C, Hp = plan.C, plan.Hp
+        if policy.run_as_steps(T, D, self.reverse, lens):
+            y, hN, cN = self._run_as_steps(xb, h0, c0, kernel)
+            return (y, (hN, cN)) if batched else (y[:, 0, :], (hN[:, 0, :], cN[:, 0, :]))
         choice = self._choose(kernel, B, job="sequence", steps=T)
         fn = kernels.layer_sequence_parallel if choice.parallel else kernels.layer_sequence_serial
         team = policy.sequence_team(B, _config.num_threads(), C, Hp) if choice.parallel else None
@@ -554,6 +559,40 @@ class LSTMModel:
         if not batched:
             return y[:, 0, :], (hN[:, 0, :], cN[:, 0, :])
         return y, (hN, cN)
+
+    def _run_as_steps(self, xb, h0, c0, kernel):
+        """``run`` of a short, full-length forward sequence (``policy.run_as_steps``) through the
+        streaming kernels, the ones ``model.stream(batch=B)`` would pick: the same bits as the
+        sequence kernels (tests/test_run_bits.py) without their fixed costs. xb (T, B, I);
+        h0 (L, B, out), c0 (L, B, H). Returns y (T, B, O), h (L, B, out), c (L, B, H)."""
+        T, B, I = xb.shape
+        L, H, out, Hp = self.num_layers, self.hidden_size, self._out, self._plan.Hp
+        meta, dtype = self._meta, self.dtype
+        h_off, c_off, z_off, _a, _m, end = (int(v) for v in lay.sbuf_offsets(meta, B))
+        sbuf = np.empty(end, dtype)  # state and scratch, see layout.py
+        h = sbuf[h_off:c_off].reshape(L, B, out)  # (L, B, out) view
+        c = sbuf[c_off:z_off].reshape(L, B, Hp)  # (L, B, Hp) view
+        h[...] = h0
+        c[:, :, :H] = c0
+        c[:, :, H:] = 0
+        O = self.output_size
+        xk = np.ascontiguousarray(xb.reshape(T, B * I))  # (T, B*I)
+        if not xk.flags.writeable:
+            xk = xk.copy()
+        ys = np.empty((T, B * O), dtype)  # (T, B*O)
+        choice = self._choose(kernel, B)
+        if choice.parallel:
+            threads = _config.num_threads()
+            groups = policy.step_groups(B, threads)
+            with kernels.parallel_guard():
+                if groups:
+                    kernels.stack_run_split(xk, groups, self._wbuf, meta, self._fpar, sbuf, ys)
+                else:
+                    kernels.stack_run_parallel(xk, lay.unit_ranges(Hp, threads), self._wbuf,
+                                               meta, self._fpar, sbuf, ys)
+        else:
+            kernels.stack_run_serial(xk, self._wbuf, meta, self._fpar, sbuf, ys)
+        return ys.reshape(T, B, O), h.copy(), c[:, :, :H].copy()
 
     def _sequence_chunks(self, X, in_fn, fn, in_args, team, l, d, lens, h, c, y, acc, mb,
                          backward):

@@ -149,6 +149,24 @@ class SequenceTeam:
         return self.panel_ranges + ((B + 3) // 4) * self.unit_ranges + (B if projected else 0)
 
 
+#: ``model.run`` of at most this many time steps runs through the streaming kernels
+#: (``LSTMModel._run_as_steps``): the same bits (tests/test_run_bits.py), without the sequence
+#: kernels' fixed costs (the input projection's buffers and pass, and per layer a call or a
+#: parallel region). Measured on 2 cores, us per call, sequence kernels / streaming kernels, B=1:
+#: T=1 (32,64,1) 19 / 15, (128,256,2) 86 / 61 (2 threads 168 / 61), (512,1024,1) 693 / 541
+#: (562 / 225); T=2 21 / 17, 121 / 102 (192 / 103), 986 / 1,013 (580 / 442); T=4 22 / 19,
+#: 163 / 182, 1,678 / 2,147: from 4 steps on, a large model's batched projection wins.
+#: (``run``'s own fixed cost, about 13 us of Python, stays: one sample at a time is a stream's job.)
+RUN_AS_STEPS_MAX_T = 2
+
+
+def run_as_steps(T: int, D: int, reverse: bool, lengths) -> bool:
+    """Whether ``model.run`` of T steps goes through the streaming kernels: a forward,
+    unidirectional model, every sequence its full T steps (lengths (B,) int64), and T at most
+    :data:`RUN_AS_STEPS_MAX_T`."""
+    return 0 < T <= RUN_AS_STEPS_MAX_T and D == 1 and not reverse and bool((lengths == T).all())
+
+
 def sequence_team(B: int, threads: int, C: int, Hp: int) -> SequenceTeam:
     """How ``model.run``'s parallel kernels split B sequences of a layer with C gate columns
     (C / PANEL panels) and Hp padded units over ``threads`` threads."""
@@ -189,5 +207,5 @@ def reduced_groups(weight_bytes: int, streams: int, threads: int, requested="aut
     return max(1, min(int(threads), streams // 4))
 
 
-__all__ = ["KERNELS", "SequenceTeam", "sequence_team", "step_groups", "SPLIT_MIN_STREAMS", "SPLIT_MIN_WORK_BYTES", "reduced_groups", "sequence_chunk", "SEQUENCE_CHUNK_BYTES", "KernelChoice", "choose_kernel", "check_requested", "PARALLEL_MIN_WEIGHT_BYTES",
+__all__ = ["KERNELS", "SequenceTeam", "sequence_team", "run_as_steps", "RUN_AS_STEPS_MAX_T", "step_groups", "SPLIT_MIN_STREAMS", "SPLIT_MIN_WORK_BYTES", "reduced_groups", "sequence_chunk", "SEQUENCE_CHUNK_BYTES", "KernelChoice", "choose_kernel", "check_requested", "PARALLEL_MIN_WEIGHT_BYTES",
            "BATCH_PARALLEL_MIN_BYTES"]

@@ -100,3 +100,35 @@ def test_split_and_chunked_runs_equal_steps(rng, monkeypatch):
     monkeypatch.setattr(policy, "SEQUENCE_CHUNK_BYTES", 4 * B * m._plan.C)  # chunks of 1 step
     assert policy.sequence_chunk(T, B, m._plan.C, 4) == 1
     np.testing.assert_array_equal(m.run(x, kernel="serial")[0], ys)
+
+
+@pytest.mark.parametrize("kernel", ["serial", "parallel"])
+@pytest.mark.parametrize("name", ["plain", "projection", "float64", "head"])
+def test_short_runs_take_the_streaming_kernels(name, kernel, rng):
+    """Up to policy.RUN_AS_STEPS_MAX_T steps, run goes through the streaming kernels: the same
+    bits as steps, with the state handed in and out as the sequence kernels do."""
+    m, _, _ = _model(name, kernel, rng)
+    calls = []
+    real = m._run_as_steps
+    m._run_as_steps = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    B = 3
+    h0 = rng.normal(size=(m.num_layers, B, m._out)).astype(m.dtype)
+    c0 = rng.normal(size=(m.num_layers, B, m.hidden_size)).astype(m.dtype)
+    for T in range(1, policy.RUN_AS_STEPS_MAX_T + 2):
+        assert policy.run_as_steps(T, 1, False, np.full(B, T)) == (T <= policy.RUN_AS_STEPS_MAX_T)
+        x = rng.normal(size=(T, B, m.input_size)).astype(m.dtype)
+        y, (h, c) = m.run(x, state=(h0, c0))
+        s = m.stream(batch=B, kernel=kernel)
+        s.state = (h0, c0)
+        np.testing.assert_array_equal(y, np.stack([s.step(x[t]).copy() for t in range(T)]))
+        np.testing.assert_array_equal(h, s.state[0])
+        np.testing.assert_array_equal(c, s.state[1])
+        y1, (h1, c1) = m.run(x[:, 0], state=(h0[:, 0], c0[:, 0]))  # unbatched shapes
+        np.testing.assert_array_equal(y1, y[:, 0])
+        assert h1.shape == h0[:, 0].shape and c1.shape == c0[:, 0].shape
+    assert calls == [T for T in range(1, policy.RUN_AS_STEPS_MAX_T + 1) for _ in range(2)]
+    # shorter sequences, reverse and bidirectional models keep the sequence kernels
+    assert not policy.run_as_steps(2, 1, False, np.array([2, 1]))
+    assert not policy.run_as_steps(2, 1, True, np.full(3, 2))
+    assert not policy.run_as_steps(2, 2, False, np.full(3, 2))
+    assert not policy.run_as_steps(0, 1, False, np.full(3, 0))
