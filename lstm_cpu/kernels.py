@@ -381,16 +381,16 @@ def _make_product(BW, RB, down=False):
 _V8_OPS = simd._V8
 
 
-def _make_vblock(RB, NV, zero, prefetch=False, down=False):
-    """``block(Z, s, Wp, p, k0, k1, A, c0, j0)``: for the RB streams s .. s+RB and the 8*NV
+def _make_vblock(RB, NV, bias, prefetch=False, down=False):
+    """``block(Z, s, Wp, p, k0, k1, A, c0, j0, Bv)``: for the RB streams s .. s+RB and the 8*NV
     columns j0 .. of panel p (A's columns c0 + j0 ..)::
 
-        A[s+r, c0+j0+j] (+)= sum over k in [k0, k1) of Z[s+r, k-k0] * Wp[p, k, j0+j]
+        A[s+r, c0+j0+j] = start + sum over k in [k0, k1) of Z[s+r, k-k0] * Wp[p, k, j0+j]
 
     in explicit 8-lane vectors (simd.py): RB*NV accumulators, each a chain of FMAs in ascending
-    k, started from A (``zero=False``: the gate product) or from 0 (``zero=True``: the input
-    projection, A neither read nor pre-zeroed). The same chain as :func:`_make_block`, so the
-    same bits. Numba has no register arrays; named locals are what LLVM keeps in registers,
+    k, started from A itself (``bias=False``: the gate product; Bv unused) or from the bias
+    Bv[c0+j0+j] (``bias=True``: the input projection, A neither read nor pre-set). The same
+    chain as :func:`_make_block` from an A holding the bias, so the same bits. Numba has no register arrays; named locals are what LLVM keeps in registers,
     hence the generated source (the same text :func:`_make_vblock` always makes for RB, NV).
 
     ``prefetch``: each row k also prefetches the same columns of row k of the next panel (p + 1,
@@ -398,11 +398,12 @@ def _make_vblock(RB, NV, zero, prefetch=False, down=False):
     comes). A strip reads one 64-byte line per 256-byte row, a stride the hardware prefetchers
     follow poorly from L3: at (K, C) = (1024, 4096), 16 streams, Haswell code, 78-83 GFLOP/s
     without, 87-93 with; unchanged (within 3%) where the weights fit L2."""
-    L = ["def block(Z, s, Wp, p, k0, k1, A, c0, j0):"]
+    L = ["def block(Z, s, Wp, p, k0, k1, A, c0, j0, Bv):"]
     acc = [[f"a{r}_{v}" for v in range(NV)] for r in range(RB)]
     for r in range(RB):
         for v in range(NV):
-            L.append(f"    {acc[r][v]} = zero()" if zero else f"    {acc[r][v]} = ld(A, (s + {r}, c0 + j0 + {8 * v}))")
+            L.append(f"    {acc[r][v]} = ld(Bv, c0 + j0 + {8 * v})" if bias
+                     else f"    {acc[r][v]} = ld(A, (s + {r}, c0 + j0 + {8 * v}))")
     L.append("    K = Wp.shape[1]")
     L.append("    for k in range(k0, k1):")
     L.append("        q = k - k0")
@@ -421,27 +422,27 @@ def _make_vblock(RB, NV, zero, prefetch=False, down=False):
         for v in range(NV):
             L.append(f"    st(A, (s + {r}, c0 + j0 + {8 * v}), {acc[r][v]})")
     ns = dict(ld=_V8_OPS["load_at"], st=_V8_OPS["store_at"], bc=_V8_OPS["bcast_at"],
-              fma=_V8_OPS["fma_f"], zero=_V8_OPS["zero_f"], pre=_V8_OPS["prefetch_l2_at"],
+              fma=_V8_OPS["fma_f"], pre=_V8_OPS["prefetch_l2_at"],
               PANEL=PANEL)
-    exec(compile("\n".join(L), f"<kernels._make_vblock({RB}, {NV}, {zero}, {prefetch}, {down})>", "exec"), ns)
+    exec(compile("\n".join(L), f"<kernels._make_vblock({RB}, {NV}, {bias}, {prefetch}, {down})>", "exec"), ns)
     return njit(inline="always", nogil=True, fastmath=_config.FASTMATH, error_model="numpy")(ns["block"])
 
 
-def _make_v8_panel(zero, down=False):
-    """``panel(Z, s0, N, Wp, p, k0, k1, A, c0)``: the product (or projection, ``zero``) of the N
-    streams s0 .. s0+N over panel p, in 8-lane blocks.
+def _make_v8_panel(bias, down=False):
+    """``panel(Z, s0, N, Wp, p, k0, k1, A, c0, Bv)``: the product (or the projection from the
+    bias Bv, ``bias``) of the N streams s0 .. s0+N over panel p, in 8-lane blocks.
 
     * N >= 4: 16-column strips; in each, ceil(N/6) blocks of 3-6 streams, as even as whole
       streams allow (16 streams: 6 + 5 + 5), 6-12 accumulators each. Strips outer: a strip of
       the panel (64 bytes a row) stays in L1 while every block of streams goes over it.
     * N = 2 or 3: 32-column strips of 2 streams (8 accumulators) or 16-column strips of 3 (6).
     * N = 1: one block of the whole panel (8 accumulators)."""
-    b6, b5, b4, b3 = (_make_vblock(r, 2, zero) for r in (6, 5, 4, 3))
-    f6, f5, f4, f3 = (_make_vblock(r, 2, zero, True, down) for r in (6, 5, 4, 3))  # first of a strip
-    f2w, b1w = _make_vblock(2, 4, zero, True, down), _make_vblock(1, 8, zero)
+    b6, b5, b4, b3 = (_make_vblock(r, 2, bias) for r in (6, 5, 4, 3))
+    f6, f5, f4, f3 = (_make_vblock(r, 2, bias, True, down) for r in (6, 5, 4, 3))  # first of a strip
+    f2w, b1w = _make_vblock(2, 4, bias, True, down), _make_vblock(1, 8, bias)
 
     @njit(inline="always", nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
-    def panel(Z, s0, N, Wp, p, k0, k1, A, c0):
+    def panel(Z, s0, N, Wp, p, k0, k1, A, c0, Bv):
         if N >= 4:
             nb = (N + V8_BLOCK_STREAMS - 1) // V8_BLOCK_STREAMS
             for j0 in range(0, PANEL, 16):
@@ -450,29 +451,29 @@ def _make_v8_panel(zero, down=False):
                     r = s0 + N * (b + 1) // nb - s
                     if b == 0:
                         if r == 6:
-                            f6(Z, s, Wp, p, k0, k1, A, c0, j0)
+                            f6(Z, s, Wp, p, k0, k1, A, c0, j0, Bv)
                         elif r == 5:
-                            f5(Z, s, Wp, p, k0, k1, A, c0, j0)
+                            f5(Z, s, Wp, p, k0, k1, A, c0, j0, Bv)
                         elif r == 4:
-                            f4(Z, s, Wp, p, k0, k1, A, c0, j0)
+                            f4(Z, s, Wp, p, k0, k1, A, c0, j0, Bv)
                         else:
-                            f3(Z, s, Wp, p, k0, k1, A, c0, j0)
+                            f3(Z, s, Wp, p, k0, k1, A, c0, j0, Bv)
                     elif r == 6:
-                        b6(Z, s, Wp, p, k0, k1, A, c0, j0)
+                        b6(Z, s, Wp, p, k0, k1, A, c0, j0, Bv)
                     elif r == 5:
-                        b5(Z, s, Wp, p, k0, k1, A, c0, j0)
+                        b5(Z, s, Wp, p, k0, k1, A, c0, j0, Bv)
                     elif r == 4:
-                        b4(Z, s, Wp, p, k0, k1, A, c0, j0)
+                        b4(Z, s, Wp, p, k0, k1, A, c0, j0, Bv)
                     else:
-                        b3(Z, s, Wp, p, k0, k1, A, c0, j0)
+                        b3(Z, s, Wp, p, k0, k1, A, c0, j0, Bv)
         elif N == 3:
             for j0 in range(0, PANEL, 16):
-                f3(Z, s0, Wp, p, k0, k1, A, c0, j0)
+                f3(Z, s0, Wp, p, k0, k1, A, c0, j0, Bv)
         elif N == 2:
             for j0 in range(0, PANEL, 32):
-                f2w(Z, s0, Wp, p, k0, k1, A, c0, j0)
+                f2w(Z, s0, Wp, p, k0, k1, A, c0, j0, Bv)
         elif N == 1:
-            b1w(Z, s0, Wp, p, k0, k1, A, c0, 0)
+            b1w(Z, s0, Wp, p, k0, k1, A, c0, 0, Bv)
 
     return panel
 
@@ -487,7 +488,7 @@ def _make_product_v8(down=False):
         N = Z.shape[0]
         for i in range(p0, p1):
             p = (p0 + p1 - 1 - i) & _NONNEG if down else i  # see _make_product
-            panel(Z, 0, N, Wp, p, k0, k1, A, p * PANEL)
+            panel(Z, 0, N, Wp, p, k0, k1, A, p * PANEL, A)  # Bv unused
 
     plain = _make_product(BLOCK_COLUMNS, BLOCK_STREAMS, down)
 
@@ -539,8 +540,11 @@ def _make_projection(BW, RB):
         p0 .. p1 of Wp; A (M, C), bias (C,). Each element is one chain of FMAs in ascending k
         from its bias: the chain a stream's step starts with (``_layer_product``), so the
         recurrence that continues it from the same value gives a whole sequence a stream's
-        bits. Rows in tiles of PROJECTION_TILE, each tile's rows set to the bias, then panels
-        inside."""
+        bits. Rows in tiles of PROJECTION_TILE, each tile's rows set to the bias and the
+        product blocks run from them, panels inside. (Blocks that start their accumulators
+        from the bias in registers spilled in their k loop with AVX-512 code, two more
+        pointers to keep: 3.8 against 2.3 us a step at (32,64,1) B=16; setting the rows first
+        costs 2.5-2.6. The 8-lane blocks index by flat offsets and start from the bias.)"""
         M = X.shape[0]
         kin = X.shape[1]
         for t0 in range(0, M, TS):
@@ -561,8 +565,8 @@ def _make_projection(BW, RB):
 
 def _make_projection_v8():
     """:func:`_make_projection`'s ``panel_projection`` for 256-bit hosts: tiles of rows, panels
-    inside, each (tile, panel) in :func:`_make_v8_panel`'s blocks."""
-    panel = _make_v8_panel(False)
+    inside, each (tile, panel) in :func:`_make_v8_panel`'s blocks started from the bias."""
+    panel = _make_v8_panel(True)
     TS = PROJECTION_TILE
 
     @njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
@@ -571,9 +575,8 @@ def _make_projection_v8():
         kin = X.shape[1]
         for t0 in range(0, M, TS):
             t1 = min(t0 + TS, M)
-            _fill_bias(bias, A, t0, t1, p0 * PANEL, p1 * PANEL)
             for p in range(p0, p1):
-                panel(X, t0, t1 - t0, Wp, p, 0, kin, A, p * PANEL)
+                panel(X, t0, t1 - t0, Wp, p, 0, kin, A, p * PANEL, bias)
 
     plain = _make_projection(BLOCK_COLUMNS, BLOCK_STREAMS)
 
