@@ -381,50 +381,54 @@ def _make_product(BW, RB, down=False):
 _V8_OPS = simd._V8
 
 
-def _make_vblock(RB, NV, bias, prefetch=False, down=False):
-    """``block(Z, s, Wp, p, k0, k1, A, c0, j0, Bv)``: for the RB streams s .. s+RB and the 8*NV
-    columns j0 .. of panel p (A's columns c0 + j0 ..)::
+def _make_vblock(RB, NV, bias, prefetch=False, down=False, lanes=8):
+    """``block(Z, s, Wp, p, k0, k1, A, c0, j0, Bv)``: for the RB streams s .. s+RB and the
+    lanes*NV columns j0 .. of panel p (A's columns c0 + j0 ..)::
 
         A[s+r, c0+j0+j] = start + sum over k in [k0, k1) of Z[s+r, k-k0] * Wp[p, k, j0+j]
 
-    in explicit 8-lane vectors (simd.py): RB*NV accumulators, each a chain of FMAs in ascending
-    k, started from A itself (``bias=False``: the gate product; Bv unused) or from the bias
-    Bv[c0+j0+j] (``bias=True``: the input projection, A neither read nor pre-set). The same
-    chain as :func:`_make_block` from an A holding the bias, so the same bits. Numba has no register arrays; named locals are what LLVM keeps in registers,
-    hence the generated source (the same text :func:`_make_vblock` always makes for RB, NV).
+    in explicit vectors of ``lanes`` floats (simd.py; 8 for AVX2 code, 16 for the AVX-512
+    projection): RB*NV accumulators, each a chain of FMAs in ascending k, started from A itself
+    (``bias=False``: the gate product; Bv unused) or from the bias Bv[c0+j0+j] (``bias=True``:
+    the input projection, A neither read nor pre-set). The same chain as :func:`_make_block`
+    from an A holding the bias, so the same bits. Numba has no register arrays; named locals
+    are what LLVM keeps in registers, hence the generated source (the same text for the same
+    arguments).
 
     ``prefetch``: each row k also prefetches the same columns of row k of the next panel (p + 1,
-    or p - 1 when the panels go ``down``) into L2 (the first block of each strip does, so the whole next panel is in L2 when its turn
-    comes). A strip reads one 64-byte line per 256-byte row, a stride the hardware prefetchers
-    follow poorly from L3: at (K, C) = (1024, 4096), 16 streams, Haswell code, 78-83 GFLOP/s
-    without, 87-93 with; unchanged (within 3%) where the weights fit L2."""
+    or p - 1 when the panels go ``down``) into L2 (the first block of each strip does, so the
+    whole next panel is in L2 when its turn comes). A strip reads one 64-byte line per 256-byte
+    row, a stride the hardware prefetchers follow poorly from L3: at (K, C) = (1024, 4096), 16
+    streams, Haswell code, 78-83 GFLOP/s without, 87-93 with; unchanged (within 3%) where the
+    weights fit L2."""
+    ops = simd._V16 if lanes == 16 else _V8_OPS
     L = ["def block(Z, s, Wp, p, k0, k1, A, c0, j0, Bv):"]
     acc = [[f"a{r}_{v}" for v in range(NV)] for r in range(RB)]
     for r in range(RB):
         for v in range(NV):
-            L.append(f"    {acc[r][v]} = ld(Bv, c0 + j0 + {8 * v})" if bias
-                     else f"    {acc[r][v]} = ld(A, (s + {r}, c0 + j0 + {8 * v}))")
+            L.append(f"    {acc[r][v]} = ld(Bv, c0 + j0 + {lanes * v})" if bias
+                     else f"    {acc[r][v]} = ld(A, (s + {r}, c0 + j0 + {lanes * v}))")
     L.append("    K = Wp.shape[1]")
     L.append("    for k in range(k0, k1):")
     L.append("        q = k - k0")
     L.append("        wk = (p * K + k) * PANEL + j0  # Wp[p, k, j0]: a flat index, constant row stride")
     if prefetch:
-        for line in range(0, 8 * NV, 16):
+        for line in range(0, lanes * NV, 16):
             sign = "-" if down else "+"
             L.append(f"        pre(Wp, wk {sign} K * PANEL + {line})  # Wp[p {sign} 1, k, j0 + {line}]")
     for v in range(NV):
-        L.append(f"        w{v} = ld(Wp, wk + {8 * v})")
+        L.append(f"        w{v} = ld(Wp, wk + {lanes * v})")
     for r in range(RB):
         L.append(f"        z = bc(Z, (s + {r}, q))")
         for v in range(NV):
             L.append(f"        {acc[r][v]} = fma(w{v}, z, {acc[r][v]})")
     for r in range(RB):
         for v in range(NV):
-            L.append(f"    st(A, (s + {r}, c0 + j0 + {8 * v}), {acc[r][v]})")
-    ns = dict(ld=_V8_OPS["load_at"], st=_V8_OPS["store_at"], bc=_V8_OPS["bcast_at"],
-              fma=_V8_OPS["fma_f"], pre=_V8_OPS["prefetch_l2_at"],
-              PANEL=PANEL)
-    exec(compile("\n".join(L), f"<kernels._make_vblock({RB}, {NV}, {bias}, {prefetch}, {down})>", "exec"), ns)
+            L.append(f"    st(A, (s + {r}, c0 + j0 + {lanes * v}), {acc[r][v]})")
+    ns = dict(ld=ops["load_at"], st=ops["store_at"], bc=ops["bcast_at"], fma=ops["fma_f"],
+              pre=ops["prefetch_l2_at"], PANEL=PANEL)
+    name = f"<kernels._make_vblock({RB}, {NV}, {bias}, {prefetch}, {down}, {lanes})>"
+    exec(compile("\n".join(L), name, "exec"), ns)
     return njit(inline="always", nogil=True, fastmath=_config.FASTMATH, error_model="numpy")(ns["block"])
 
 
@@ -592,7 +596,48 @@ def _make_projection_v8():
         lambda X, Wp, bias, A, p0, p1: projection(X, Wp, bias, A, p0, p1))
 
 
-_projection = _make_projection_v8() if V8_BLOCKS else _make_projection(BLOCK_COLUMNS, BLOCK_STREAMS)
+def _make_projection_v16():
+    """:func:`_make_projection`'s ``panel_projection`` for AVX-512 hosts in explicit 16-lane
+    blocks (4 rows x the whole panel, 16 zmm accumulators, then single rows), started from the
+    bias in registers, addressed by flat offsets: the fill-then-accumulate form of the plain
+    blocks set every row first (2.5-2.6 against 2.3 us a step at (32,64,1) B=16), and plain
+    blocks started from the bias spilled in their k loop. The same chain, so the same bits.
+    float64 (chosen at compile time) runs :func:`_make_projection`'s."""
+    wide = _make_vblock(BLOCK_STREAMS, PANEL // 16, True, lanes=16)
+    one = _make_vblock(1, PANEL // 16, True, lanes=16)
+    RB, TS = BLOCK_STREAMS, PROJECTION_TILE
+
+    @njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")
+    def panel_projection(X, Wp, bias, A, p0, p1):
+        M = X.shape[0]
+        kin = X.shape[1]
+        for t0 in range(0, M, TS):
+            t1 = min(t0 + TS, M)
+            for p in range(p0, p1):
+                c0 = p * PANEL
+                s = t0
+                while s + RB <= t1:
+                    wide(X, s, Wp, p, 0, kin, A, c0, 0, bias)
+                    s += RB
+                while s < t1:
+                    one(X, s, Wp, p, 0, kin, A, c0, 0, bias)
+                    s += 1
+
+    plain = _make_projection(BLOCK_COLUMNS, BLOCK_STREAMS)
+
+    def projection(X, Wp, bias, A, p0, p1):  # pragma: no cover - compiled code uses the overload
+        raise NotImplementedError
+
+    @overload(projection, inline="always")
+    def _by_dtype(X, Wp, bias, A, p0, p1):  # the 16-lane blocks are float32 only
+        f = panel_projection if Wp.dtype == types.float32 else plain
+        return lambda X, Wp, bias, A, p0, p1: f(X, Wp, bias, A, p0, p1)
+
+    return njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")(
+        lambda X, Wp, bias, A, p0, p1: projection(X, Wp, bias, A, p0, p1))
+
+
+_projection = _make_projection_v8() if V8_BLOCKS else _make_projection_v16()
 
 
 @njit(inline="always", **_FLAGS)
