@@ -381,6 +381,23 @@ def _make_product(BW, RB, down=False):
 _V8_OPS = simd._V8
 
 
+def _by_weight_dtype(fast, plain, args):
+    """A kernel taking ``args`` (a signature with ``Wp``) that runs ``fast`` (explicit float32
+    vector blocks) for float32 weights and ``plain`` otherwise, chosen at compile time by an
+    ``overload`` on Wp's dtype."""
+    src = (f"def kernel({args}):  # pragma: no cover - compiled code uses the overload\n"
+           f"    raise NotImplementedError\n"
+           f"def by_dtype({args}):\n"
+           f"    f = fast if Wp.dtype == types.float32 else plain\n"
+           f"    return lambda {args}: f({args})\n"
+           f"def call({args}):\n"
+           f"    return kernel({args})\n")
+    ns = {"fast": fast, "plain": plain, "types": types}
+    exec(compile(src, f"<kernels._by_weight_dtype({args})>", "exec"), ns)
+    overload(ns["kernel"], inline="always")(ns["by_dtype"])
+    return njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")(ns["call"])
+
+
 def _make_vblock(RB, NV, bias, prefetch=False, down=False, lanes=8):
     """``block(Z, s, Wp, p, k0, k1, A, c0, j0, Bv)``: for the RB streams s .. s+RB and the
     lanes*NV columns j0 .. of panel p (A's columns c0 + j0 ..)::
@@ -494,18 +511,8 @@ def _make_product_v8(down=False):
             p = (p0 + p1 - 1 - i) & _NONNEG if down else i  # see _make_product
             panel(Z, 0, N, Wp, p, k0, k1, A, p * PANEL, A)  # Bv unused
 
-    plain = _make_product(BLOCK_COLUMNS, BLOCK_STREAMS, down)
-
-    def product(Z, Wp, A, p0, p1, k0, k1):  # pragma: no cover - compiled code uses the overload
-        raise NotImplementedError
-
-    @overload(product, inline="always")
-    def _by_dtype(Z, Wp, A, p0, p1, k0, k1):  # the 8-lane blocks are float32 only
-        f = panel_product if Wp.dtype == types.float32 else plain
-        return lambda Z, Wp, A, p0, p1, k0, k1: f(Z, Wp, A, p0, p1, k0, k1)
-
-    return njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")(
-        lambda Z, Wp, A, p0, p1, k0, k1: product(Z, Wp, A, p0, p1, k0, k1))
+    return _by_weight_dtype(panel_product, _make_product(BLOCK_COLUMNS, BLOCK_STREAMS, down),
+                            "Z, Wp, A, p0, p1, k0, k1")
 
 
 _product = _make_product_v8() if V8_BLOCKS else _make_product(BLOCK_COLUMNS, BLOCK_STREAMS)
@@ -582,18 +589,8 @@ def _make_projection_v8():
             for p in range(p0, p1):
                 panel(X, t0, t1 - t0, Wp, p, 0, kin, A, p * PANEL, bias)
 
-    plain = _make_projection(BLOCK_COLUMNS, BLOCK_STREAMS)
-
-    def projection(X, Wp, bias, A, p0, p1):  # pragma: no cover - compiled code uses the overload
-        raise NotImplementedError
-
-    @overload(projection, inline="always")
-    def _by_dtype(X, Wp, bias, A, p0, p1):  # the 8-lane blocks are float32 only
-        f = panel_projection if Wp.dtype == types.float32 else plain
-        return lambda X, Wp, bias, A, p0, p1: f(X, Wp, bias, A, p0, p1)
-
-    return njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")(
-        lambda X, Wp, bias, A, p0, p1: projection(X, Wp, bias, A, p0, p1))
+    return _by_weight_dtype(panel_projection, _make_projection(BLOCK_COLUMNS, BLOCK_STREAMS),
+                            "X, Wp, bias, A, p0, p1")
 
 
 def _make_projection_v16():
@@ -623,18 +620,8 @@ def _make_projection_v16():
                     one(X, s, Wp, p, 0, kin, A, c0, 0, bias)
                     s += 1
 
-    plain = _make_projection(BLOCK_COLUMNS, BLOCK_STREAMS)
-
-    def projection(X, Wp, bias, A, p0, p1):  # pragma: no cover - compiled code uses the overload
-        raise NotImplementedError
-
-    @overload(projection, inline="always")
-    def _by_dtype(X, Wp, bias, A, p0, p1):  # the 16-lane blocks are float32 only
-        f = panel_projection if Wp.dtype == types.float32 else plain
-        return lambda X, Wp, bias, A, p0, p1: f(X, Wp, bias, A, p0, p1)
-
-    return njit(nogil=True, fastmath=_config.FASTMATH, error_model="numpy")(
-        lambda X, Wp, bias, A, p0, p1: projection(X, Wp, bias, A, p0, p1))
+    return _by_weight_dtype(panel_projection, _make_projection(BLOCK_COLUMNS, BLOCK_STREAMS),
+                            "X, Wp, bias, A, p0, p1")
 
 
 _projection = _make_projection_v8() if V8_BLOCKS else _make_projection_v16()
