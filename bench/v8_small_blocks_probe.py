@@ -45,26 +45,26 @@ def _strips(NV, width):
                         r = N * (b + 1) // nb - s
                         if b == 0:
                             if r == 4:
-                                f4(Z, s, Wp, p, 0, K, A, c0, j0)
+                                f4(Z, s, Wp, p, 0, K, A, c0, j0, A)
                             else:
-                                f3(Z, s, Wp, p, 0, K, A, c0, j0)
+                                f3(Z, s, Wp, p, 0, K, A, c0, j0, A)
                         elif r == 4:
-                            b4(Z, s, Wp, p, 0, K, A, c0, j0)
+                            b4(Z, s, Wp, p, 0, K, A, c0, j0, A)
                         else:
-                            b3(Z, s, Wp, p, 0, K, A, c0, j0)
+                            b3(Z, s, Wp, p, 0, K, A, c0, j0, A)
                 if width == 24:
                     for b in range(nb):
                         s = N * b // nb
                         r = N * (b + 1) // nb - s
                         if b == 0:
                             if r == 4:
-                                g4(Z, s, Wp, p, 0, K, A, c0, 48)
+                                g4(Z, s, Wp, p, 0, K, A, c0, 48, A)
                             else:
-                                g3(Z, s, Wp, p, 0, K, A, c0, 48)
+                                g3(Z, s, Wp, p, 0, K, A, c0, 48, A)
                         elif r == 4:
-                            c4(Z, s, Wp, p, 0, K, A, c0, 48)
+                            c4(Z, s, Wp, p, 0, K, A, c0, 48, A)
                         else:
-                            c3(Z, s, Wp, p, 0, K, A, c0, 48)
+                            c3(Z, s, Wp, p, 0, K, A, c0, 48, A)
     return prod
 
 
