@@ -83,6 +83,19 @@ def sequence_chunk(T: int, B: int, C: int, itemsize: int) -> int:
 #: Measured on 2 cores, (32,64,1) B=16 T=200 (1.6 MB x T), us per step: serial 11.6, split 7.7.
 SPLIT_MIN_WORK_BYTES = 64 << 20
 
+#: A lone sequence (B = 1) of a smaller model goes parallel under "auto" from this many weight
+#: bytes once weight bytes x T also reach :data:`SPLIT_MIN_WORK_BYTES` (the team kernel opens one
+#: region per layer; its start is amortised over the steps). Measured on the Zen 4 host, 2
+#: threads, T=200, us per step serial / parallel: 0.10 MB (32,64,1) 0.92 / 1.22, 0.15 MB 1.37 /
+#: 1.56, 0.22 MB 1.90 / 1.83, 0.30 MB 2.54 / 2.25, 0.39 MB (64,128,1) 3.36 / 2.70, 0.52 MB
+#: (48,96,2) 4.08 / 3.75, 0.89 MB 7.3 / 4.7, 1.58 MB (128,256,1) 13.2 / 7.5 (onnxruntime on 2
+#: threads at (64,128,1), T=500: 2.81). This virtual machine at times runs its two vCPUs on
+#: one physical core (two-level 2-thread figures, bench/results.md): then the team loses below
+#: about 1.2 MB (0.39 MB: 3.3 / 4.6-5.0, onnxruntime 4.0) and wins above (1.58 MB: 13.2 / 10.6).
+#: The threshold follows two real cores; on a box whose two CPUs are hyperthreads of one core,
+#: ask for kernel="serial" for models under about 1 MB (README, "Threads").
+LONE_SEQUENCE_MIN_BYTES = 320 << 10
+
 
 def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto",
                   job: str = "step", steps: int = 1) -> KernelChoice:
@@ -97,7 +110,8 @@ def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto
     serial vs parallel us per step at T=100: (512,1024,1) B=1 404/174, (128,256,2) B=1 41/24,
     B=16 500/262; (32,64,1) B=16 (1.6 MB) 19.5/23.1 (two prange loops per step, before the
     one-region kernel). A batch that splits into stream groups (``sequence_team``) also goes
-    parallel once weight bytes x B x ``steps`` reach :data:`SPLIT_MIN_WORK_BYTES`.
+    parallel once weight bytes x B x ``steps`` reach :data:`SPLIT_MIN_WORK_BYTES`, and a lone
+    sequence from :data:`LONE_SEQUENCE_MIN_BYTES` once weight bytes x ``steps`` reach it.
     """
     requested = check_requested(requested)
     if job not in JOBS:
@@ -110,6 +124,9 @@ def choose_kernel(weight_bytes: int, streams: int, threads: int, requested="auto
         return KernelChoice(parallel=weight_bytes >= PARALLEL_MIN_WEIGHT_BYTES)
     if (job == "sequence" and streams >= SPLIT_MIN_STREAMS * min(int(threads), 2)
             and weight_bytes * streams * max(1, int(steps)) >= SPLIT_MIN_WORK_BYTES):
+        return KernelChoice(parallel=True)
+    if (job == "sequence" and streams == 1 and weight_bytes >= LONE_SEQUENCE_MIN_BYTES
+            and weight_bytes * max(1, int(steps)) >= SPLIT_MIN_WORK_BYTES):
         return KernelChoice(parallel=True)
     return KernelChoice(parallel=weight_bytes * streams >= BATCH_PARALLEL_MIN_BYTES)
 
@@ -207,5 +224,5 @@ def reduced_groups(weight_bytes: int, streams: int, threads: int, requested="aut
     return max(1, min(int(threads), streams // 4))
 
 
-__all__ = ["KERNELS", "SequenceTeam", "sequence_team", "run_as_steps", "RUN_AS_STEPS_MAX_T", "step_groups", "SPLIT_MIN_STREAMS", "SPLIT_MIN_WORK_BYTES", "reduced_groups", "sequence_chunk", "SEQUENCE_CHUNK_BYTES", "KernelChoice", "choose_kernel", "check_requested", "PARALLEL_MIN_WEIGHT_BYTES",
+__all__ = ["KERNELS", "SequenceTeam", "sequence_team", "run_as_steps", "RUN_AS_STEPS_MAX_T", "step_groups", "SPLIT_MIN_STREAMS", "SPLIT_MIN_WORK_BYTES", "LONE_SEQUENCE_MIN_BYTES", "reduced_groups", "sequence_chunk", "SEQUENCE_CHUNK_BYTES", "KernelChoice", "choose_kernel", "check_requested", "PARALLEL_MIN_WEIGHT_BYTES",
            "BATCH_PARALLEL_MIN_BYTES"]

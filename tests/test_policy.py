@@ -15,8 +15,9 @@ import pytest
 
 from lstm_cpu import InputError, LayerParams, LSTMModel, policy
 from conftest import MANY
-from lstm_cpu.policy import (BATCH_PARALLEL_MIN_BYTES, PARALLEL_MIN_WEIGHT_BYTES,
-                             SPLIT_MIN_STREAMS, SPLIT_MIN_WORK_BYTES, choose_kernel)
+from lstm_cpu.policy import (BATCH_PARALLEL_MIN_BYTES, LONE_SEQUENCE_MIN_BYTES,
+                             PARALLEL_MIN_WEIGHT_BYTES, SPLIT_MIN_STREAMS, SPLIT_MIN_WORK_BYTES,
+                             choose_kernel)
 
 MB = 1 << 20
 
@@ -51,6 +52,20 @@ MB = 1 << 20
 ])
 def test_choose_kernel_table(wbytes, streams, threads, requested, job, want):
     assert choose_kernel(wbytes, streams, threads, requested, job).name == want
+
+
+@pytest.mark.parametrize("wbytes,threads,steps,want", [
+    # a lone sequence of a smaller model: from LONE_SEQUENCE_MIN_BYTES, once long enough
+    (LONE_SEQUENCE_MIN_BYTES, 2, -(-SPLIT_MIN_WORK_BYTES // LONE_SEQUENCE_MIN_BYTES), "parallel"),
+    (LONE_SEQUENCE_MIN_BYTES, 2, SPLIT_MIN_WORK_BYTES // LONE_SEQUENCE_MIN_BYTES - 1, "serial"),
+    (LONE_SEQUENCE_MIN_BYTES - 1, 2, 10 ** 6, "serial"),
+    (LONE_SEQUENCE_MIN_BYTES, 1, 10 ** 6, "serial"),  # one thread
+    (BATCH_PARALLEL_MIN_BYTES, 2, 3, "parallel"),  # large models: any length (as before)
+])
+def test_lone_sequences_of_smaller_models_go_parallel_when_long(wbytes, threads, steps, want):
+    assert choose_kernel(wbytes, 1, threads, "auto", "sequence", steps).name == want
+    # a lone stream's step never takes this rule
+    assert choose_kernel(wbytes, 1, threads, "auto", "step", steps).name == "serial"
 
 
 @pytest.mark.parametrize("wbytes,streams,threads,steps,want", [
